@@ -1,0 +1,1 @@
+"""Runtime backends, registered as plugins of the same host as the matchers."""

@@ -1,0 +1,1 @@
+"""Built-in matcher plugins (registered through the `matchrt` entry-point group)."""
