@@ -16,9 +16,9 @@ MANIFEST_SUFFIX = ".matchrt.json"
 
 
 def manifest_path(output: Path) -> Path:
-    """The manifest that sits beside an exported graph (`model.onnx` -> `model.matchrt.json`)."""
+    """The manifest beside an exported graph or engine (`model.onnx` -> `model.onnx.matchrt.json`)."""
     output = Path(output)
-    return output.with_name(output.stem + MANIFEST_SUFFIX)
+    return output.with_name(output.name + MANIFEST_SUFFIX)
 
 
 def stage_path(output: Path, plan: ExportPlan, graph: GraphSpec) -> Path:
@@ -92,6 +92,7 @@ def export_plan(
                 "name": graph.name,
                 "file": path.name,
                 "inputs": graph.input_names,
+                "input_shapes": input_shapes(graph),
                 "outputs": graph.output_names,
                 "fp32_layers": graph.fp32_layers,
                 "seconds": round(time.perf_counter() - start, 2),
@@ -109,6 +110,11 @@ def export_plan(
     mpath = manifest_path(output)
     mpath.write_text(json.dumps(manifest, indent=1, default=str))
     return mpath
+
+
+def input_shapes(graph: GraphSpec) -> dict[str, list[int]]:
+    """The example input shapes of a graph, by input name."""
+    return {n: list(t.shape) for n, t in zip(graph.input_names, graph.example_inputs)}
 
 
 def graph_size(path: Path) -> int:
@@ -163,6 +169,10 @@ def _manifest_from_onnx(path: Path) -> dict[str, Any]:
                 "name": meta.get("matchrt.stage", "main"),
                 "file": path.name,
                 "inputs": [i.name for i in model.graph.input],
+                "input_shapes": {
+                    i.name: [d.dim_value for d in i.type.tensor_type.shape.dim]
+                    for i in model.graph.input
+                },
                 "outputs": [o.name for o in model.graph.output],
                 "fp32_layers": json.loads(meta.get("matchrt.fp32_layers", "[]")),
             }

@@ -65,8 +65,9 @@ class Host:
                 into[info.name] = info
                 self._owner[info.name] = _plugin
 
+            others = [p for p in self.pm.get_plugins() if p is not impl.plugin]
             try:
-                impl.function(register=register)
+                self.pm.subset_hook_caller(hook_name, remove_plugins=others)(register=register)
             except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the CLI down
                 warnings.warn(f"plugin {plugin_name} failed in {hook_name}: {exc}", stacklevel=2)
 

@@ -24,6 +24,9 @@ class InputContract:
     resize: ResizeMode = "stretch"  # how an image of another size is brought to the graph's size
     rounding: Rounding = "nearest"  # how a requested side that is not a multiple is rounded
     square: bool = False  # the matcher only supports H == W
+    # resampling when resizing: "area" (antialiased downscale, OpenCV INTER_AREA) or "linear"
+    # (bilinear without antialiasing, as torch's interpolate(align_corners=False))
+    interpolation: Literal["area", "linear"] = "area"
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class WeightSource:
     description: str
     required: bool = True
     layout: Optional[Path] = None  # TSV of the real file's key layout, for --random-weights
+    default: Optional[Path] = None  # a file used when the user passes none (e.g. packaged weights)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,454 @@
+"""The `matchrt` command line: one command per pipeline step, each usable alone."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import typer
+
+app = typer.Typer(
+    help="Turn image matchers into ONNX graphs and TensorRT engines; match, check and benchmark them.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+MatcherOpt = typer.Option(None, "--matcher", "-m", help="Registered matcher (see `matchrt plugins`).")
+CheckpointOpt = typer.Option(None, "--checkpoint", "-c", help="Model checkpoint (.ckpt/.pth/.pt/.safetensors).")
+Dinov2Opt = typer.Option(None, "--dinov2", help="DINOv2 ViT-L/14 weights (RoMa matchers).")
+WeightsOpt = typer.Option(None, "--weights", help="Other weight sources as NAME=PATH (repeatable).")
+RandomOpt = typer.Option(False, "--random-weights",
+                         help="Untrained weights in the real checkpoint layout (speed tests only).")
+PartialOpt = typer.Option(False, "--allow-partial", help="Load a checkpoint that does not map 100% (warns).")
+OptionOpt = typer.Option(None, "--option", "-O", help="Matcher option KEY=VALUE (repeatable, see `info`).")
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr)
+
+
+def clean_errors(func: Callable) -> Callable:
+    """Print user mistakes as one clear message and exit 2, instead of a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .errors import MatchrtError
+
+        try:
+            return func(*args, **kwargs)
+        except MatchrtError as exc:
+            _console(stderr=True).print(f"[bold red]Error:[/] {exc}", highlight=False, markup=True,
+                                        soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _pairs(items: Optional[List[str]], what: str) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise typer.BadParameter(f"{what} must be KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip().replace("-", "_")] = v
+    return out
+
+
+def _weights(checkpoint: Optional[Path], dinov2: Optional[Path], weights: Optional[List[str]]):
+    given: dict[str, Optional[Path]] = {"checkpoint": checkpoint, "dinov2": dinov2}
+    given.update({k: Path(v) for k, v in _pairs(weights, "--weights").items()})
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _extra(options: Optional[List[str]], **known: Any) -> dict[str, Any]:
+    extra = {k: v for k, v in known.items() if v is not None}
+    extra.update({k: _parse_value(v) for k, v in _pairs(options, "--option").items()})
+    return extra
+
+
+def _need_matcher(matcher: Optional[str]) -> str:
+    if not matcher:
+        raise typer.BadParameter("--matcher is required; `matchrt plugins` lists them")
+    return matcher
+
+
+@app.command()
+@clean_errors
+def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """List installed plugins, the matchers and backends they register, and their hooks."""
+    from .host import get_host
+
+    host = get_host()
+    matchers, backends = host.matchers(), host.backends()
+    rows = []
+    for name, rec in host.records.items():
+        plugin = host.pm.get_plugin(name)
+        rows.append({
+            "name": name,
+            "version": rec.version,
+            "distribution": rec.distribution,
+            "builtin": rec.builtin,
+            "hooks": host.hook_names(plugin) if plugin is not None else [],
+            "matchers": [m for m in matchers if host.owner(m) == name],
+            "backends": [b for b in backends if host.owner(b) == name],
+            "error": rec.error,
+        })
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    from rich.table import Table
+
+    table = Table(title="matchrt plugins")
+    for col in ("plugin", "distribution", "registers", "hooks"):
+        table.add_column(col)
+    for r in rows:
+        regs = ", ".join(r["matchers"] + r["backends"]) or ("[red]failed[/]" if r["error"] else "")
+        table.add_row(r["name"], f"{r['distribution']} {r['version']}", regs, ", ".join(r["hooks"]))
+    _console().print(table)
+
+
+@app.command()
+@clean_errors
+def info(matcher: Optional[str] = MatcherOpt) -> None:
+    """Show a matcher's input contract, weight files, options and limits."""
+    from .host import get_host
+
+    m = get_host().matcher(_need_matcher(matcher))
+    c = m.contract
+    lines = [
+        f"{m.name}: {m.description}",
+        f"  input: {c.channels} channel(s), sides multiple of {c.side_multiple}, default "
+        f"{c.default_height}x{c.default_width}, resize by {c.resize}"
+        + (", square only" if c.square else ""),
+        f"  output: {m.output}",
+        "  weights: " + "; ".join(f"--{s.name} ({s.description})" for s in m.weight_sources),
+        "  options: " + (", ".join(f"{k}={v!r}" for k, v in m.options.items()) or "none"),
+        "  tolerances: " + ", ".join(f"{k} {v:g}" for k, v in m.tolerances.items()),
+    ]
+    lines += [f"  note: {n}" for n in m.notes]
+    typer.echo("\n".join(lines))
+
+
+@app.command()
+@clean_errors
+def weights(
+    matcher: Optional[str] = MatcherOpt,
+    checkpoint: Optional[Path] = CheckpointOpt,
+    dinov2: Optional[Path] = Dinov2Opt,
+    weights: Optional[List[str]] = WeightsOpt,
+    random_weights: bool = RandomOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Map a checkpoint onto a matcher and report every tensor: mapped, missing, unused, mismatched."""
+    from .host import get_host
+    from .runner import map_weights, resolve_weights
+
+    host = get_host()
+    name = _need_matcher(matcher)
+    paths = resolve_weights(host.matcher(name), _weights(checkpoint, dinov2, weights), random_weights)
+    report = map_weights(host, name, paths).report
+    typer.echo(json.dumps(report.to_dict(), indent=1) if as_json else report.summary())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+@clean_errors
+def export(
+    matcher: Optional[str] = MatcherOpt,
+    checkpoint: Optional[Path] = CheckpointOpt,
+    dinov2: Optional[Path] = Dinov2Opt,
+    weights: Optional[List[str]] = WeightsOpt,
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="ONNX file (default <matcher>.onnx)."),
+    height: Optional[int] = typer.Option(None, help="Input height (default: the matcher's)."),
+    width: Optional[int] = typer.Option(None, help="Input width (default: the matcher's)."),
+    batch: int = typer.Option(1, help="Batch size of the graph."),
+    opset: int = typer.Option(17, help="ONNX opset."),
+    dynamic: bool = typer.Option(False, help="Dynamic batch and image axes."),
+    max_matches: Optional[int] = typer.Option(None, help="Sparse matchers: fixed output size K."),
+    threshold: Optional[float] = typer.Option(None, help="Sparse matchers: confidence threshold."),
+    gp_solve: Optional[str] = typer.Option(None, help="RoMa: exact (graph sequence) or iterative."),
+    upsample_res: Optional[int] = typer.Option(None, help="RoMa: upsampling pass size (0 = off)."),
+    option: Optional[List[str]] = OptionOpt,
+    random_weights: bool = RandomOpt,
+    allow_partial: bool = PartialOpt,
+    lint: bool = typer.Option(True, help="Run the TensorRT op check on the graph."),
+) -> None:
+    """Export a matcher with its weights to ONNX (checked with onnx.checker and the TensorRT lint)."""
+    from .export import export_plan, graph_size
+    from .host import get_host
+    from .images import check_size
+    from .runner import load_model, resolve_weights
+    from .types import ExportOptions
+
+    host = get_host()
+    name = _need_matcher(matcher)
+    info_ = host.matcher(name)
+    h = height or info_.contract.default_height
+    w = width or info_.contract.default_width
+    check_size(h, w, info_.contract, name)
+    extra = _extra(option, max_matches=max_matches, threshold=threshold, gp_solve=gp_solve,
+                   upsample_res=upsample_res)
+    output = output or Path(f"{name}.onnx")
+    console = _console(stderr=True)
+    with console.status(f"loading {name} weights") as status:
+        paths = resolve_weights(info_, _weights(checkpoint, dinov2, weights), random_weights)
+        model, report = load_model(host, name, paths, allow_partial, extra)
+        status.update("building the export wrapper")
+        plan = host.pm.hook.export_plan(
+            matcher=name, model=model,
+            options=ExportOptions(h, w, batch=batch, opset=opset, dynamic=dynamic, extra=extra))
+        start = time.perf_counter()
+        manifest = export_plan(plan, output, opset=opset, version=info_.version,
+                               progress=lambda msg: status.update(msg))
+    data = json.loads(manifest.read_text())
+    for st in data["stages"]:
+        path = manifest.parent / st["file"]
+        console.print(f"wrote {path} ({graph_size(path) / 1e6:.1f} MB, {st['seconds']:.1f} s)")
+    console.print(f"manifest {manifest}; export took {time.perf_counter() - start:.1f} s")
+    if random_weights:
+        console.print("[yellow]random weights: this graph is for speed tests only[/]")
+    if lint:
+        problems = _lint_files([manifest.parent / st["file"] for st in data["stages"]])
+        if problems:
+            raise typer.Exit(1)
+
+
+def _lint_files(paths: list[Path]) -> int:
+    try:
+        from .lint import lint_onnx
+    except ImportError:
+        return 0
+    errors = 0
+    for path in paths:
+        problems = lint_onnx(path)
+        bad = [p for p in problems if getattr(p, "severity", "error") == "error"]
+        errors += len(bad)
+        for p in problems:
+            typer.echo(f"{path.name}: {p}", err=True)
+        if not problems:
+            typer.echo(f"{path.name}: TensorRT op check passed", err=True)
+    return errors
+
+
+@app.command(name="lint")
+@clean_errors
+def lint_cmd(onnx_files: List[Path] = typer.Argument(..., help="ONNX graphs to check.")) -> None:
+    """Check every node of a graph against what TensorRT's ONNX parser supports."""
+    for f in onnx_files:
+        if not f.exists():
+            raise typer.BadParameter(f"{f} does not exist")
+    if _lint_files(list(onnx_files)):
+        raise typer.Exit(1)
+
+
+@app.command()
+@clean_errors
+def build(
+    onnx: Path = typer.Option(..., "--onnx", help="Graph from `matchrt export` (its manifest beside it)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Engine file (default: <onnx>.engine)."),
+    backend: str = typer.Option("tensorrt", help="tensorrt (engine) or onnxruntime (optimised graph)."),
+    precision: str = typer.Option("fp16", help="fp32, fp16 or bf16."),
+    strongly_typed: bool = typer.Option(False, "--strongly-typed", help="TensorRT strongly typed network."),
+    workspace: float = typer.Option(8.0, help="Builder workspace limit in GiB."),
+    opt_level: int = typer.Option(3, help="TensorRT builder optimisation level (0-5)."),
+    min_size: Optional[str] = typer.Option(None, help="Dynamic graphs: HxW of the smallest input."),
+    opt_size: Optional[str] = typer.Option(None, help="Dynamic graphs: HxW to tune for."),
+    max_size: Optional[str] = typer.Option(None, help="Dynamic graphs: HxW of the largest input."),
+    timing_cache: Optional[Path] = typer.Option(None, help="Timing cache file (reused and updated)."),
+    force: bool = typer.Option(False, help="Rebuild even if an identical engine exists."),
+) -> None:
+    """Build a deployable engine from an exported graph (TensorRT), or an optimised ONNX (onnxruntime)."""
+    from .export import load_manifest, manifest_path
+    from .host import get_host
+
+    host = get_host()
+    host.backend(backend)
+    manifest = load_manifest(onnx)
+    base = Path(manifest["dir"])
+    suffix = ".engine" if backend == "tensorrt" else ".ort.onnx"
+    output = output or onnx.with_name(onnx.stem + suffix)
+    if not output.name.endswith(suffix):
+        raise typer.BadParameter(f"--output must end in {suffix} for the {backend} backend")
+    options = {"precision": precision, "strongly_typed": strongly_typed, "workspace_gb": workspace,
+               "opt_level": opt_level, "min_size": min_size, "opt_size": opt_size,
+               "max_size": max_size, "timing_cache": str(timing_cache) if timing_cache else None,
+               "force": force, "matcher": manifest["matcher"]}
+    stages = []
+    for st in manifest["stages"]:
+        src = base / st["file"]
+        dst = output
+        if len(manifest["stages"]) > 1:  # model.engine -> model.<stage>.engine
+            dst = output.with_name(output.name.replace(suffix, "") + f".{st['name']}{suffix}")
+        built = host.pm.hook.build_engine(backend=backend, onnx_path=src, output=dst,
+                                          options=dict(options, fp32_layers=st.get("fp32_layers", [])))
+        if built is None:
+            raise typer.BadParameter(f"backend {backend!r} builds no engines")
+        stages.append(dict(st, file=Path(built).name))
+        typer.echo(f"built {built}", err=True)
+    out_manifest = dict(manifest, stages=stages, backend=backend, precision=precision)
+    out_manifest.pop("dir", None)
+    mpath = manifest_path(output)
+    mpath.write_text(json.dumps(out_manifest, indent=1))
+    typer.echo(f"manifest {mpath}", err=True)
+
+
+def _image_paths(images: List[Path]) -> tuple[Path, Path]:
+    if len(images) == 1 and images[0].is_dir():
+        found = sorted(p for p in images[0].iterdir()
+                       if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"})
+        if len(found) != 2:
+            raise typer.BadParameter(f"{images[0]} should hold exactly two images, found {len(found)}")
+        return found[0], found[1]
+    if len(images) != 2:
+        raise typer.BadParameter("give two images, or one folder holding two images")
+    return images[0], images[1]
+
+
+def _backend_options(device: str, precision: str, compile_: bool = False) -> dict[str, Any]:
+    return {"device": device, "precision": precision, "compile": compile_}
+
+
+@app.command()
+@clean_errors
+def match(
+    images: List[Path] = typer.Argument(..., help="Two images, or a folder holding two."),
+    matcher: Optional[str] = MatcherOpt,
+    checkpoint: Optional[Path] = CheckpointOpt,
+    dinov2: Optional[Path] = Dinov2Opt,
+    weights: Optional[List[str]] = WeightsOpt,
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="Run this exported graph (onnxruntime)."),
+    engine: Optional[Path] = typer.Option(None, "--engine", help="Run this TensorRT engine."),
+    backend: Optional[str] = typer.Option(None, help="torch, onnxruntime or tensorrt (default from the file)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    precision: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
+    height: Optional[int] = typer.Option(None, help="Input height (torch backend)."),
+    width: Optional[int] = typer.Option(None, help="Input width (torch backend)."),
+    option: Optional[List[str]] = OptionOpt,
+    model: str = typer.Option("H", help="Geometric model for RANSAC: H, F or E."),
+    ransac_threshold: float = typer.Option(3.0, help="RANSAC inlier threshold in pixels."),
+    ransac_method: str = typer.Option("magsac", help="magsac, accurate, default, prosac or ransac."),
+    draw: str = typer.Option("lines", help="lines or points."),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-d", help="Write matches.json and pictures here."),
+    random_weights: bool = RandomOpt,
+    allow_partial: bool = PartialOpt,
+) -> None:
+    """Match two images, fit a geometric model, and save the matches and a picture."""
+    from .geometry import estimate
+    from .images import read_image
+    from .runner import open_pipeline
+
+    p0, p1 = _image_paths(images)
+    image0, image1 = read_image(p0), read_image(p1)  # fail on bad images before loading weights
+    artifact = engine or onnx
+    backend = backend or ("tensorrt" if engine else "onnxruntime" if onnx else "torch")
+    console = _console(stderr=True)
+    with console.status("loading") as status:
+        pipe = open_pipeline(
+            matcher, backend, _weights(checkpoint, dinov2, weights), artifact, height, width,
+            _extra(option), _backend_options(device, precision), allow_partial, random_weights,
+            progress=lambda m: status.update(m))
+        status.update("matching")
+        start = time.perf_counter()
+        matches = pipe.match(image0, image1)
+        seconds = time.perf_counter() - start
+        geo = estimate(matches, model, ransac_threshold, ransac_method)
+    matches.metadata.update({"image0": str(p0), "image1": str(p1), "seconds": round(seconds, 4),
+                             "random_weights": random_weights, "precision": precision})
+    console.print(f"{len(matches)} matches, {geo.num_inliers} {model} inliers "
+                  f"({seconds * 1000:.0f} ms, {pipe.info.name} on {pipe.backend})")
+    if output_dir is None:
+        return
+    from .viz import draw_matches, draw_warp, save_png
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    matches.to_json(output_dir / "matches.json", inliers=geo.inliers.tolist(),
+                    model=None if geo.model is None else geo.model.tolist(), model_kind=model)
+    title = f"{pipe.info.name}: {geo.num_inliers}/{len(matches)} {model} inliers"
+    if random_weights:
+        title += " (random weights)"
+    save_png(draw_matches(image0, image1, matches, geo.inliers, draw, title=title),
+             output_dir / "matches.png")
+    if matches.warp is not None and matches.certainty is not None:
+        save_png(draw_warp(image0, image1, matches.warp, matches.certainty), output_dir / "warp.png")
+    console.print(f"wrote {output_dir / 'matches.json'} and pictures in {output_dir}")
+
+
+@app.command()
+@clean_errors
+def check(
+    images: Optional[List[Path]] = typer.Argument(None, help="Two images (default: a synthetic pair)."),
+    matcher: Optional[str] = MatcherOpt,
+    checkpoint: Optional[Path] = CheckpointOpt,
+    dinov2: Optional[Path] = Dinov2Opt,
+    weights: Optional[List[str]] = WeightsOpt,
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="Exported graph."),
+    engine: Optional[Path] = typer.Option(None, "--engine", help="TensorRT engine."),
+    backend: str = typer.Option("onnxruntime", help="Backend under test."),
+    reference: str = typer.Option("torch", help="Reference backend."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    precision: str = typer.Option("fp32", help="Precision of the backend under test."),
+    option: Optional[List[str]] = OptionOpt,
+    random_weights: bool = RandomOpt,
+) -> None:
+    """Run two backends on the same inputs and print max abs and relative error per output."""
+    import numpy as np
+
+    from .compare import compare_outputs
+    from .export import load_manifest
+    from .images import read_image
+    from .runner import open_pipeline
+
+    artifact = engine or onnx
+    extra = _extra(option)
+    size: tuple[Optional[int], Optional[int]] = (None, None)
+    if artifact is not None:
+        manifest = load_manifest(artifact)
+        matcher = matcher or manifest["matcher"]
+        size = tuple(manifest["input_size"]) or size  # type: ignore[assignment]
+        extra = {**manifest.get("options", {}), **extra}
+    name = _need_matcher(matcher)
+    w = _weights(checkpoint, dinov2, weights)
+
+    def open_(b: str, prec: str):
+        return open_pipeline(name, b, w, None if b == "torch" else artifact, size[0], size[1], extra,
+                             _backend_options(device, prec), random_weights=random_weights)
+
+    ref, test = open_(reference, "fp32"), open_(backend, precision)
+    if images:
+        p0, p1 = _image_paths(images)
+        im0, im1 = read_image(p0), read_image(p1)
+    else:
+        rng = np.random.default_rng(0)
+        im0 = rng.random((480, 640, 3), dtype=np.float32)
+        im1 = np.ascontiguousarray(im0[::-1])
+    inputs, _ = ref.prepare(im0, im1)
+    rows = compare_outputs(ref.run(inputs), test.run(inputs), ref.info.tolerances.get(precision, 1e-2))
+    failed = False
+    for row in rows:
+        typer.echo(str(row))
+        failed |= not getattr(row, "ok", True)
+    if failed:
+        raise typer.Exit(1)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Reading images and bringing them to a matcher's input contract, remembering the scale."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+
+from .errors import MatchrtError
+from .types import InputContract, PairContext
+
+
+def read_image(path: Union[str, Path]) -> np.ndarray:
+    """Read an image as RGB (H x W x 3) or gray (H x W), float32 in [0, 1].
+
+    8- and 16-bit files, gray, BGR and BGRA (alpha dropped) are accepted.
+    """
+    import cv2
+
+    path = Path(path)
+    if not path.is_file():
+        raise MatchrtError(f"image not found: {path}")
+    data = np.fromfile(str(path), dtype=np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if image is None:
+        raise MatchrtError(
+            f"cannot read {path} as an image: OpenCV does not recognise its contents. "
+            "Pass a PNG, JPEG, TIFF or another format OpenCV reads."
+        )
+    if image.dtype == np.uint8:
+        scale = 255.0
+    elif image.dtype == np.uint16:
+        scale = 65535.0
+    elif image.dtype in (np.float32, np.float64):
+        scale = 1.0
+    else:
+        raise MatchrtError(f"{path}: unsupported pixel type {image.dtype}; use 8- or 16-bit images.")
+    image = image.astype(np.float32) / scale
+    if image.ndim == 3:
+        if image.shape[2] == 4:
+            image = image[:, :, :3]
+        if image.shape[2] == 3:
+            image = image[:, :, ::-1]  # BGR -> RGB
+        elif image.shape[2] == 1:
+            image = image[:, :, 0]
+        else:
+            raise MatchrtError(f"{path}: {image.shape[2]} channels; expected 1, 3 or 4.")
+    return np.ascontiguousarray(np.clip(image, 0.0, 1.0))
+
+
+def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """Convert an RGB or gray float image to `channels` (1 or 3), channel-last."""
+    if channels == 1:
+        if image.ndim == 3:
+            # ITU-R BT.601 luma, as OpenCV's RGB2GRAY computes it
+            image = image @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        return image[:, :, None]
+    if channels == 3:
+        if image.ndim == 2:
+            image = np.repeat(image[:, :, None], 3, axis=2)
+        return image
+    raise MatchrtError(f"unsupported channel count {channels}")
+
+
+def resize(
+    image: np.ndarray, height: int, width: int, mode: str, interpolation: str = "area"
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """Resize to (height, width) by stretching, or by scaling to fit and padding bottom/right.
+
+    Returns the image and the scale (sx, sy) with input_pixel = original_pixel * scale.
+    """
+    import cv2
+
+    h, w = image.shape[:2]
+
+    def flag(shrinking: bool) -> int:
+        return cv2.INTER_AREA if shrinking and interpolation == "area" else cv2.INTER_LINEAR
+
+    if mode == "stretch":
+        sx, sy = width / w, height / h
+        out = cv2.resize(image, (width, height), interpolation=flag(sx < 1 and sy < 1))
+    elif mode == "pad":
+        s = min(width / w, height / h)
+        nw, nh = max(1, round(w * s)), max(1, round(h * s))
+        small = cv2.resize(image, (nw, nh), interpolation=flag(s < 1))
+        if small.ndim == 2:
+            small = small[:, :, None]
+        out = np.zeros((height, width, image.shape[2]), dtype=image.dtype)
+        out[:nh, :nw] = small
+        sx, sy = nw / w, nh / h
+    else:
+        raise MatchrtError(f"unknown resize mode {mode!r}; use 'stretch' or 'pad'")
+    if out.ndim == 2:
+        out = out[:, :, None]
+    return out, (sx, sy)
+
+
+def to_tensor(image: np.ndarray):  # -> torch.Tensor
+    """Channel-last float image -> 1 x C x H x W torch tensor."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]
+
+
+def round_side(value: int, multiple: int, rounding: str) -> int:
+    """Round a side length to a multiple of the matcher's divisor as the matcher declares."""
+    if rounding == "floor":
+        return max(multiple, (value // multiple) * multiple)
+    if rounding == "ceil":
+        return -(-value // multiple) * multiple
+    return max(multiple, int(round(value / multiple)) * multiple)
+
+
+def check_size(height: int, width: int, contract: InputContract, matcher: str) -> None:
+    """Refuse a graph size the matcher cannot take, naming the nearest valid sizes."""
+    m = contract.side_multiple
+    for side, value in (("height", height), ("width", width)):
+        if value <= 0 or value % m:
+            lo = max(m, (value // m) * m)
+            hi = lo + m if lo >= value else lo
+            hi = max(hi, -(-value // m) * m)
+            raise MatchrtError(
+                f"--{side} {value} is not a multiple of {m}, which {matcher} needs "
+                f"(its patch/stride size). Nearest valid {side}s: {lo} or {hi}."
+            )
+    if contract.square and height != width:
+        raise MatchrtError(f"{matcher} needs a square input; got {height}x{width}. Use --height = --width.")
+
+
+def prepare_pair(
+    image0: np.ndarray, image1: np.ndarray, contract: InputContract, sizes: dict[str, tuple[int, int]],
+) -> tuple[dict[str, np.ndarray], PairContext]:
+    """Resize both images to every graph input they feed.
+
+    `sizes` maps input names to (height, width); names starting with `image0`/`image1` get the
+    respective image. The first `image0` entry defines the PairContext scale.
+    """
+    inputs: dict[str, np.ndarray] = {}
+    scales: dict[int, tuple[float, float]] = {}
+    main_size = None
+    for name, (h, w) in sizes.items():
+        index = 0 if name.startswith("image0") else 1 if name.startswith("image1") else None
+        if index is None:
+            continue
+        src = to_channels(image0 if index == 0 else image1, contract.channels)
+        resized, scale = resize(src, h, w, contract.resize, contract.interpolation)
+        inputs[name] = np.ascontiguousarray(resized.transpose(2, 0, 1))[None].astype(np.float32)
+        if index not in scales:
+            scales[index] = scale
+            if index == 0:
+                main_size = (h, w)
+    if 0 not in scales or 1 not in scales:
+        raise MatchrtError(f"the graph has no image0/image1 inputs (inputs: {', '.join(sizes)})")
+    ctx = PairContext(
+        original_size0=tuple(image0.shape[:2]),  # type: ignore[arg-type]
+        original_size1=tuple(image1.shape[:2]),  # type: ignore[arg-type]
+        input_size=main_size or (0, 0),
+        scale0=scales[0],
+        scale1=scales[1],
+        image0=image0,
+        image1=image1,
+    )
+    return inputs, ctx
