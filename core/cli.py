@@ -446,6 +446,103 @@ def check(
         raise typer.Exit(1)
 
 
+def _split(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _per_matcher(values: Optional[List[str]], matchers: list[str], flag: str) -> dict[str, Path]:
+    """`--checkpoint PATH` (one matcher) or `--checkpoint MATCHER=PATH` (several)."""
+    out: dict[str, Path] = {}
+    for v in values or []:
+        if "=" in v and v.split("=", 1)[0] in matchers:
+            k, p = v.split("=", 1)
+            out[k] = Path(p)
+        elif len(matchers) == 1:
+            out[matchers[0]] = Path(v)
+        else:
+            raise typer.BadParameter(f"with several matchers, pass {flag} MATCHER=PATH")
+    return out
+
+
+@app.command()
+@clean_errors
+def bench(
+    matcher: str = typer.Option(..., "--matcher", "-m", help="Comma-separated matchers."),
+    backend: str = typer.Option("torch,onnxruntime,tensorrt", help="Comma-separated: torch, "
+                                "torch-compile, torch-compile-cudagraph, onnxruntime, tensorrt."),
+    precision: str = typer.Option("fp32,fp16", help="Comma-separated: fp32, fp16, bf16."),
+    size: Optional[int] = typer.Option(None, help="Square input side (default: each matcher's)."),
+    pairs: Optional[Path] = typer.Option(None, help="Folder of images, matched in consecutive pairs."),
+    synthetic: int = typer.Option(4, help="Synthetic homography pairs from --images (if no --pairs)."),
+    images: Optional[List[Path]] = typer.Option(None, "--images", help="Real images for synthetic pairs."),
+    runs: int = typer.Option(50, help="Timed runs per combination."),
+    warmup: int = typer.Option(10, help="Untimed warm-up runs."),
+    device: Optional[str] = typer.Option(None, help="cuda or cpu (default: cuda when present)."),
+    checkpoint: Optional[List[str]] = typer.Option(None, "--checkpoint", "-c", help="PATH or MATCHER=PATH."),
+    dinov2: Optional[List[str]] = typer.Option(None, "--dinov2", help="PATH or MATCHER=PATH."),
+    random_weights: bool = RandomOpt,
+    option: Optional[List[str]] = OptionOpt,
+    workdir: Optional[Path] = typer.Option(None, help="Keep exported graphs and engines here."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write results and provenance as JSON."),
+    plot_out: Optional[Path] = typer.Option(None, "--plot", help="Write a latency chart as PNG."),
+    markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="Write the table as Markdown."),
+) -> None:
+    """Benchmark matchers x backends x precisions side by side on the same inputs."""
+    from .bench import Bench, BenchConfig, BenchInput, markdown_table, plot, render_table, write_json
+    from .images import read_image
+    from .synthetic import bundled_images, homography_pairs
+
+    matchers = _split(matcher)
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    inputs: list[BenchInput] = []
+    if pairs is not None:
+        files = sorted(p for p in pairs.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+        if len(files) < 2:
+            raise typer.BadParameter(f"{pairs} holds fewer than two images")
+        for a, b in zip(files[0::2], files[1::2]):
+            inputs.append(BenchInput(f"{a.name}|{b.name}", read_image(a), read_image(b)))
+    else:
+        sources = list(images or bundled_images())
+        if not sources:
+            raise typer.BadParameter("no images for synthetic pairs: pass --images or --pairs")
+        loaded = [read_image(p) for p in sources]
+        for hp in homography_pairs(loaded, synthetic, size=(480, 640), names=[p.name for p in sources]):
+            inputs.append(BenchInput(hp.name, hp.image0, hp.image1, hp.homography))
+    ckpts = _per_matcher(checkpoint, matchers, "--checkpoint")
+    dinos = _per_matcher(dinov2, matchers, "--dinov2")
+    weights_by = {m: {k: v for k, v in (("checkpoint", ckpts.get(m)), ("dinov2", dinos.get(m)))
+                      if v is not None} for m in matchers}
+    config = BenchConfig(matchers, _split(backend), _split(precision), inputs, runs, warmup, device,
+                         size, weights_by, random_weights, _extra(option), workdir)
+    console = _console(stderr=True)
+    with console.status("benchmarking") as status:
+        b = Bench(config, progress=lambda m: status.update(m))
+        rows = b.run()
+    _console().print(render_table(rows, random_weights, f"matchrt bench on {device}"))
+    peak = b.meta.get("peak_fp16_tflops")
+    if peak:
+        typer.echo(f"measured fp16 matrix-product peak: {peak:.0f} TFLOP/s")
+    for m, d in b.meta["matchers"].items():
+        if not d.get("tflop_per_pair"):
+            continue
+        typer.echo(f"{m}: {d['tflop_per_pair']:.3f} TFLOP per pair (torch FLOP counter)")
+        for r in rows:
+            if r.matcher == m and r.status == "ok" and peak:
+                achieved = d["tflop_per_pair"] / (r.model_ms["median"] / 1000)
+                typer.echo(f"  {r.backend} {r.precision}: {achieved:.1f} TFLOP/s = "
+                           f"{100 * achieved / peak:.1f}% of the measured peak")
+    if json_out:
+        typer.echo(f"wrote {write_json(b, json_out)}", err=True)
+    if plot_out:
+        typer.echo(f"wrote {plot(rows, plot_out, random_weights)}", err=True)
+    if markdown_out:
+        markdown_out.write_text(markdown_table(rows, random_weights))
+        typer.echo(f"wrote {markdown_out}", err=True)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

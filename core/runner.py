@@ -15,12 +15,16 @@ from .images import check_size, prepare_pair
 from .types import ExportOptions, MatcherInfo, Matches, PairContext, WeightReport
 from .weights import enforce, load_checkpoint, write_random_checkpoint
 
-RANDOM_WEIGHTS_DIR = Path.home() / ".cache" / "matchrt" / "random-weights"
+def cache_dir() -> Path:
+    """Where matchrt keeps generated files (MATCHRT_CACHE_DIR, default ~/.cache/matchrt)."""
+    import os
+
+    return Path(os.environ.get("MATCHRT_CACHE_DIR") or Path.home() / ".cache" / "matchrt")
 
 
 def resolve_weights(
     info: MatcherInfo, given: dict[str, Optional[Path]], random_weights: bool = False,
-    cache_dir: Optional[Path] = None,
+    cache: Optional[Path] = None,
 ) -> dict[str, Path]:
     """Pick a file for each weight source: the user's, the plugin's default, or random (if asked)."""
     paths: dict[str, Path] = {}
@@ -30,7 +34,7 @@ def resolve_weights(
             if src.layout is None:
                 raise MatchrtError(f"{info.name} ships no key layout for {src.name}; --random-weights "
                                    "cannot build one")
-            out = Path(cache_dir or RANDOM_WEIGHTS_DIR) / f"{info.name}-{src.name}-random.pt"
+            out = Path(cache or cache_dir() / "random-weights") / f"{info.name}-{src.name}-random.pt"
             if not out.exists():
                 write_random_checkpoint(src.layout, out, lightning=src.name == "checkpoint")
             path = out

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 # installed third-party plugins never leak into the tests: built-ins only
 os.environ["MATCHRT_PLUGINS"] = ""
+# generated files (random-weight checkpoints) stay out of the user's cache
+os.environ.setdefault("MATCHRT_CACHE_DIR", tempfile.mkdtemp(prefix="matchrt-test-cache-"))
 
 DATA = Path(__file__).parent / "data"
 

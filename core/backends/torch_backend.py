@@ -35,7 +35,8 @@ class TorchSession:
             raise MatchrtError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
         module = graph.module.eval().to(self.device)
         if options.get("compile"):
-            mode = "max-autotune" if options.get("cuda_graph") else "default"
+            # "reduce-overhead" captures CUDA graphs and replays them for fixed shapes
+            mode = "reduce-overhead" if options.get("cuda_graph") else "default"
             module = torch.compile(module, mode=mode, dynamic=False)
         self.module = module
 

@@ -1,0 +1,86 @@
+"""Comparing two backends' raw outputs: per-output errors and sparse match-set agreement.
+
+API: `compare_outputs(reference, test, rtol) -> list[OutputDiff]` (printable rows with `.ok`),
+`match_set_agreement(reference, test) -> float | None`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+
+def _np(x: Any) -> np.ndarray:
+    try:
+        import torch
+
+        if isinstance(x, torch.Tensor):
+            x = x.detach().float().cpu() if x.is_floating_point() else x.detach().cpu()
+            return x.numpy()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    return np.asarray(x)
+
+
+@dataclass
+class OutputDiff:
+    """How far one output strays from the reference."""
+
+    name: str
+    shape: tuple[int, ...]
+    max_abs: float
+    rel: float  # max |a - b| / max |b|
+    rtol: float
+    mismatched: Optional[float] = None  # boolean/integer outputs: fraction of differing entries
+
+    @property
+    def ok(self) -> bool:
+        if self.mismatched is not None:
+            return self.mismatched == 0.0
+        return self.rel <= self.rtol
+
+    def __str__(self) -> str:
+        verdict = "ok" if self.ok else "FAIL"
+        if self.mismatched is not None:
+            return f"{self.name:>16} {str(self.shape):>18}  differing {self.mismatched:.2%}  {verdict}"
+        return (f"{self.name:>16} {str(self.shape):>18}  max abs {self.max_abs:.3e}  rel {self.rel:.3e}"
+                f" (tol {self.rtol:g})  {verdict}")
+
+
+def compare_outputs(reference: Mapping[str, Any], test: Mapping[str, Any], rtol: float) -> list[OutputDiff]:
+    """Errors of every output of `test` against `reference` (same names and shapes)."""
+    rows = []
+    for name, ref in reference.items():
+        a, b = _np(test[name]), _np(ref)
+        if a.shape != b.shape:
+            rows.append(OutputDiff(name, tuple(b.shape), float("inf"), float("inf"), rtol))
+            continue
+        if b.dtype == np.bool_ or np.issubdtype(b.dtype, np.integer):
+            diff = float(np.mean(a != b)) if b.size else 0.0
+            rows.append(OutputDiff(name, tuple(b.shape), diff, diff, rtol, mismatched=diff))
+            continue
+        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        max_abs = float(np.max(np.abs(a64 - b64))) if b.size else 0.0
+        scale = float(np.max(np.abs(b64))) if b.size else 0.0
+        rows.append(OutputDiff(name, tuple(b.shape), max_abs, max_abs / scale if scale > 0 else max_abs,
+                               rtol))
+    return rows
+
+
+def match_set_agreement(reference: Mapping[str, Any], test: Mapping[str, Any], pixel: float = 0.5) -> Optional[float]:
+    """Sparse outputs: intersection over union of the valid (keypoint0, keypoint1) pairs."""
+    if not {"keypoints0", "keypoints1", "valid"} <= set(reference):
+        return None
+
+    def pairs(out: Mapping[str, Any]) -> set:
+        valid = _np(out["valid"]).astype(bool).reshape(-1)
+        k0 = _np(out["keypoints0"]).reshape(-1, 2)[valid]
+        k1 = _np(out["keypoints1"]).reshape(-1, 2)[valid]
+        q = np.round(np.concatenate([k0, k1], 1) / pixel).astype(np.int64)
+        return {tuple(r) for r in q}
+
+    a, b = pairs(reference), pairs(test)
+    union = a | b
+    return 1.0 if not union else len(a & b) / len(union)

@@ -1,0 +1,52 @@
+"""The benchmark harness runs every combination on the same inputs and hides no skipped one."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import pytest
+from typer.testing import CliRunner
+
+from matchrt.cli import app
+from matchrt.host import get_host
+
+from toy_plugin import ToyPlugin
+
+
+@pytest.fixture()
+def toy():
+    with get_host().plugin(ToyPlugin(), "toy"):
+        yield
+
+
+def test_bench_toy_side_by_side(toy, tmp_path, image_pair):
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    r = CliRunner().invoke(app, [
+        "bench", "--matcher", "toy", "--backend", "torch,onnxruntime,tensorrt",
+        "--precision", "fp32,fp16", "--synthetic", "3", "--images", str(image_pair[0]),
+        "--images", str(image_pair[1]), "--runs", "3", "--warmup", "1", "--device", "cpu",
+        "--random-weights", "--json", str(out_json), "--plot", str(out_png),
+        "--workdir", str(tmp_path / "work"), "--size", "64", "--markdown", str(tmp_path / "b.md")])
+    assert r.exit_code == 0, r.output
+    assert "RANDOM WEIGHTS" in r.output
+    data = json.loads(out_json.read_text())
+    rows = {(x["backend"], x["precision"]): x for x in data["rows"]}
+    assert len(rows) == 6  # every combination listed, none dropped
+    ok = rows[("torch", "fp32")]
+    assert ok["status"] == "ok" and ok["model_ms"]["n"] == 3
+    assert ok["max_abs_err"] == 0.0 and ok["match_agreement"] == 1.0
+    assert ok["model_ms"]["p10"] <= ok["model_ms"]["median"] <= ok["model_ms"]["p90"]
+    assert ok["mean_corner_err"] is not None and set(ok["auc"]) == {"auc@3px", "auc@5px", "auc@10px"}
+    ort = rows[("onnxruntime", "fp32")]
+    assert ort["status"] == "ok" and ort["rel_err"] < 1e-4 and ort["match_agreement"] == 1.0
+    assert len(ort["onnx_sha256"]) == 1 and len(ort["onnx_sha256"][0]) == 64
+    assert rows[("onnxruntime", "fp16")]["status"] == "skipped"
+    assert rows[("torch", "fp16")]["status"] == "skipped" and rows[("torch", "fp16")]["reason"]
+    trt = rows[("tensorrt", "fp32")]
+    assert trt["status"] == "skipped" and trt["reason"]
+    assert data["provenance"]["random_weights"] is True and data["provenance"]["torch"]
+    assert data["meta"]["matchers"]["toy"]["tflop_per_pair"] > 0
+    assert cv2.imread(str(out_png)) is not None
+    md = (tmp_path / "b.md").read_text()
+    assert "| toy | onnxruntime | fp32 |" in md and "Random weights" in md
