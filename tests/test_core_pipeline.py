@@ -151,3 +151,14 @@ def test_every_hookspec_is_documented_and_exercised(toy, toy_ckpt, tmp_path, ima
 
 def test_hookimpl_is_reexported():
     assert matchrt.hookimpl is matchrt.hookspecs.hookimpl
+
+
+def test_cli_import_stays_light():
+    """`matchrt --help` must not pay for torch, onnx or OpenCV."""
+    import subprocess
+    import sys
+
+    code = ("import sys, matchrt.cli; heavy = [m for m in ('torch', 'onnx', 'cv2', 'onnxruntime') "
+            "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

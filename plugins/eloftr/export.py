@@ -1,0 +1,165 @@
+"""Export wrapper: ELoFTR as one TensorRT-clean graph with fixed-size, confidence-sorted outputs.
+
+Inputs `image0`, `image1`: B x 1 x H x W float32 in [0, 1] (grayscale, as upstream feeds them).
+Outputs: `keypoints0`, `keypoints1` (B x K x 2, x/y in pixels of the H x W input), `confidence`
+(B x K, descending), `valid` (B x K, bool). Slots past the last match above the threshold are
+invalid and zero.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from matchrt.errors import MatchrtError
+from matchrt.types import ExportOptions, ExportPlan, GraphSpec
+
+from .model import (
+    COARSE_STRIDE, DEFAULT_THRESHOLD, SIDE_MULTIPLE, ELoFTR, border_mask, refine,
+)
+
+NAME = "eloftr"
+DEFAULT_MAX_MATCHES = 2048
+TOPK_LIMIT = 3840  # TensorRT's ITopKLayer takes K <= 3840
+INT32_LIMIT = 2**31 - 1
+DEFAULTS: dict[str, Any] = {"max_matches": DEFAULT_MAX_MATCHES, "threshold": DEFAULT_THRESHOLD, "fuse": True}
+INPUTS = ["image0", "image1"]
+OUTPUTS = ["keypoints0", "keypoints1", "confidence", "valid"]
+# fp16-sensitive nodes (glob patterns on ONNX node names, which carry the module scope):
+# the dual softmax whose product (~1e-5 .. 1e-2) is compared with the threshold, the fine
+# matching softmaxes, and the coarse LayerNorms (variance of 256 channels after attention).
+FP32_LAYERS = ["/coarse_matching/*", "/fine_matching/*", "/model/loftr_coarse/*/norm*"]
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() not in ("0", "false", "no", "off", "")
+    return bool(value)
+
+
+def resolve_options(extra: dict[str, Any]) -> dict[str, Any]:
+    """Export options with defaults filled in; refuses what the graph cannot honour."""
+    unknown = sorted(set(extra) - set(DEFAULTS))
+    if unknown:
+        raise MatchrtError(
+            f"eloftr does not know option(s) {', '.join(unknown)}; it takes "
+            f"{', '.join(f'{k} (default {v})' for k, v in DEFAULTS.items())}"
+        )
+    try:
+        k = int(extra.get("max_matches", DEFAULT_MAX_MATCHES))
+        thr = float(extra.get("threshold", DEFAULT_THRESHOLD))
+    except (TypeError, ValueError) as exc:
+        raise MatchrtError(f"eloftr: max_matches must be an integer and threshold a number ({exc})") from None
+    if k < 1 or k > TOPK_LIMIT:
+        raise MatchrtError(
+            f"eloftr: max_matches={k} is out of range: the graph selects matches with TopK, and "
+            f"TensorRT's TopK takes K <= {TOPK_LIMIT}. Use 1 <= max_matches <= {TOPK_LIMIT}."
+        )
+    if not 0.0 <= thr < 1.0:
+        raise MatchrtError(f"eloftr: threshold={thr} must lie in [0, 1) (a dual-softmax confidence)")
+    return {"max_matches": k, "threshold": thr, "fuse": _as_bool(extra.get("fuse", True))}
+
+
+class CoarseSelect(nn.Module):
+    """Dual-softmax confidence, border removal and the K most confident pairs above threshold."""
+
+    def __init__(self, k: int, threshold: float):
+        super().__init__()
+        self.k = k
+        self.threshold = threshold
+
+    def forward(self, feat0: torch.Tensor, feat1: torch.Tensor):
+        b, _, h, w = feat0.shape
+        n = h * w
+        conf = ELoFTR.confidence(feat0, feat1)  # B x L x S, stable softmaxes inside
+        keep = border_mask(h, w, conf.device)
+        # two broadcasts of small constants: an L x S mask would be folded into a huge initializer
+        conf = conf * keep[None, :, None]
+        conf = conf * keep[None, None, :]
+        # every pair above the threshold is a match (no mutual-nearest step): the top K of the
+        # flattened matrix are exactly the K most confident of them.
+        # TensorRT hazards: K is a constant (no data-dependent shape, K <= 3840); the flat index
+        # (< L*S, checked to fit INT32 at export) is cast to INT32 right away and split into
+        # (i, j) with integer ops only, never through floats (L*S exceeds fp16's 65504 and
+        # fp32's exact 2^24).
+        k = min(self.k, n * n)
+        value, flat = conf.reshape(b, n * n).topk(k, dim=1)
+        flat = flat.to(torch.int32)
+        i_ids = torch.div(flat, n, rounding_mode="trunc")
+        j_ids = flat - i_ids * n
+        valid = value > self.threshold
+        return value, i_ids, j_ids, valid
+
+
+class FineRefine(nn.Module):
+    """Gathers the fine windows of the selected pairs and refines them to (sub-)pixels."""
+
+    def forward(self, fine0: torch.Tensor, fine1: torch.Tensor, i_ids: torch.Tensor, j_ids: torch.Tensor):
+        b, k = i_ids.shape
+        wc = fine0.shape[-1] // COARSE_STRIDE
+        b_ids = torch.arange(b, dtype=torch.int32, device=i_ids.device)[:, None].expand(b, k).reshape(-1)
+        win0, win1 = ELoFTR.windows(fine0, fine1, b_ids, i_ids.reshape(-1), j_ids.reshape(-1))
+        d0, d1, _ = refine(win0, win1)
+        kp0 = ELoFTR.coarse_corner(i_ids.reshape(-1), wc) + d0
+        kp1 = ELoFTR.coarse_corner(j_ids.reshape(-1), wc) + d1
+        return kp0.reshape(b, k, 2), kp1.reshape(b, k, 2)
+
+
+class ELoFTRGraph(nn.Module):
+    """image0, image1 -> keypoints0, keypoints1, confidence, valid (K fixed, sorted)."""
+
+    def __init__(self, model: ELoFTR, max_matches: int, threshold: float):
+        super().__init__()
+        self.model = model
+        self.k = max_matches
+        self.coarse_matching = CoarseSelect(max_matches, threshold)
+        self.fine_matching = FineRefine()
+
+    def forward(self, image0: torch.Tensor, image1: torch.Tensor):
+        size = (image0.shape[-2], image0.shape[-1])
+        feats_c, x2, x1 = self.model.extract(image0, image1)
+        feat0, feat1 = self.model.transform(feats_c, size)
+        value, i_ids, j_ids, valid = self.coarse_matching(feat0, feat1)
+        fine0, fine1 = self.model.fine_maps(feat0, feat1, x2, x1)
+        kp0, kp1 = self.fine_matching(fine0, fine1, i_ids, j_ids)
+        zero = torch.zeros((), dtype=value.dtype, device=value.device)
+        kp0 = torch.where(valid[..., None], kp0, zero)
+        kp1 = torch.where(valid[..., None], kp1, zero)
+        value = torch.where(valid, value, zero)
+        short = self.k - value.shape[1]
+        if short > 0:  # a grid with fewer than K pairs: pad with invalid slots
+            kp0, kp1 = F.pad(kp0, [0, 0, 0, short]), F.pad(kp1, [0, 0, 0, short])
+            value, valid = F.pad(value, [0, short]), F.pad(valid, [0, short])
+        return kp0, kp1, value, valid
+
+
+def export_model(model: ELoFTR, fuse: bool) -> ELoFTR:
+    """A copy of the model for export, RepVGG-fused (and BatchNorm-folded) when asked."""
+    model = copy.deepcopy(model).eval()
+    return model.fuse() if fuse else model
+
+
+def build_plan(model: ELoFTR, options: ExportOptions) -> ExportPlan:
+    """The one-graph plan at options.height x options.width (batch fixed unless dynamic)."""
+    resolved = resolve_options(dict(options.extra))
+    h, w = int(options.height), int(options.width)
+    if h % SIDE_MULTIPLE or w % SIDE_MULTIPLE or h <= 0 or w <= 0:
+        raise MatchrtError(f"eloftr needs sides that are multiples of {SIDE_MULTIPLE}; got {h}x{w}")
+    cells = (h // COARSE_STRIDE) * (w // COARSE_STRIDE)
+    if cells * cells > INT32_LIMIT:
+        raise MatchrtError(
+            f"eloftr at {h}x{w} has {cells}^2 coarse pairs, more than INT32 indices address; "
+            "use a smaller size (at most about 1700 x 1700 pixels)"
+        )
+    graph = ELoFTRGraph(export_model(model, resolved["fuse"]), resolved["max_matches"], resolved["threshold"])
+    batch = int(options.batch)
+    example = (torch.rand(batch, 1, h, w), torch.rand(batch, 1, h, w))
+    dynamic = {}
+    if options.dynamic:  # batch only: RoPE positions and the grid depend on H x W
+        dynamic = {n: {0: "batch"} for n in INPUTS + OUTPUTS}
+    spec = GraphSpec("main", graph, example, list(INPUTS), list(OUTPUTS), dynamic, list(FP32_LAYERS))
+    return ExportPlan(NAME, [spec], resolved, (h, w))

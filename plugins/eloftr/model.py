@@ -1,0 +1,488 @@
+"""MatchAnything's EfficientLoFTR as torch modules (the variant of `matchanything_eloftr.ckpt`).
+
+Pipeline, for a pair of grayscale images of the same size H x W (sides multiples of 32):
+
+1. RepVGG-A1 backbone (shared weights, both images in one batch): features at 1/2 (64 ch),
+   1/4 (128 ch) and 1/8 (256 ch, the "coarse" grid of h x w = H/8 x W/8 cells).
+2. Coarse transformer: 4 x (self, cross) aggregated-attention layers. Queries are pooled 4 x 4
+   with a depth-wise strided conv, keys/values with max pooling, so attention runs on an
+   H/32 x W/32 grid. Self layers rotate queries and keys with a 2-D rotary position encoding
+   (RoPE) whose positions are rescaled by 832 / H and 832 / W ("NPE", the training resolution).
+3. Coarse matching: dual softmax of the feature correlation (temperature 0.1). MatchAnything
+   keeps every pair above the threshold that is not within 2 cells of a border (no
+   mutual-nearest check).
+4. Fine refinement: an FPN upsamples the coarse features through the 1/4 and 1/2 backbone
+   maps to full resolution (64 ch). Each coarse pair takes an 8 x 8 window in image 0 and a
+   10 x 10 window in image 1; a dual softmax over 56 channels picks the best pixel pair, and a
+   3 x 3 soft-argmax over the last 8 channels adds a sub-pixel offset in image 1.
+
+The state-dict keys equal the checkpoint keys without their leading `matcher.`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+COARSE_STRIDE = 8  # backbone output stride of the coarse grid
+POOL = 4  # attention pooling of the coarse grid
+SIDE_MULTIPLE = COARSE_STRIDE * POOL  # 32: every input side must divide into pooled cells
+BORDER_CELLS = 2  # coarse pairs this close to a border are dropped
+TRAIN_SIZE = 832  # resolution the RoPE positions are normalised to (NPE [832, 832, H, W])
+D_COARSE = 256
+N_HEADS = 8
+D_FINE = 64
+SLICE = 8  # last channels of the fine features used for the sub-pixel step
+WINDOW = 8  # fine window in image 0 (WINDOW x WINDOW); image 1 gets WINDOW + 2
+DUAL_SOFTMAX_TEMPERATURE = 0.1
+SUBPIXEL_TEMPERATURE = 10.0
+DEFAULT_THRESHOLD = 0.1  # LOFTR.MATCH_COARSE.THR of configs/models/eloftr_model.py
+
+
+def stable_softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Softmax with the maximum subtracted first.
+
+    TensorRT hazard: in fp16 an un-shifted exp overflows above 11; subtracting the max keeps
+    every exponent <= 0 whatever precision the engine picks.
+    """
+    return torch.softmax(x - x.amax(dim=dim, keepdim=True), dim=dim)
+
+
+# --------------------------------------------------------------------------------------------
+# backbone
+# --------------------------------------------------------------------------------------------
+
+
+def _conv_bn(cin: int, cout: int, kernel: int, stride: int) -> nn.Sequential:
+    seq = nn.Sequential()
+    seq.add_module("conv", nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False))
+    seq.add_module("bn", nn.BatchNorm2d(cout))
+    return seq
+
+
+def _bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The affine map an eval-mode BatchNorm applies: y = x * scale + shift."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return scale, bn.bias - bn.running_mean * scale
+
+
+class RepVGGBlock(nn.Module):
+    """3x3 conv-BN + 1x1 conv-BN (+ BN identity when shapes allow), summed, then ReLU.
+
+    `fuse()` re-parameterises the branches into one biased 3x3 conv (the deploy form).
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.rbr_identity: Optional[nn.BatchNorm2d] = (
+            nn.BatchNorm2d(cin) if cin == cout and stride == 1 else None
+        )
+        self.rbr_dense: Optional[nn.Sequential] = _conv_bn(cin, cout, 3, stride)
+        self.rbr_1x1: Optional[nn.Sequential] = _conv_bn(cin, cout, 1, stride)
+        self.rbr_reparam: Optional[nn.Conv2d] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rbr_reparam is not None:
+            return F.relu(self.rbr_reparam(x))
+        assert self.rbr_dense is not None and self.rbr_1x1 is not None
+        y = self.rbr_dense(x) + self.rbr_1x1(x)
+        if self.rbr_identity is not None:
+            y = y + self.rbr_identity(x)
+        return F.relu(y)
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Fold the three branches and their BatchNorms into `rbr_reparam` (one 3x3 conv)."""
+        if self.rbr_reparam is not None:
+            return
+        assert self.rbr_dense is not None and self.rbr_1x1 is not None
+        dense = self.rbr_dense.conv
+        scale, shift = _bn_scale_shift(self.rbr_dense.bn)
+        kernel = dense.weight * scale[:, None, None, None]
+        bias = shift.clone()
+        scale, shift = _bn_scale_shift(self.rbr_1x1.bn)
+        kernel = kernel + F.pad(self.rbr_1x1.conv.weight * scale[:, None, None, None], [1, 1, 1, 1])
+        bias = bias + shift
+        if self.rbr_identity is not None:
+            scale, shift = _bn_scale_shift(self.rbr_identity)
+            eye = torch.zeros_like(kernel)
+            idx = torch.arange(kernel.shape[0])
+            eye[idx, idx, 1, 1] = scale
+            kernel = kernel + eye
+            bias = bias + shift
+        conv = nn.Conv2d(dense.in_channels, dense.out_channels, 3, dense.stride, 1, bias=True)
+        conv.weight.copy_(kernel)
+        conv.bias.copy_(bias)
+        self.rbr_reparam = conv
+        self.rbr_dense = self.rbr_1x1 = self.rbr_identity = None
+
+
+class RepVGGBackbone(nn.Module):
+    """RepVGG-A1 stages 0-3: returns the 1/8, 1/4 and 1/2 feature maps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer0 = RepVGGBlock(1, 64, 2)
+        self.layer1 = self._stage(64, 64, 2, 1)
+        self.layer2 = self._stage(64, 128, 4, 2)
+        self.layer3 = self._stage(128, 256, 14, 2)
+
+    @staticmethod
+    def _stage(cin: int, cout: int, blocks: int, stride: int) -> nn.ModuleList:
+        return nn.ModuleList(
+            RepVGGBlock(cin if k == 0 else cout, cout, stride if k == 0 else 1) for k in range(blocks)
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = self.layer0(x)
+        for block in self.layer1:
+            x = block(x)
+        x1 = x
+        for block in self.layer2:
+            x = block(x)
+        x2 = x
+        for block in self.layer3:
+            x = block(x)
+        return x, x2, x1
+
+    def fuse(self) -> None:
+        for m in self.modules():
+            if isinstance(m, RepVGGBlock):
+                m.fuse()
+
+
+# --------------------------------------------------------------------------------------------
+# coarse transformer
+# --------------------------------------------------------------------------------------------
+
+
+def rope_tables(
+    rows: int, cols: int, height: int, width: int, dim: int = D_COARSE, device: Optional[torch.device] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (rows x cols x dim) of the 2-D rotary encoding on the pooled coarse grid.
+
+    Channel pair 2k+0/2k+1 of every group of four rotates by the row position, the next pair by
+    the column position, frequency 10000^(-f/(dim/4)). Positions are 1-based and scaled by
+    TRAIN_SIZE / image side. The tables are rounded to fp16 like upstream's half-precision
+    buffers, so fp32 results match its numbers.
+    TensorRT hazard: built from Range/Sin/Cos of static sizes (no lookup table, no gather).
+    """
+    quarter = dim // 4
+    freq = torch.exp(
+        torch.arange(quarter, dtype=torch.float32, device=device) * (-math.log(10000.0) / quarter)
+    )
+    pos_r = torch.arange(1, rows + 1, dtype=torch.float32, device=device) * TRAIN_SIZE / height
+    pos_c = torch.arange(1, cols + 1, dtype=torch.float32, device=device) * TRAIN_SIZE / width
+    ang_r = (pos_r[:, None] * freq[None, :])[:, None, :].expand(rows, cols, quarter)
+    ang_c = (pos_c[:, None] * freq[None, :])[None, :, :].expand(rows, cols, quarter)
+    # interleave row/column angles, then duplicate each for the (even, odd) pair it rotates
+    ang = torch.stack([ang_r, ang_c], dim=-1).reshape(rows, cols, 2 * quarter)
+    ang = ang[..., None].expand(rows, cols, 2 * quarter, 2).reshape(rows, cols, dim)
+    cos = torch.cos(ang).to(torch.float16).to(torch.float32)
+    sin = torch.sin(ang).to(torch.float16).to(torch.float32)
+    return cos, sin
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (x[2k], x[2k+1]) of x (N x h x w x C) by the tabled angles."""
+    pairs = x.unflatten(-1, (-1, 2))
+    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+    return x * cos + rotated * sin
+
+
+class AggregatedAttentionLayer(nn.Module):
+    """One self- or cross-attention layer on a 4x4-pooled grid, upsampled back, plus an MLP."""
+
+    def __init__(self, rope: bool, d_model: int = D_COARSE, nhead: int = N_HEADS):
+        super().__init__()
+        self.rope = rope
+        self.nhead = nhead
+        self.aggregate = nn.Conv2d(d_model, d_model, POOL, stride=POOL, bias=False, groups=d_model)
+        self.max_pool = nn.MaxPool2d(POOL, POOL)
+        self.q_proj = nn.Linear(d_model, d_model, bias=False)
+        self.k_proj = nn.Linear(d_model, d_model, bias=False)
+        self.v_proj = nn.Linear(d_model, d_model, bias=False)
+        self.merge = nn.Linear(d_model, d_model, bias=False)
+        self.mlp = nn.Sequential(
+            nn.Linear(2 * d_model, 2 * d_model, bias=False),
+            nn.LeakyReLU(0.01),
+            nn.Linear(2 * d_model, d_model, bias=False),
+        )
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(
+        self, x: torch.Tensor, source: torch.Tensor,
+        rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    ) -> torch.Tensor:
+        n, c, h, w = x.shape
+        query = self.norm1(self.aggregate(x).permute(0, 2, 3, 1))  # N x h/4 x w/4 x C
+        src = self.norm1(self.max_pool(source).permute(0, 2, 3, 1))
+        q, k, v = self.q_proj(query), self.k_proj(src), self.v_proj(src)
+        if self.rope:
+            assert rope is not None
+            q = apply_rope(q, *rope)
+            k = apply_rope(k, *rope)
+        hq, wq = q.shape[1], q.shape[2]
+        d = c // self.nhead
+        q = q.reshape(n, -1, self.nhead, d).transpose(1, 2)  # N x heads x L x d
+        k = k.reshape(n, -1, self.nhead, d).transpose(1, 2)
+        v = v.reshape(n, -1, self.nhead, d).transpose(1, 2)
+        scores = (q @ k.transpose(-1, -2)) * (1.0 / d**0.5)
+        message = stable_softmax(scores, -1) @ v  # fp16-safe: max subtracted
+        message = self.merge(message.transpose(1, 2).reshape(n, -1, c))
+        message = message.transpose(1, 2).reshape(n, c, hq, wq)
+        message = F.interpolate(message, scale_factor=float(POOL), mode="bilinear", align_corners=False)
+        message = self.mlp(torch.cat([x, message], dim=1).permute(0, 2, 3, 1))
+        return x + self.norm2(message).permute(0, 3, 1, 2)
+
+
+class CoarseTransformer(nn.Module):
+    """4 x (self, cross); self layers carry the RoPE, cross layers update image 0 first."""
+
+    def __init__(self, n_pairs: int = 4):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            AggregatedAttentionLayer(rope=(k % 2 == 0)) for k in range(2 * n_pairs)
+        )
+
+    def forward(
+        self, feat0: torch.Tensor, feat1: torch.Tensor, image_size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        h, w = feat0.shape[-2] // POOL, feat0.shape[-1] // POOL
+        rope = rope_tables(h, w, image_size[0], image_size[1], feat0.shape[1], feat0.device)
+        b = feat0.shape[0]
+        for k, layer in enumerate(self.layers):
+            if k % 2 == 0:  # self attention: both images in one batch (same weights)
+                both = torch.cat([feat0, feat1], 0)
+                both = layer(both, both, rope)
+                feat0, feat1 = both[:b], both[b:]
+            else:
+                feat0 = layer(feat0, feat1)
+                feat1 = layer(feat1, feat0)
+        return feat0, feat1
+
+
+# --------------------------------------------------------------------------------------------
+# fine level
+# --------------------------------------------------------------------------------------------
+
+
+def _conv(cin: int, cout: int, kernel: int) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, kernel, 1, kernel // 2, bias=False)
+
+
+class FineFPN(nn.Module):
+    """Upsamples transformed coarse features through the 1/4 and 1/2 maps to full resolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer3_outconv = _conv(256, 256, 1)
+        self.layer2_outconv = _conv(128, 256, 1)
+        self.layer2_outconv2 = nn.Sequential(
+            _conv(256, 256, 3), nn.BatchNorm2d(256), nn.LeakyReLU(0.01), _conv(256, 128, 3)
+        )
+        self.layer1_outconv = _conv(64, 128, 1)
+        self.layer1_outconv2 = nn.Sequential(
+            _conv(128, 128, 3), nn.BatchNorm2d(128), nn.LeakyReLU(0.01), _conv(128, 64, 3)
+        )
+
+    def forward(self, feat_c: torch.Tensor, x2: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+        up = F.interpolate(self.layer3_outconv(feat_c), scale_factor=2.0, mode="bilinear", align_corners=False)
+        y = self.layer2_outconv2(self.layer2_outconv(x2) + up)
+        up = F.interpolate(y, scale_factor=2.0, mode="bilinear", align_corners=False)
+        y = self.layer1_outconv2(self.layer1_outconv(x1) + up)
+        return F.interpolate(y, scale_factor=2.0, mode="bilinear", align_corners=False)
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Fold each BatchNorm into the 3x3 conv before it (conv gains a bias)."""
+        for seq in (self.layer2_outconv2, self.layer1_outconv2):
+            if not isinstance(seq[1], nn.BatchNorm2d):
+                continue
+            conv, bn = seq[0], seq[1]
+            scale, shift = _bn_scale_shift(bn)
+            fused = nn.Conv2d(conv.in_channels, conv.out_channels, 3, 1, 1, bias=True)
+            fused.weight.copy_(conv.weight * scale[:, None, None, None])
+            fused.bias.copy_(shift)
+            seq[0] = fused
+            seq[1] = nn.Identity()
+
+
+def window_offsets(size: int, row_stride: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """Flat offsets (size*size) of a size x size window in a row-major map of `row_stride` columns."""
+    r = torch.arange(size, dtype=torch.int32, device=device)
+    return (r[:, None] * row_stride + r[None, :]).reshape(-1)
+
+
+def refine(win0: torch.Tensor, win1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fine matching of M window pairs.
+
+    win0: M x 64 x C (8 x 8 window of image 0), win1: M x 100 x C (10 x 10 window of image 1).
+    Returns the offsets (x, y) in pixels to add to the coarse keypoints of image 0 and image 1,
+    and the fine confidence matrix (M x 64 x 64, for tests).
+    """
+    m, ww, c = win0.shape
+    w1 = WINDOW + 2
+    # sub-pixel similarity on the last SLICE channels, matching similarity on the others
+    sim_sub = win0[..., -SLICE:] @ (win1[..., -SLICE:] / SLICE**0.5).transpose(1, 2)  # M x 64 x 100
+    f0 = win0[..., :-SLICE] / c**0.5
+    f1 = win1[..., :-SLICE] / c**0.5
+    sim = f0 @ f1.transpose(1, 2)
+    # fp16-safe dual softmax (max subtracted), restricted to the inner 8 x 8 of the 10 x 10 window
+    conf = stable_softmax(sim, 1) * stable_softmax(sim, 2)
+    conf = conf.reshape(m, ww, w1, w1)[:, :, 1:-1, 1:-1].reshape(m, ww, ww)
+    best = conf.reshape(m, ww * ww).argmax(dim=-1).to(torch.int32)
+    # TensorRT hazard: integer index arithmetic in INT32 (never through floats)
+    il = torch.div(best, ww, rounding_mode="trunc")
+    ir = best - il * ww
+    yl = torch.div(il, WINDOW, rounding_mode="trunc")
+    xl = il - yl * WINDOW
+    yr = torch.div(ir, WINDOW, rounding_mode="trunc")
+    xr = ir - yr * WINDOW
+    half = WINDOW / 2 - 0.5
+    d0 = torch.stack([xl, yl], -1).to(win0.dtype) - half
+    d1 = torch.stack([xr, yr], -1).to(win0.dtype) - half
+    # 3 x 3 neighbourhood in the 10 x 10 sub-pixel similarity row of the chosen window-0 pixel.
+    # Upstream indexes the 10 x 10 map with inner (8 x 8) coordinates, so the neighbourhood is
+    # centred one pixel up-left of the match, and -1 wraps to the last row/column; kept as is.
+    delta = torch.arange(-1, 2, dtype=torch.int32, device=win0.device)
+    ys = yr[:, None] + delta[None, :]  # M x 3, in -1 .. 8
+    xs = xr[:, None] + delta[None, :]
+    ys = ys + (ys < 0).to(torch.int32) * w1  # -1 wraps to the last row, like python indexing
+    xs = xs + (xs < 0).to(torch.int32) * w1
+    start = (torch.arange(m, dtype=torch.int32, device=win0.device) * ww + il) * (w1 * w1)
+    flat = (start[:, None, None] + ys[:, :, None] * w1 + xs[:, None, :]).reshape(-1)
+    patch = sim_sub.reshape(-1).index_select(0, flat).reshape(m, 9)
+    heat = stable_softmax(patch / SUBPIXEL_TEMPERATURE, -1)
+    grid = torch.tensor([-1.0, 0.0, 1.0], dtype=win0.dtype, device=win0.device)
+    gx = grid[None, :].expand(3, 3).reshape(9)
+    gy = grid[:, None].expand(3, 3).reshape(9)
+    sub = torch.stack([(heat * gx).sum(-1), (heat * gy).sum(-1)], -1)
+    return d0, d1 + sub, conf
+
+
+# --------------------------------------------------------------------------------------------
+# the matcher
+# --------------------------------------------------------------------------------------------
+
+
+def border_mask(h: int, w: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """1.0 for coarse cells at least BORDER_CELLS away from every border, else 0.0 (h*w)."""
+    r = torch.arange(h, device=device)
+    c = torch.arange(w, device=device)
+    keep_r = (r >= BORDER_CELLS) & (r < h - BORDER_CELLS)
+    keep_c = (c >= BORDER_CELLS) & (c < w - BORDER_CELLS)
+    return (keep_r[:, None] & keep_c[None, :]).reshape(-1).to(torch.float32)
+
+
+class ELoFTR(nn.Module):
+    """The full matcher; `forward` returns every match above `threshold` (variable length)."""
+
+    def __init__(self, threshold: float = DEFAULT_THRESHOLD):
+        super().__init__()
+        self.threshold = threshold
+        self.backbone = RepVGGBackbone()
+        self.loftr_coarse = CoarseTransformer()
+        self.fine_preprocess = FineFPN()
+
+    # -- stages, shared by the reference forward and the export wrapper ----------------------
+    def extract(self, image0: torch.Tensor, image1: torch.Tensor):
+        """Backbone on both images: (coarse 2B x 256 x h x w, 1/4 map, 1/2 map)."""
+        if image0.shape != image1.shape:
+            raise ValueError(f"both images need the same shape, got {tuple(image0.shape)} and {tuple(image1.shape)}")
+        return self.backbone(torch.cat([image0, image1], 0))
+
+    def transform(self, feat_c: torch.Tensor, image_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        b = feat_c.shape[0] // 2
+        return self.loftr_coarse(feat_c[:b], feat_c[b:], image_size)
+
+    @staticmethod
+    def confidence(feat0: torch.Tensor, feat1: torch.Tensor) -> torch.Tensor:
+        """Dual-softmax confidence (B x L x S) of the transformed coarse features (B x C x h x w)."""
+        c = feat0.shape[1]
+        f0 = feat0.flatten(2).transpose(1, 2) / c**0.5
+        f1 = feat1.flatten(2).transpose(1, 2) / c**0.5
+        sim = (f0 @ f1.transpose(1, 2)) / DUAL_SOFTMAX_TEMPERATURE
+        # fp16-safe: each softmax subtracts its max (sim reaches |1/T * |f|^2| easily)
+        return stable_softmax(sim, 1) * stable_softmax(sim, 2)
+
+    def fine_maps(self, feat0: torch.Tensor, feat1: torch.Tensor, x2: torch.Tensor, x1: torch.Tensor):
+        """Full-resolution fine features of both images (B x 64 x H x W each)."""
+        c = feat0.shape[1]
+        feat_c = torch.cat([feat0, feat1], 0) / c**0.5
+        fine = self.fine_preprocess(feat_c, x2, x1)
+        b = feat0.shape[0]
+        return fine[:b], fine[b:]
+
+    @staticmethod
+    def windows(fine0: torch.Tensor, fine1: torch.Tensor, b_ids: torch.Tensor, i_ids: torch.Tensor,
+                j_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """8 x 8 windows of image 0 at cells i, 10 x 10 (1 px margin) of image 1 at cells j.
+
+        Indices may be int32 (export) or int64; windows are gathered from channel-last maps by
+        flat pixel index (INT32 arithmetic: the largest index, B*(H+2)*(W+2), fits easily).
+        """
+        b, c, hh, ww = fine0.shape
+        wc = ww // COARSE_STRIDE
+        dt = i_ids.dtype
+        maps0 = fine0.permute(0, 2, 3, 1).reshape(-1, c)
+        maps1 = F.pad(fine1, [1, 1, 1, 1]).permute(0, 2, 3, 1).reshape(-1, c)
+        row0 = torch.div(i_ids, wc, rounding_mode="trunc")
+        col0 = i_ids - row0 * wc
+        row1 = torch.div(j_ids, wc, rounding_mode="trunc")
+        col1 = j_ids - row1 * wc
+        base0 = b_ids * (hh * ww) + row0 * (COARSE_STRIDE * ww) + col0 * COARSE_STRIDE
+        base1 = b_ids * ((hh + 2) * (ww + 2)) + row1 * (COARSE_STRIDE * (ww + 2)) + col1 * COARSE_STRIDE
+        off0 = window_offsets(WINDOW, ww, fine0.device).to(dt)
+        off1 = window_offsets(WINDOW + 2, ww + 2, fine0.device).to(dt)
+        idx0 = (base0[:, None] + off0[None, :]).reshape(-1)
+        idx1 = (base1[:, None] + off1[None, :]).reshape(-1)
+        win0 = maps0.index_select(0, idx0).reshape(-1, WINDOW * WINDOW, c)
+        win1 = maps1.index_select(0, idx1).reshape(-1, (WINDOW + 2) ** 2, c)
+        return win0, win1
+
+    @staticmethod
+    def coarse_corner(ids: torch.Tensor, wc: int) -> torch.Tensor:
+        """Pixel position (x, y) upstream assigns a coarse cell: its top-left corner, stride 8."""
+        row = torch.div(ids, wc, rounding_mode="trunc")
+        col = ids - row * wc
+        return torch.stack([col, row], -1).to(torch.float32) * COARSE_STRIDE
+
+    # -- reference forward -------------------------------------------------------------------
+    def forward(self, image0: torch.Tensor, image1: torch.Tensor,
+                threshold: Optional[float] = None) -> dict[str, torch.Tensor]:
+        """All matches above the threshold, as upstream returns them (row-major pair order).
+
+        Keys: feats_c, feat_c0, feat_c1 (transformer outputs), conf_matrix, b_ids, i_ids, j_ids,
+        mconf, mkpts0_f, mkpts1_f (pixels of the input), fine0, fine1 (window features),
+        conf_matrix_f.
+        """
+        thr = self.threshold if threshold is None else threshold
+        size = (image0.shape[-2], image0.shape[-1])
+        feats_c, x2, x1 = self.extract(image0, image1)
+        feat0, feat1 = self.transform(feats_c, size)
+        conf = self.confidence(feat0, feat1)
+        h, w = feat0.shape[-2:]
+        keep = border_mask(h, w, conf.device)
+        mask = (conf > thr) & (keep[:, None] > 0) & (keep[None, :] > 0)
+        b_ids, i_ids, j_ids = torch.where(mask)
+        out = {"feats_c": feats_c, "feat_c0": feat0, "feat_c1": feat1, "conf_matrix": conf,
+               "b_ids": b_ids, "i_ids": i_ids, "j_ids": j_ids, "mconf": conf[b_ids, i_ids, j_ids]}
+        fine0, fine1 = self.fine_maps(feat0, feat1, x2, x1)
+        win0, win1 = self.windows(fine0, fine1, b_ids, i_ids, j_ids)
+        d0, d1, conf_f = refine(win0, win1)
+        out.update(fine0=win0, fine1=win1, conf_matrix_f=conf_f,
+                   mkpts0_f=self.coarse_corner(i_ids, w) + d0,
+                   mkpts1_f=self.coarse_corner(j_ids, w) + d1)
+        return out
+
+    def fuse(self) -> "ELoFTR":
+        """RepVGG re-parameterisation and BatchNorm folding, in place (for export)."""
+        self.backbone.fuse()
+        self.fine_preprocess.fuse()
+        return self
