@@ -82,6 +82,9 @@ class BenchConfig:
     options: dict[str, Any] = field(default_factory=dict)
     workdir: Optional[Path] = None
     ransac_threshold: float = 3.0
+    # stop timing a combination after this many seconds (at least 3 timed runs), so one slow CPU
+    # column does not hold the whole table hostage; None = always `runs`
+    time_budget: Optional[float] = None
 
 
 def _sync(device: str) -> None:
@@ -334,7 +337,11 @@ class Bench:
         n = len(prepared)
         model_t, e2e_t = [], []
         self.progress(f"{row.matcher} / {row.backend} / {row.precision}: timing")
+        began = time.perf_counter()
         for i in range(cfg.warmup + cfg.runs):
+            if (cfg.time_budget is not None and len(model_t) >= 3
+                    and time.perf_counter() - began > cfg.time_budget):
+                break
             src = cfg.inputs[i % n]  # rotate inputs so caches do not flatter results
             _sync(cfg.device)
             t0 = time.perf_counter()

@@ -477,6 +477,8 @@ def bench(
     images: Optional[List[Path]] = typer.Option(None, "--images", help="Real images for synthetic pairs."),
     runs: int = typer.Option(50, help="Timed runs per combination."),
     warmup: int = typer.Option(10, help="Untimed warm-up runs."),
+    time_budget: Optional[float] = typer.Option(None, help="Seconds per combination before timing "
+                                                "stops early (at least 3 runs)."),
     device: Optional[str] = typer.Option(None, help="cuda or cpu (default: cuda when present)."),
     checkpoint: Optional[List[str]] = typer.Option(None, "--checkpoint", "-c", help="PATH or MATCHER=PATH."),
     dinov2: Optional[List[str]] = typer.Option(None, "--dinov2", help="PATH or MATCHER=PATH."),
@@ -516,7 +518,8 @@ def bench(
     weights_by = {m: {k: v for k, v in (("checkpoint", ckpts.get(m)), ("dinov2", dinos.get(m)))
                       if v is not None} for m in matchers}
     config = BenchConfig(matchers, _split(backend), _split(precision), inputs, runs, warmup, device,
-                         size, weights_by, random_weights, _extra(option), workdir)
+                         size, weights_by, random_weights, _extra(option), workdir,
+                         time_budget=time_budget)
     console = _console(stderr=True)
     with console.status("benchmarking") as status:
         b = Bench(config, progress=lambda m: status.update(m))

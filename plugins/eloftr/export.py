@@ -42,13 +42,10 @@ def _as_bool(value: Any) -> bool:
 
 
 def resolve_options(extra: dict[str, Any]) -> dict[str, Any]:
-    """Export options with defaults filled in; refuses what the graph cannot honour."""
-    unknown = sorted(set(extra) - set(DEFAULTS))
-    if unknown:
-        raise MatchrtError(
-            f"eloftr does not know option(s) {', '.join(unknown)}; it takes "
-            f"{', '.join(f'{k} (default {v})' for k, v in DEFAULTS.items())}"
-        )
+    """Export options with defaults filled in; refuses what the graph cannot honour.
+
+    Keys it does not know (run-time options such as `mutual`) pass through untouched.
+    """
     try:
         k = int(extra.get("max_matches", DEFAULT_MAX_MATCHES))
         thr = float(extra.get("threshold", DEFAULT_THRESHOLD))
@@ -61,7 +58,9 @@ def resolve_options(extra: dict[str, Any]) -> dict[str, Any]:
         )
     if not 0.0 <= thr < 1.0:
         raise MatchrtError(f"eloftr: threshold={thr} must lie in [0, 1) (a dual-softmax confidence)")
-    return {"max_matches": k, "threshold": thr, "fuse": _as_bool(extra.get("fuse", True))}
+    resolved = dict(extra)
+    resolved.update(max_matches=k, threshold=thr, fuse=_as_bool(extra.get("fuse", True)))
+    return resolved
 
 
 class CoarseSelect(nn.Module):
