@@ -19,7 +19,7 @@ from matchrt.errors import MatchrtError
 from matchrt.types import ExportOptions, ExportPlan, GraphSpec
 
 from .model import (
-    COARSE_STRIDE, DEFAULT_THRESHOLD, SIDE_MULTIPLE, ELoFTR, border_mask, refine,
+    COARSE_STRIDE, DEFAULT_THRESHOLD, SIDE_MULTIPLE, ELoFTR, border_mask, int_div, refine,
 )
 
 NAME = "eloftr"
@@ -72,7 +72,7 @@ class CoarseSelect(nn.Module):
         self.threshold = threshold
 
     def forward(self, feat0: torch.Tensor, feat1: torch.Tensor):
-        b, _, h, w = feat0.shape
+        h, w = int(feat0.shape[2]), int(feat0.shape[3])
         n = h * w
         conf = ELoFTR.confidence(feat0, feat1)  # B x L x S, stable softmaxes inside
         keep = border_mask(h, w, conf.device)
@@ -86,9 +86,9 @@ class CoarseSelect(nn.Module):
         # (i, j) with integer ops only, never through floats (L*S exceeds fp16's 65504 and
         # fp32's exact 2^24).
         k = min(self.k, n * n)
-        value, flat = conf.reshape(b, n * n).topk(k, dim=1)
+        value, flat = conf.reshape(-1, n * n).topk(k, dim=1)
         flat = flat.to(torch.int32)
-        i_ids = torch.div(flat, n, rounding_mode="trunc")
+        i_ids = int_div(flat, n)
         j_ids = flat - i_ids * n
         valid = value > self.threshold
         return value, i_ids, j_ids, valid
@@ -98,13 +98,13 @@ class FineRefine(nn.Module):
     """Gathers the fine windows of the selected pairs and refines them to (sub-)pixels."""
 
     def forward(self, fine0: torch.Tensor, fine1: torch.Tensor, i_ids: torch.Tensor, j_ids: torch.Tensor):
-        b, k = i_ids.shape
-        wc = fine0.shape[-1] // COARSE_STRIDE
-        b_ids = torch.arange(b, dtype=torch.int32, device=i_ids.device)[:, None].expand(b, k).reshape(-1)
-        win0, win1 = ELoFTR.windows(fine0, fine1, b_ids, i_ids.reshape(-1), j_ids.reshape(-1))
+        b, k = int(i_ids.shape[0]), int(i_ids.shape[1])  # static: the graph has a fixed batch
+        wc = int(fine0.shape[-1]) // COARSE_STRIDE
+        b_ids = torch.arange(b, dtype=torch.int32, device=i_ids.device)[:, None].repeat(1, k).reshape(b * k)
+        win0, win1 = ELoFTR.windows(fine0, fine1, b_ids, i_ids.reshape(b * k), j_ids.reshape(b * k))
         d0, d1, _ = refine(win0, win1)
-        kp0 = ELoFTR.coarse_corner(i_ids.reshape(-1), wc) + d0
-        kp1 = ELoFTR.coarse_corner(j_ids.reshape(-1), wc) + d1
+        kp0 = ELoFTR.coarse_corner(i_ids.reshape(b * k), wc) + d0
+        kp1 = ELoFTR.coarse_corner(j_ids.reshape(b * k), wc) + d1
         return kp0.reshape(b, k, 2), kp1.reshape(b, k, 2)
 
 
@@ -119,7 +119,7 @@ class ELoFTRGraph(nn.Module):
         self.fine_matching = FineRefine()
 
     def forward(self, image0: torch.Tensor, image1: torch.Tensor):
-        size = (image0.shape[-2], image0.shape[-1])
+        size = (int(image0.shape[-2]), int(image0.shape[-1]))
         feats_c, x2, x1 = self.model.extract(image0, image1)
         feat0, feat1 = self.model.transform(feats_c, size)
         value, i_ids, j_ids, valid = self.coarse_matching(feat0, feat1)
@@ -143,7 +143,7 @@ def export_model(model: ELoFTR, fuse: bool) -> ELoFTR:
 
 
 def build_plan(model: ELoFTR, options: ExportOptions) -> ExportPlan:
-    """The one-graph plan at options.height x options.width (batch fixed unless dynamic)."""
+    """The one-graph plan at options.height x options.width, batch options.batch (all static)."""
     resolved = resolve_options(dict(options.extra))
     h, w = int(options.height), int(options.width)
     if h % SIDE_MULTIPLE or w % SIDE_MULTIPLE or h <= 0 or w <= 0:
@@ -155,10 +155,15 @@ def build_plan(model: ELoFTR, options: ExportOptions) -> ExportPlan:
             "use a smaller size (at most about 1700 x 1700 pixels)"
         )
     graph = ELoFTRGraph(export_model(model, resolved["fuse"]), resolved["max_matches"], resolved["threshold"])
+    if options.dynamic:
+        raise MatchrtError(
+            "eloftr exports static shapes only (RoPE positions, the coarse grid and the fixed-K "
+            "selection depend on batch, height and width); drop --dynamic and pass --batch, "
+            "--height and --width instead"
+        )
     batch = int(options.batch)
+    if batch < 1:
+        raise MatchrtError(f"eloftr: batch must be >= 1, got {batch}")
     example = (torch.rand(batch, 1, h, w), torch.rand(batch, 1, h, w))
-    dynamic = {}
-    if options.dynamic:  # batch only: RoPE positions and the grid depend on H x W
-        dynamic = {n: {0: "batch"} for n in INPUTS + OUTPUTS}
-    spec = GraphSpec("main", graph, example, list(INPUTS), list(OUTPUTS), dynamic, list(FP32_LAYERS))
+    spec = GraphSpec("main", graph, example, list(INPUTS), list(OUTPUTS), {}, list(FP32_LAYERS))
     return ExportPlan(NAME, [spec], resolved, (h, w))

@@ -22,7 +22,7 @@ The state-dict keys equal the checkpoint keys without their leading `matcher.`.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -50,6 +50,28 @@ def stable_softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
     every exponent <= 0 whatever precision the engine picks.
     """
     return torch.softmax(x - x.amax(dim=dim, keepdim=True), dim=dim)
+
+
+class _IntDiv(torch.autograd.Function):
+    """Division of non-negative integer tensors by a constant, exported as one INT32 `Div`.
+
+    (torch's exporter turns `div(..., rounding_mode="trunc")` into Div + Cast(INT64) + Cast.)
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, divisor: int) -> torch.Tensor:  # noqa: D102
+        return torch.div(x, divisor, rounding_mode="trunc")
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, divisor: int) -> Any:  # noqa: D102
+        return g.op("Div", x, g.op("Constant", value_t=torch.tensor(divisor, dtype=torch.int32)))
+
+
+def int_div(x: torch.Tensor, divisor: int) -> torch.Tensor:
+    """x // divisor for non-negative int32 x (TensorRT hazard: index arithmetic stays INT32)."""
+    if x.dtype != torch.int32:
+        return torch.div(x, divisor, rounding_mode="trunc")
+    return _IntDiv.apply(x, int(divisor))
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,11 +199,11 @@ def rope_tables(
     )
     pos_r = torch.arange(1, rows + 1, dtype=torch.float32, device=device) * TRAIN_SIZE / height
     pos_c = torch.arange(1, cols + 1, dtype=torch.float32, device=device) * TRAIN_SIZE / width
-    ang_r = (pos_r[:, None] * freq[None, :])[:, None, :].expand(rows, cols, quarter)
-    ang_c = (pos_c[:, None] * freq[None, :])[None, :, :].expand(rows, cols, quarter)
-    # interleave row/column angles, then duplicate each for the (even, odd) pair it rotates
-    ang = torch.stack([ang_r, ang_c], dim=-1).reshape(rows, cols, 2 * quarter)
-    ang = ang[..., None].expand(rows, cols, 2 * quarter, 2).reshape(rows, cols, dim)
+    zeros = torch.zeros(rows, cols, 1, dtype=torch.float32, device=device)
+    ang_r = pos_r[:, None, None] * freq[None, None, :] + zeros  # rows x cols x quarter (+0: exact)
+    ang_c = pos_c[None, :, None] * freq[None, None, :] + zeros
+    # channel order r0 r0 c0 c0 r1 r1 c1 c1 ...: each angle rotates one (even, odd) pair
+    ang = torch.stack([ang_r, ang_r, ang_c, ang_c], dim=-1).reshape(rows, cols, dim)
     cos = torch.cos(ang).to(torch.float16).to(torch.float32)
     sin = torch.sin(ang).to(torch.float16).to(torch.float32)
     return cos, sin
@@ -189,8 +211,8 @@ def rope_tables(
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate channel pairs (x[2k], x[2k+1]) of x (N x h x w x C) by the tabled angles."""
-    pairs = x.unflatten(-1, (-1, 2))
-    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+    h, w, c = int(x.shape[1]), int(x.shape[2]), int(x.shape[3])
+    rotated = torch.stack([-x[..., 1::2], x[..., 0::2]], dim=-1).reshape(-1, h, w, c)
     return x * cos + rotated * sin
 
 
@@ -219,7 +241,9 @@ class AggregatedAttentionLayer(nn.Module):
         self, x: torch.Tensor, source: torch.Tensor,
         rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> torch.Tensor:
-        n, c, h, w = x.shape
+        c, h, w = int(x.shape[1]), int(x.shape[2]), int(x.shape[3])
+        hq, wq = h // POOL, w // POOL
+        d = c // self.nhead
         query = self.norm1(self.aggregate(x).permute(0, 2, 3, 1))  # N x h/4 x w/4 x C
         src = self.norm1(self.max_pool(source).permute(0, 2, 3, 1))
         q, k, v = self.q_proj(query), self.k_proj(src), self.v_proj(src)
@@ -227,15 +251,14 @@ class AggregatedAttentionLayer(nn.Module):
             assert rope is not None
             q = apply_rope(q, *rope)
             k = apply_rope(k, *rope)
-        hq, wq = q.shape[1], q.shape[2]
-        d = c // self.nhead
-        q = q.reshape(n, -1, self.nhead, d).transpose(1, 2)  # N x heads x L x d
-        k = k.reshape(n, -1, self.nhead, d).transpose(1, 2)
-        v = v.reshape(n, -1, self.nhead, d).transpose(1, 2)
-        scores = (q @ k.transpose(-1, -2)) * (1.0 / d**0.5)
+        # static sizes everywhere but the batch (-1): no shape arithmetic in the graph
+        q = q.reshape(-1, hq * wq, self.nhead, d).transpose(1, 2)  # N x heads x L x d
+        k = k.reshape(-1, hq * wq, self.nhead, d).transpose(1, 2)
+        v = v.reshape(-1, hq * wq, self.nhead, d).transpose(1, 2)
+        scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(d))
         message = stable_softmax(scores, -1) @ v  # fp16-safe: max subtracted
-        message = self.merge(message.transpose(1, 2).reshape(n, -1, c))
-        message = message.transpose(1, 2).reshape(n, c, hq, wq)
+        message = self.merge(message.transpose(1, 2).reshape(-1, hq * wq, c))
+        message = message.transpose(1, 2).reshape(-1, c, hq, wq)
         message = F.interpolate(message, scale_factor=float(POOL), mode="bilinear", align_corners=False)
         message = self.mlp(torch.cat([x, message], dim=1).permute(0, 2, 3, 1))
         return x + self.norm2(message).permute(0, 3, 1, 2)
@@ -253,14 +276,12 @@ class CoarseTransformer(nn.Module):
     def forward(
         self, feat0: torch.Tensor, feat1: torch.Tensor, image_size: tuple[int, int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        h, w = feat0.shape[-2] // POOL, feat0.shape[-1] // POOL
-        rope = rope_tables(h, w, image_size[0], image_size[1], feat0.shape[1], feat0.device)
-        b = feat0.shape[0]
+        h, w = int(feat0.shape[-2]) // POOL, int(feat0.shape[-1]) // POOL
+        rope = rope_tables(h, w, image_size[0], image_size[1], int(feat0.shape[1]), feat0.device)
         for k, layer in enumerate(self.layers):
-            if k % 2 == 0:  # self attention: both images in one batch (same weights)
-                both = torch.cat([feat0, feat1], 0)
-                both = layer(both, both, rope)
-                feat0, feat1 = both[:b], both[b:]
+            if k % 2 == 0:
+                feat0 = layer(feat0, feat0, rope)
+                feat1 = layer(feat1, feat1, rope)
             else:
                 feat0 = layer(feat0, feat1)
                 feat1 = layer(feat1, feat0)
@@ -319,6 +340,15 @@ def window_offsets(size: int, row_stride: int, device: Optional[torch.device] = 
     return (r[:, None] * row_stride + r[None, :]).reshape(-1)
 
 
+def _pad1(x: torch.Tensor) -> torch.Tensor:
+    """Zero-pad H and W by one pixel on each side (concatenation: no computed pads in the graph)."""
+    b, c, h, w = (int(v) for v in x.shape)
+    rows = torch.zeros(b, c, 1, w, dtype=x.dtype, device=x.device)
+    x = torch.cat([rows, x, rows], 2)
+    cols = torch.zeros(b, c, h + 2, 1, dtype=x.dtype, device=x.device)
+    return torch.cat([cols, x, cols], 3)
+
+
 def refine(win0: torch.Tensor, win1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fine matching of M window pairs.
 
@@ -326,23 +356,23 @@ def refine(win0: torch.Tensor, win1: torch.Tensor) -> tuple[torch.Tensor, torch.
     Returns the offsets (x, y) in pixels to add to the coarse keypoints of image 0 and image 1,
     and the fine confidence matrix (M x 64 x 64, for tests).
     """
-    m, ww, c = win0.shape
+    m, ww, c = int(win0.shape[0]), int(win0.shape[1]), int(win0.shape[2])
     w1 = WINDOW + 2
     # sub-pixel similarity on the last SLICE channels, matching similarity on the others
-    sim_sub = win0[..., -SLICE:] @ (win1[..., -SLICE:] / SLICE**0.5).transpose(1, 2)  # M x 64 x 100
-    f0 = win0[..., :-SLICE] / c**0.5
-    f1 = win1[..., :-SLICE] / c**0.5
+    sim_sub = win0[..., -SLICE:] @ (win1[..., -SLICE:] / math.sqrt(SLICE)).transpose(1, 2)  # M x 64 x 100
+    f0 = win0[..., :-SLICE] / math.sqrt(c)
+    f1 = win1[..., :-SLICE] / math.sqrt(c)
     sim = f0 @ f1.transpose(1, 2)
     # fp16-safe dual softmax (max subtracted), restricted to the inner 8 x 8 of the 10 x 10 window
     conf = stable_softmax(sim, 1) * stable_softmax(sim, 2)
     conf = conf.reshape(m, ww, w1, w1)[:, :, 1:-1, 1:-1].reshape(m, ww, ww)
     best = conf.reshape(m, ww * ww).argmax(dim=-1).to(torch.int32)
     # TensorRT hazard: integer index arithmetic in INT32 (never through floats)
-    il = torch.div(best, ww, rounding_mode="trunc")
+    il = int_div(best, ww)
     ir = best - il * ww
-    yl = torch.div(il, WINDOW, rounding_mode="trunc")
+    yl = int_div(il, WINDOW)
     xl = il - yl * WINDOW
-    yr = torch.div(ir, WINDOW, rounding_mode="trunc")
+    yr = int_div(ir, WINDOW)
     xr = ir - yr * WINDOW
     half = WINDOW / 2 - 0.5
     d0 = torch.stack([xl, yl], -1).to(win0.dtype) - half
@@ -353,15 +383,16 @@ def refine(win0: torch.Tensor, win1: torch.Tensor) -> tuple[torch.Tensor, torch.
     delta = torch.arange(-1, 2, dtype=torch.int32, device=win0.device)
     ys = yr[:, None] + delta[None, :]  # M x 3, in -1 .. 8
     xs = xr[:, None] + delta[None, :]
-    ys = ys + (ys < 0).to(torch.int32) * w1  # -1 wraps to the last row, like python indexing
-    xs = xs + (xs < 0).to(torch.int32) * w1
+    # -1 wraps to the last row/column like python indexing: (v + w1) mod w1, in INT32 ops only
+    ys = ys + w1 - int_div(ys + w1, w1) * w1
+    xs = xs + w1 - int_div(xs + w1, w1) * w1
     start = (torch.arange(m, dtype=torch.int32, device=win0.device) * ww + il) * (w1 * w1)
-    flat = (start[:, None, None] + ys[:, :, None] * w1 + xs[:, None, :]).reshape(-1)
-    patch = sim_sub.reshape(-1).index_select(0, flat).reshape(m, 9)
+    flat = (start[:, None, None] + ys[:, :, None] * w1 + xs[:, None, :]).reshape(m * 9)
+    patch = sim_sub.reshape(m * ww * w1 * w1).index_select(0, flat).reshape(m, 9)
     heat = stable_softmax(patch / SUBPIXEL_TEMPERATURE, -1)
     grid = torch.tensor([-1.0, 0.0, 1.0], dtype=win0.dtype, device=win0.device)
-    gx = grid[None, :].expand(3, 3).reshape(9)
-    gy = grid[:, None].expand(3, 3).reshape(9)
+    gx = grid.repeat(3)  # x of the 3 x 3 cells, row-major
+    gy = grid.repeat_interleave(3)
     sub = torch.stack([(heat * gx).sum(-1), (heat * gy).sum(-1)], -1)
     return d0, d1 + sub, conf
 
@@ -377,11 +408,15 @@ def border_mask(h: int, w: int, device: Optional[torch.device] = None) -> torch.
     c = torch.arange(w, device=device)
     keep_r = (r >= BORDER_CELLS) & (r < h - BORDER_CELLS)
     keep_c = (c >= BORDER_CELLS) & (c < w - BORDER_CELLS)
-    return (keep_r[:, None] & keep_c[None, :]).reshape(-1).to(torch.float32)
+    return (keep_r[:, None] & keep_c[None, :]).reshape(h * w).to(torch.float32)
 
 
 class ELoFTR(nn.Module):
-    """The full matcher; `forward` returns every match above `threshold` (variable length)."""
+    """The full matcher; `forward` returns every match above `threshold` (variable length).
+
+    The stage methods take static sizes from their inputs (Python ints), so a traced graph
+    carries no shape arithmetic.
+    """
 
     def __init__(self, threshold: float = DEFAULT_THRESHOLD):
         super().__init__()
@@ -392,31 +427,33 @@ class ELoFTR(nn.Module):
 
     # -- stages, shared by the reference forward and the export wrapper ----------------------
     def extract(self, image0: torch.Tensor, image1: torch.Tensor):
-        """Backbone on both images: (coarse 2B x 256 x h x w, 1/4 map, 1/2 map)."""
+        """Backbone on both images in one batch: (coarse 2B x 256 x h x w, 1/4 map, 1/2 map)."""
         if image0.shape != image1.shape:
-            raise ValueError(f"both images need the same shape, got {tuple(image0.shape)} and {tuple(image1.shape)}")
+            raise ValueError(
+                f"both images need the same shape, got {tuple(image0.shape)} and {tuple(image1.shape)}"
+            )
         return self.backbone(torch.cat([image0, image1], 0))
 
     def transform(self, feat_c: torch.Tensor, image_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        b = feat_c.shape[0] // 2
+        """Coarse transformer on the two halves of the backbone batch."""
+        b = int(feat_c.shape[0]) // 2
         return self.loftr_coarse(feat_c[:b], feat_c[b:], image_size)
 
     @staticmethod
     def confidence(feat0: torch.Tensor, feat1: torch.Tensor) -> torch.Tensor:
         """Dual-softmax confidence (B x L x S) of the transformed coarse features (B x C x h x w)."""
-        c = feat0.shape[1]
-        f0 = feat0.flatten(2).transpose(1, 2) / c**0.5
-        f1 = feat1.flatten(2).transpose(1, 2) / c**0.5
+        c, n = int(feat0.shape[1]), int(feat0.shape[2]) * int(feat0.shape[3])
+        f0 = feat0.reshape(-1, c, n).transpose(1, 2) / math.sqrt(c)
+        f1 = feat1.reshape(-1, c, n).transpose(1, 2) / math.sqrt(c)
         sim = (f0 @ f1.transpose(1, 2)) / DUAL_SOFTMAX_TEMPERATURE
         # fp16-safe: each softmax subtracts its max (sim reaches |1/T * |f|^2| easily)
         return stable_softmax(sim, 1) * stable_softmax(sim, 2)
 
     def fine_maps(self, feat0: torch.Tensor, feat1: torch.Tensor, x2: torch.Tensor, x1: torch.Tensor):
         """Full-resolution fine features of both images (B x 64 x H x W each)."""
-        c = feat0.shape[1]
-        feat_c = torch.cat([feat0, feat1], 0) / c**0.5
+        b, c = int(feat0.shape[0]), int(feat0.shape[1])
+        feat_c = torch.cat([feat0, feat1], 0) / math.sqrt(c)
         fine = self.fine_preprocess(feat_c, x2, x1)
-        b = feat0.shape[0]
         return fine[:b], fine[b:]
 
     @staticmethod
@@ -427,29 +464,33 @@ class ELoFTR(nn.Module):
         Indices may be int32 (export) or int64; windows are gathered from channel-last maps by
         flat pixel index (INT32 arithmetic: the largest index, B*(H+2)*(W+2), fits easily).
         """
-        b, c, hh, ww = fine0.shape
+        c, hh, ww = int(fine0.shape[1]), int(fine0.shape[2]), int(fine0.shape[3])
         wc = ww // COARSE_STRIDE
         dt = i_ids.dtype
         maps0 = fine0.permute(0, 2, 3, 1).reshape(-1, c)
-        maps1 = F.pad(fine1, [1, 1, 1, 1]).permute(0, 2, 3, 1).reshape(-1, c)
-        row0 = torch.div(i_ids, wc, rounding_mode="trunc")
+        maps1 = _pad1(fine1).permute(0, 2, 3, 1).reshape(-1, c)
+        row0 = int_div(i_ids, wc)
         col0 = i_ids - row0 * wc
-        row1 = torch.div(j_ids, wc, rounding_mode="trunc")
+        row1 = int_div(j_ids, wc)
         col1 = j_ids - row1 * wc
         base0 = b_ids * (hh * ww) + row0 * (COARSE_STRIDE * ww) + col0 * COARSE_STRIDE
         base1 = b_ids * ((hh + 2) * (ww + 2)) + row1 * (COARSE_STRIDE * (ww + 2)) + col1 * COARSE_STRIDE
         off0 = window_offsets(WINDOW, ww, fine0.device).to(dt)
         off1 = window_offsets(WINDOW + 2, ww + 2, fine0.device).to(dt)
-        idx0 = (base0[:, None] + off0[None, :]).reshape(-1)
-        idx1 = (base1[:, None] + off1[None, :]).reshape(-1)
-        win0 = maps0.index_select(0, idx0).reshape(-1, WINDOW * WINDOW, c)
-        win1 = maps1.index_select(0, idx1).reshape(-1, (WINDOW + 2) ** 2, c)
+        m = int(i_ids.shape[0])
+        idx0 = (base0[:, None] + off0[None, :]).reshape(m * WINDOW * WINDOW)
+        idx1 = (base1[:, None] + off1[None, :]).reshape(m * (WINDOW + 2) ** 2)
+        win0 = maps0.index_select(0, idx0).reshape(m, WINDOW * WINDOW, c)
+        win1 = maps1.index_select(0, idx1).reshape(m, (WINDOW + 2) ** 2, c)
         return win0, win1
 
     @staticmethod
     def coarse_corner(ids: torch.Tensor, wc: int) -> torch.Tensor:
-        """Pixel position (x, y) upstream assigns a coarse cell: its top-left corner, stride 8."""
-        row = torch.div(ids, wc, rounding_mode="trunc")
+        """Pixel position (x, y) upstream gives a coarse cell: its top-left corner (stride 8).
+
+        The int -> float cast happens on values < image side, exact in fp16 and fp32.
+        """
+        row = int_div(ids, wc)
         col = ids - row * wc
         return torch.stack([col, row], -1).to(torch.float32) * COARSE_STRIDE
 
@@ -458,18 +499,18 @@ class ELoFTR(nn.Module):
                 threshold: Optional[float] = None) -> dict[str, torch.Tensor]:
         """All matches above the threshold, as upstream returns them (row-major pair order).
 
-        Keys: feats_c, feat_c0, feat_c1 (transformer outputs), conf_matrix, b_ids, i_ids, j_ids,
-        mconf, mkpts0_f, mkpts1_f (pixels of the input), fine0, fine1 (window features),
-        conf_matrix_f.
+        Keys: feats_c (backbone), feat_c0, feat_c1 (transformer outputs), conf_matrix, b_ids,
+        i_ids, j_ids, mconf, mkpts0_f, mkpts1_f (pixels of the input), fine0, fine1 (window
+        features entering fine matching), conf_matrix_f.
         """
         thr = self.threshold if threshold is None else threshold
-        size = (image0.shape[-2], image0.shape[-1])
+        size = (int(image0.shape[-2]), int(image0.shape[-1]))
         feats_c, x2, x1 = self.extract(image0, image1)
         feat0, feat1 = self.transform(feats_c, size)
         conf = self.confidence(feat0, feat1)
-        h, w = feat0.shape[-2:]
-        keep = border_mask(h, w, conf.device)
-        mask = (conf > thr) & (keep[:, None] > 0) & (keep[None, :] > 0)
+        h, w = int(feat0.shape[-2]), int(feat0.shape[-1])
+        keep = border_mask(h, w, conf.device) > 0
+        mask = (conf > thr) & keep[None, :, None] & keep[None, None, :]
         b_ids, i_ids, j_ids = torch.where(mask)
         out = {"feats_c": feats_c, "feat_c0": feat0, "feat_c1": feat1, "conf_matrix": conf,
                "b_ids": b_ids, "i_ids": i_ids, "j_ids": j_ids, "mconf": conf[b_ids, i_ids, j_ids]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -47,8 +48,9 @@ def resolve_options(extra: dict[str, Any], height: int, width: int) -> dict[str,
     opts = dict(DEFAULTS)
     unknown = set(extra) - set(DEFAULTS) - {"max_matches"}
     if unknown:
-        raise MatchrtError(f"xfeat does not know option(s) {', '.join(sorted(unknown))}; it takes "
-                           f"{', '.join(DEFAULTS)} (max_matches is an alias of top_k)")
+        # not an error: a benchmark passes one option set to several matchers
+        warnings.warn(f"xfeat ignores option(s) {', '.join(sorted(unknown))}; it takes "
+                      f"{', '.join(DEFAULTS)} (max_matches is an alias of top_k)", stacklevel=2)
     opts.update({k: v for k, v in extra.items() if k in DEFAULTS})
     if extra.get("max_matches") is not None:
         if "top_k" in extra and int(extra["top_k"]) != int(extra["max_matches"]):

@@ -100,6 +100,14 @@ def l2_normalise(x: torch.Tensor, dim: int) -> torch.Tensor:
 class SparseDetector(nn.Module):
     """Top-K keypoints, scores and descriptors of a batch of images of one fixed size."""
 
+    rows_y: torch.Tensor
+    cols_x_t: torch.Tensor
+    tap_x: torch.Tensor
+    tap_wx: torch.Tensor
+    tap_y: torch.Tensor
+    tap_wy: torch.Tensor
+    keep: torch.Tensor
+
     def __init__(self, height: int, width: int, top_k: int = 4096,
                  detection_threshold: float = 0.05, nms_size: int = 5) -> None:
         super().__init__()
@@ -142,9 +150,10 @@ class SparseDetector(nn.Module):
         # all pixels replaces NonZero + a data-dependent candidate list
         score = torch.where(candidate[:, 0], score, torch.full_like(score, -1.0))
         scores, flat = exact_topk(score.reshape(n, -1), self.top_k, floor=-2.0)
-        # index arithmetic in int32, never through floating point
+        # index arithmetic in int32, never through floating point; indices are >= 0, so truncating
+        # division is floor division and exports as a single integer Div
         flat = flat.to(torch.int32)
-        y = torch.div(flat, self.width, rounding_mode="floor")
+        y = torch.div(flat, self.width, rounding_mode="trunc")
         x = flat - y * self.width
         keypoints = torch.stack([x, y], dim=-1).to(feats.dtype)
         descriptors = self.describe(l2_normalise(feats, 1), x, y)
@@ -169,6 +178,8 @@ class SparseDetector(nn.Module):
 
 class MutualNearest(nn.Module):
     """Mutual nearest neighbours by cosine similarity, one candidate per keypoint of image 0."""
+
+    rows: torch.Tensor
 
     def __init__(self, top_k: int, threshold: float) -> None:
         super().__init__()

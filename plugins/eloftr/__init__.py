@@ -1,0 +1,1 @@
+"""MatchAnything EfficientLoFTR matcher plugin (`eloftr`)."""

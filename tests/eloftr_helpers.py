@@ -1,0 +1,73 @@
+"""Shared helpers of the eloftr tests: reference data, the deterministic-weight model, export."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from matchrt.plugins.eloftr import hooks
+from matchrt.plugins.eloftr.model import ELoFTR
+from matchrt.plugins.eloftr.weights import LAYOUT
+from matchrt.weights import enforce, load_checkpoint, write_random_checkpoint
+
+DATA = Path(__file__).parent / "data" / "eloftr"
+REFERENCE = DATA / "megadepth_320x320_ref.npz"
+
+
+@functools.lru_cache(maxsize=None)
+def reference() -> dict[str, np.ndarray]:
+    """Upstream outputs on the MegaDepth pair at 320 x 320, threshold 2e-5 (see README.md)."""
+    with np.load(REFERENCE) as d:
+        return {k: d[k] for k in d.files}
+
+
+def reference_images() -> tuple[torch.Tensor, torch.Tensor]:
+    """The two 1 x 1 x 320 x 320 inputs upstream saw (grayscale / 255, float32)."""
+    ref = reference()
+    return tuple(torch.from_numpy(ref[k].astype(np.float32)) / 255.0 for k in ("image0_u8", "image1_u8"))
+
+
+@functools.lru_cache(maxsize=None)
+def checkpoint_path() -> Path:
+    """The deterministic checkpoint in the real file's layout (Lightning, `matcher.` keys)."""
+    import tempfile
+
+    out = Path(tempfile.mkdtemp(prefix="eloftr-test-")) / "matchanything_eloftr_det.ckpt"
+    return write_random_checkpoint(LAYOUT, out, lightning=True)
+
+
+@functools.lru_cache(maxsize=None)
+def loaded_model() -> ELoFTR:
+    """The un-fused model with the deterministic weights, loaded through the plugin's hooks."""
+    path = checkpoint_path()
+    mapped = hooks.map_weights("eloftr", {"checkpoint": load_checkpoint(path)}, {"checkpoint": str(path)}, {})
+    enforce(mapped.report)
+    model = hooks.create_model("eloftr", {})
+    model.load_state_dict(mapped.state_dict, strict=True)
+    return model.eval()
+
+
+@functools.lru_cache(maxsize=None)
+def reference_run() -> dict[str, torch.Tensor]:
+    """Our torch model's reference forward on the reference pair (threshold 2e-5)."""
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    image0, image1 = reference_images()
+    with torch.no_grad():
+        return loaded_model()(image0, image1, threshold=float(reference()["threshold"]))
+
+
+def pair_set(i_ids, j_ids) -> set[tuple[int, int]]:
+    return {(int(i), int(j)) for i, j in zip(np.asarray(i_ids), np.asarray(j_ids))}
+
+
+def max_abs(a, b) -> float:
+    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
+
+
+def max_rel(a, b) -> float:
+    """Largest error relative to the largest magnitude of the reference."""
+    b = np.asarray(b, dtype=np.float64)
+    return max_abs(a, b) / float(np.abs(b).max())

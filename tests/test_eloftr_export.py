@@ -1,0 +1,187 @@
+"""eloftr export: one TensorRT-clean ONNX graph that onnxruntime runs like the torch model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from eloftr_helpers import loaded_model, max_abs, pair_set, reference, reference_images
+from matchrt.errors import MatchrtError
+from matchrt.export import export_plan, manifest_path
+from matchrt.plugins.eloftr import hooks
+from matchrt.plugins.eloftr.model import COARSE_STRIDE, RepVGGBlock
+from matchrt.types import ExportOptions
+
+THRESHOLD = float(reference()["threshold"])
+K = 64
+
+
+def _plan(h: int, w: int, **extra):
+    return hooks.export_plan("eloftr", loaded_model(), ExportOptions(h, w, extra=extra))
+
+
+def _ort(path, image0: torch.Tensor, image1: torch.Tensor) -> dict[str, np.ndarray]:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, {"image0": image0.numpy(), "image1": image1.numpy()})))
+
+
+def _torch(plan, image0: torch.Tensor, image1: torch.Tensor) -> dict[str, np.ndarray]:
+    with torch.no_grad():
+        out = plan.graphs[0].module(image0, image1)
+    return {n: t.numpy() for n, t in zip(plan.graphs[0].output_names, out)}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The reference pair through the exported graph (fused, K=64, threshold 2e-5)."""
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    plan = _plan(320, 320, threshold=THRESHOLD, max_matches=K)
+    path = tmp_path_factory.mktemp("eloftr") / "eloftr.onnx"
+    export_plan(plan, path)
+    image0, image1 = reference_images()
+    return plan, path, _torch(plan, image0, image1), _ort(path, image0, image1)
+
+
+def test_plan_and_manifest(exported) -> None:
+    plan, path, _, _ = exported
+    graph = plan.graphs[0]
+    assert graph.input_names == ["image0", "image1"]
+    assert graph.output_names == ["keypoints0", "keypoints1", "confidence", "valid"]
+    assert plan.options["max_matches"] == K and plan.options["threshold"] == THRESHOLD
+    assert plan.options["fuse"] is True and plan.input_size == (320, 320)
+    assert graph.fp32_layers
+    manifest = json.loads(manifest_path(path).read_text())
+    assert manifest["matcher"] == "eloftr" and manifest["options"]["max_matches"] == K
+    # fused for export by default, the loaded model itself untouched
+    blocks = [m for m in graph.module.modules() if isinstance(m, RepVGGBlock)]
+    assert blocks and all(b.rbr_reparam is not None for b in blocks)
+    assert all(b.rbr_reparam is None for b in loaded_model().modules() if isinstance(b, RepVGGBlock))
+    unfused = _plan(320, 320, fuse=False).graphs[0].module
+    assert all(b.rbr_reparam is None for b in unfused.modules() if isinstance(b, RepVGGBlock))
+
+
+def test_outputs_shapes_and_order(exported) -> None:
+    _, _, ours, runtime = exported
+    for out in (ours, runtime):
+        assert out["keypoints0"].shape == (1, K, 2) and out["keypoints1"].shape == (1, K, 2)
+        assert out["confidence"].shape == (1, K) and out["valid"].shape == (1, K)
+        assert out["valid"].dtype == np.bool_ and out["confidence"].dtype == np.float32
+        conf = out["confidence"][0]
+        assert np.all(np.diff(conf) <= 0), "confidence must be sorted descending"
+        n = int(out["valid"][0].sum())
+        assert out["valid"][0, :n].all() and not out["valid"][0, n:].any()
+        assert np.all(conf[n:] == 0) and np.all(out["keypoints0"][0, n:] == 0)
+
+
+def test_graph_matches_upstream_set(exported) -> None:
+    _, _, ours, _ = exported
+    ref = reference()
+    valid = ours["valid"][0]
+    assert valid.sum() == 43
+    # the coarse cell of an image-0 keypoint is recoverable: |offset| <= 3.5 px from its anchor
+    cells0 = np.rint(ours["keypoints0"][0, valid] / COARSE_STRIDE).astype(int)
+    ref_cells0 = np.rint(ref["mkpts0_f"] / COARSE_STRIDE).astype(int)
+    assert sorted(map(tuple, cells0)) == sorted(map(tuple, ref_cells0))
+    # same keypoints as upstream, matched by confidence order
+    order = np.argsort(-ref["mconf"], kind="stable")
+    assert max_abs(ours["keypoints0"][0, valid], ref["mkpts0_f"][order]) <= 1e-3
+    assert max_abs(ours["keypoints1"][0, valid], ref["mkpts1_f"][order]) <= 1e-3
+
+
+def test_onnxruntime_parity(exported) -> None:
+    _, _, ours, runtime = exported
+    assert np.array_equal(ours["valid"], runtime["valid"])
+    valid = ours["valid"][0]
+    assert max_abs(runtime["keypoints0"][0, valid], ours["keypoints0"][0, valid]) <= 1e-3
+    assert max_abs(runtime["keypoints1"][0, valid], ours["keypoints1"][0, valid]) <= 1e-3
+    rel = np.abs(runtime["confidence"][0, valid] / ours["confidence"][0, valid] - 1)
+    assert float(rel.max()) <= 1e-4
+
+
+def test_graph_is_tensorrt_clean(exported) -> None:
+    _, path, _, _ = exported
+    model = onnx.load(str(path))
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [17]
+    assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)
+    ops = {n.op_type for n in model.graph.node}
+    assert not ops & {"NonZero", "Unique", "Loop", "If", "Scan", "Shape"}
+    inits = {t.name: t for t in model.graph.initializer}
+    consts = {n.output[0]: n.attribute[0].t for n in model.graph.node if n.op_type == "Constant"}
+    topk = [n for n in model.graph.node if n.op_type == "TopK"]
+    assert len(topk) == 1
+    k_name = topk[0].input[1]
+    k_value = onnx.numpy_helper.to_array(consts[k_name] if k_name in consts else inits[k_name])
+    assert int(k_value.reshape(-1)[0]) == K
+    # INT64 data only where ONNX mandates it (TopK/ArgMax indices), cast to INT32 at once
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            continue
+        for name in n.output:
+            if types.get(name) == onnx.TensorProto.INT64:
+                assert n.op_type in ("TopK", "ArgMax"), f"INT64 tensor from {n.op_type} {n.name}"
+                for c in consumers[name]:
+                    assert c.op_type == "Cast" and c.attribute[0].i == onnx.TensorProto.INT32
+    # integer Div only on INT32, never an index through a float type
+    for n in model.graph.node:
+        if n.op_type == "Div" and types.get(n.input[0]) in (onnx.TensorProto.INT32, onnx.TensorProto.INT64):
+            assert types[n.input[0]] == onnx.TensorProto.INT32
+    # every softmax sees its input minus its max
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for n in model.graph.node:
+        if n.op_type == "Softmax":
+            src = producers[n.input[0]]
+            assert src.op_type == "Sub" and producers[src.input[1]].op_type == "ReduceMax", n.name
+
+
+def test_non_square_export(tmp_path) -> None:
+    h, w = 256, 352
+    plan = _plan(h, w, threshold=THRESHOLD, max_matches=K)
+    path = tmp_path / "eloftr_256x352.onnx"
+    export_plan(plan, path)
+    gen = torch.Generator().manual_seed(0)
+    image0, image1 = reference_images()
+    image0 = image0[:, :, 32:32 + h, :].repeat(1, 1, 1, 2)[..., :w].contiguous()
+    image1 = image1[:, :, 32:32 + h, :].repeat(1, 1, 1, 2)[..., :w].contiguous()
+    image1 = (image1 + 0.02 * torch.rand(image1.shape, generator=gen)).clamp(0, 1)
+    ours, runtime = _torch(plan, image0, image1), _ort(path, image0, image1)
+    assert runtime["keypoints0"].shape == (1, K, 2)
+    assert np.array_equal(ours["valid"], runtime["valid"])
+    valid = ours["valid"][0]
+    assert valid.any()
+    assert max_abs(runtime["keypoints1"][0, valid], ours["keypoints1"][0, valid]) <= 1e-3
+    kp = runtime["keypoints0"][0, valid]
+    assert kp[:, 0].max() < w and kp[:, 1].max() < h and kp.min() > -4
+
+
+def test_max_matches_limit_is_refused() -> None:
+    with pytest.raises(MatchrtError, match="3840"):
+        _plan(320, 320, max_matches=3841)
+    with pytest.raises(MatchrtError, match="static"):
+        hooks.export_plan("eloftr", loaded_model(), ExportOptions(320, 320, dynamic=True))
+    assert _plan(320, 320, max_matches=3840).options["max_matches"] == 3840
+
+
+def test_matcher_info() -> None:
+    info = hooks.INFO
+    assert info.name == "eloftr" and info.output == "sparse"
+    assert info.contract.channels == 1 and info.contract.side_multiple == 32
+    assert (info.contract.default_height, info.contract.default_width) == (832, 832)
+    assert info.contract.resize == "stretch"
+    assert info.options == {"max_matches": 2048, "threshold": 0.1, "fuse": True}
+    assert any("3840" in note for note in info.notes)
+    src = info.weight_sources[0]
+    assert src.name == "checkpoint" and src.layout is not None and src.layout.is_file()
