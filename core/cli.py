@@ -339,7 +339,8 @@ def match(
     height: Optional[int] = typer.Option(None, help="Input height (torch backend)."),
     width: Optional[int] = typer.Option(None, help="Input width (torch backend)."),
     option: Optional[List[str]] = OptionOpt,
-    model: str = typer.Option("H", help="Geometric model for RANSAC: H, F or E."),
+    model: str = typer.Option("F", help="RANSAC model: F (any scene), H (planar scenes or pure "
+                              "rotation) or E (calibrated)."),
     ransac_threshold: float = typer.Option(3.0, help="RANSAC inlier threshold in pixels."),
     ransac_method: str = typer.Option("magsac", help="magsac, accurate, default, prosac or ransac."),
     draw: str = typer.Option("lines", help="lines or points."),

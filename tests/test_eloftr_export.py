@@ -90,10 +90,13 @@ def test_graph_matches_upstream_set(exported) -> None:
     cells0 = np.rint(ours["keypoints0"][0, valid] / COARSE_STRIDE).astype(int)
     ref_cells0 = np.rint(ref["mkpts0_f"] / COARSE_STRIDE).astype(int)
     assert sorted(map(tuple, cells0)) == sorted(map(tuple, ref_cells0))
-    # same keypoints as upstream, matched by confidence order
-    order = np.argsort(-ref["mconf"], kind="stable")
-    assert max_abs(ours["keypoints0"][0, valid], ref["mkpts0_f"][order]) <= 1e-3
-    assert max_abs(ours["keypoints1"][0, valid], ref["mkpts1_f"][order]) <= 1e-3
+    # same keypoints as upstream: pair every upstream match with our nearest in (kp0, kp1)
+    ours4 = np.concatenate([ours["keypoints0"][0, valid], ours["keypoints1"][0, valid]], 1)
+    ref4 = np.concatenate([ref["mkpts0_f"], ref["mkpts1_f"]], 1)
+    dist = np.abs(ref4[:, None, :] - ours4[None, :, :]).max(-1)  # 43 x 43, L-inf
+    nearest = dist.argmin(1)
+    assert sorted(nearest.tolist()) == list(range(43)), "not a one-to-one correspondence"
+    assert float(dist.min(1).max()) <= 1e-3
 
 
 def test_onnxruntime_parity(exported) -> None:
