@@ -27,7 +27,8 @@ def reference() -> dict[str, np.ndarray]:
 def reference_images() -> tuple[torch.Tensor, torch.Tensor]:
     """The two 1 x 1 x 320 x 320 inputs upstream saw (grayscale / 255, float32)."""
     ref = reference()
-    return tuple(torch.from_numpy(ref[k].astype(np.float32)) / 255.0 for k in ("image0_u8", "image1_u8"))
+    image0, image1 = (torch.from_numpy(ref[k].astype(np.float32)) / 255.0 for k in ("image0_u8", "image1_u8"))
+    return image0, image1
 
 
 @functools.lru_cache(maxsize=None)

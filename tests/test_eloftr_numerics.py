@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from eloftr_helpers import loaded_model, max_abs, max_rel, pair_set, reference, reference_images, reference_run
+from eloftr_helpers import (
+    loaded_model, max_abs, max_rel, pair_set, reference, reference_images, reference_run,
+)
 from matchrt.plugins.eloftr.model import RepVGGBlock
 
 

@@ -77,13 +77,20 @@ def test_pipeline_end_to_end(image_pair) -> None:
     options = ExportOptions(320, 320, extra={"threshold": float(reference()["threshold"]), "max_matches": 64})
     pipeline = torch_pipeline(host, "eloftr", loaded_model(), options, {})
     image0, image1 = (read_image(p) for p in image_pair)
-    matches = pipeline.match(image0, image1)
+    inputs, ctx = pipeline.prepare(image0, image1)
+    assert inputs["image0"].shape == (1, 1, 320, 320)
+    assert ctx.scale0 == pytest.approx((320 / image0.shape[1], 320 / image0.shape[0]))
+    raw = pipeline.run(inputs)
+    matches = pipeline.postprocess(raw, ctx)
     assert matches.metadata["matcher"] == "eloftr"
-    assert 0 < len(matches) <= 64
+    valid = raw["valid"][0].numpy()
+    assert 0 < len(matches) == valid.sum() <= 64
+    for kp, scale, name in ((matches.keypoints0, ctx.scale0, "keypoints0"),
+                            (matches.keypoints1, ctx.scale1, "keypoints1")):
+        np.testing.assert_allclose(kp * np.float32(scale), raw[name][0].numpy()[valid],
+                                   rtol=1e-6, atol=1e-4)
     for kp, image in ((matches.keypoints0, image0), (matches.keypoints1, image1)):
         h, w = image.shape[:2]
-        # keypoints sit at least 2 coarse cells (16 input px) inside the border, scaled back
         assert kp[:, 0].min() > 0 and kp[:, 1].min() > 0
         assert kp[:, 0].max() < w and kp[:, 1].max() < h
-        assert kp[:, 0].max() > 320 or w <= 320  # not left in 320 x 320 input pixels
     assert np.all(np.diff(matches.confidence) <= 0)

@@ -61,13 +61,15 @@ def test_wrong_checkpoint_is_refused() -> None:
     tensors = deterministic_state_dict(LAYOUT_ROWS)
     # a foreign tensor, an unprefixed key and a wrong shape
     tensors["matcher.model.decoder.proj.weight"] = torch.zeros(3, 3)
-    tensors["backbone.layer0.rbr_dense.conv.weight"] = tensors.pop("matcher.backbone.layer0.rbr_dense.conv.weight")
-    tensors["matcher.loftr_coarse.layers.0.q_proj.weight"] = torch.zeros(128, 256)
+    conv0 = "backbone.layer0.rbr_dense.conv.weight"
+    q0 = "loftr_coarse.layers.0.q_proj.weight"
+    tensors[conv0] = tensors.pop("matcher." + conv0)
+    tensors["matcher." + q0] = torch.zeros(128, 256)
     report = _map(tensors).report
     assert not report.ok
-    assert set(report.unexpected) == {"matcher.model.decoder.proj.weight", "backbone.layer0.rbr_dense.conv.weight"}
-    assert [m[0] for m in report.shape_mismatches] == ["matcher.loftr_coarse.layers.0.q_proj.weight"]
-    assert set(report.missing) == {"backbone.layer0.rbr_dense.conv.weight", "loftr_coarse.layers.0.q_proj.weight"}
+    assert set(report.unexpected) == {"matcher.model.decoder.proj.weight", conv0}
+    assert [m[0] for m in report.shape_mismatches] == ["matcher." + q0]
+    assert set(report.missing) == {conv0, q0}
     with pytest.raises(WeightMappingError, match="unexpected: 2, shape mismatches: 1"):
         enforce(report)
 

@@ -32,7 +32,7 @@ OUTPUTS = ["keypoints0", "keypoints1", "confidence", "valid"]
 # fp16-sensitive nodes (glob patterns on ONNX node names, which carry the module scope):
 # the dual softmax whose product (~1e-5 .. 1e-2) is compared with the threshold, the fine
 # matching softmaxes, and the coarse LayerNorms (variance of 256 channels after attention).
-FP32_LAYERS = ["/coarse_matching/*", "/fine_matching/*", "/model/loftr_coarse/*/norm*"]
+FP32_LAYERS = ["/coarse_matching/*", "/fine_matching/*", "/loftr_coarse/*/norm*"]
 
 
 def _as_bool(value: Any) -> bool:

