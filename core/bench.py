@@ -22,7 +22,7 @@ from .compare import compare_outputs, match_set_agreement
 from .errors import MatchrtError
 from .geometry import auc, corner_error, estimate
 from .host import Host, get_host
-from .runner import Pipeline, artifact_pipeline, load_model, resolve_weights, torch_pipeline
+from .runner import Pipeline, artifact_pipeline, is_random, load_model, resolve_weights, torch_pipeline
 from .types import ExportOptions
 from .weights import sha256_file
 
@@ -64,6 +64,7 @@ class BenchRow:
     mean_corner_err: Optional[float] = None
     auc: dict[str, float] = field(default_factory=dict)
     tflop_per_pair: Optional[float] = None
+    random_weights: bool = False
     onnx_sha256: list[str] = field(default_factory=list)
 
 
@@ -211,8 +212,9 @@ class Bench:
         model, report = load_model(self.host, matcher, paths, options=extra)
         export = ExportOptions(side_h, side_w, extra=extra)
         meta = {"input_size": [side_h, side_w], "weights": {
-            k: ("random (deterministic layout fill)" if cfg.random_weights else sha256_file(p))
-            for k, p in paths.items()}, "weight_report": report.summary()}
+            k: ("random (deterministic layout fill)" if is_random(p) else sha256_file(p))
+            for k, p in paths.items()}, "random_weights": any(is_random(p) for p in paths.values()),
+            "weight_report": report.summary()}
         self.meta["matchers"][matcher] = meta
         ref_pipe = torch_pipeline(self.host, matcher, model, export, {"device": cfg.device})
         prepared = [ref_pipe.prepare(x.image0, x.image1) for x in cfg.inputs]
@@ -225,7 +227,8 @@ class Bench:
             meta["flop_error"] = str(exc)
         for name in cfg.backends:
             for precision in cfg.precisions:
-                row = BenchRow(matcher, name, precision, tflop_per_pair=meta.get("tflop_per_pair"))
+                row = BenchRow(matcher, name, precision, tflop_per_pair=meta.get("tflop_per_pair"),
+                               random_weights=meta["random_weights"])
                 self.rows.append(row)
                 reason = self._unsupported(name, precision)
                 if reason:
@@ -396,12 +399,12 @@ def render_table(rows: list[BenchRow], random_weights: bool, title: str = "match
     notes = []
     for r in rows:
         if r.status != "ok":
-            notes.append(Text(f"{r.status}: {r.matcher} / {r.backend} / {r.precision}: {r.reason}",
+            notes.append(Text(f"{r.status}: {_label(r)} / {r.backend} / {r.precision}: {r.reason}",
                               style="yellow"))
             continue
         m = r.model_ms
         table.add_row(
-            r.matcher, r.backend, r.precision,
+            _label(r), r.backend, r.precision,
             f"{m['median']:.1f} ({m['p10']:.1f}-{m['p90']:.1f})", f"{r.e2e_ms['median']:.1f}",
             f"{r.pairs_per_s:.1f}", "-" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.0f}",
             f"{r.setup_s:.1f}", _fmt(r.rel_err),
@@ -412,6 +415,10 @@ def render_table(rows: list[BenchRow], random_weights: bool, title: str = "match
     return Group(table, *notes)
 
 
+def _label(r: BenchRow) -> str:
+    return f"{r.matcher} (random weights)" if r.random_weights else r.matcher
+
+
 def markdown_table(rows: list[BenchRow], random_weights: bool) -> str:
     """The same table as Markdown, for READMEs and reports."""
     head = ["matcher", "backend", "precision", "model ms p50 (p10-p90)", "e2e ms", "pairs/s",
@@ -419,13 +426,13 @@ def markdown_table(rows: list[BenchRow], random_weights: bool) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r.status != "ok":
-            lines.append(f"| {r.matcher} | {r.backend} | {r.precision} | {r.status}: {r.reason} |"
+            lines.append(f"| {_label(r)} | {r.backend} | {r.precision} | {r.status}: {r.reason} |"
                          + " |" * (len(head) - 4))
             continue
         m = r.model_ms
         tfs = f"{r.tflop_per_pair / (m['median'] / 1000):.1f}" if r.tflop_per_pair else "-"
         lines.append(
-            f"| {r.matcher} | {r.backend} | {r.precision} | {m['median']:.1f} ({m['p10']:.1f}-"
+            f"| {_label(r)} | {r.backend} | {r.precision} | {m['median']:.1f} ({m['p10']:.1f}-"
             f"{m['p90']:.1f}) | {r.e2e_ms['median']:.1f} | {r.pairs_per_s:.1f} | "
             f"{'-' if r.peak_mem_mb is None else f'{r.peak_mem_mb:.0f}'} | {_fmt(r.rel_err)} | "
             f"{'-' if r.match_agreement is None else f'{r.match_agreement:.3f}'} | {tfs} |")

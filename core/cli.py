@@ -525,7 +525,8 @@ def bench(
     with console.status("benchmarking") as status:
         b = Bench(config, progress=lambda m: status.update(m))
         rows = b.run()
-    _console().print(render_table(rows, random_weights, f"matchrt bench on {device}"))
+    any_random = any(r.random_weights for r in rows)
+    _console().print(render_table(rows, any_random, f"matchrt bench on {device}"))
     peak = b.meta.get("peak_fp16_tflops")
     if peak:
         typer.echo(f"measured fp16 matrix-product peak: {peak:.0f} TFLOP/s")
@@ -541,9 +542,9 @@ def bench(
     if json_out:
         typer.echo(f"wrote {write_json(b, json_out)}", err=True)
     if plot_out:
-        typer.echo(f"wrote {plot(rows, plot_out, random_weights)}", err=True)
+        typer.echo(f"wrote {plot(rows, plot_out, any_random)}", err=True)
     if markdown_out:
-        markdown_out.write_text(markdown_table(rows, random_weights))
+        markdown_out.write_text(markdown_table(rows, any_random))
         typer.echo(f"wrote {markdown_out}", err=True)
 
 

@@ -26,10 +26,15 @@ def resolve_weights(
     info: MatcherInfo, given: dict[str, Optional[Path]], random_weights: bool = False,
     cache: Optional[Path] = None,
 ) -> dict[str, Path]:
-    """Pick a file for each weight source: the user's, the plugin's default, or random (if asked)."""
+    """Pick a file for each weight source: the user's, the plugin's packaged one, else random if asked.
+
+    Random files are named `*-random.pt` (see `is_random`).
+    """
     paths: dict[str, Path] = {}
     for src in info.weight_sources:
         path = given.get(src.name)
+        if path is None and src.default is not None:
+            path = Path(src.default)  # real weights shipped with the plugin beat random ones
         if path is None and random_weights:
             if src.layout is None:
                 raise MatchrtError(f"{info.name} ships no key layout for {src.name}; --random-weights "
@@ -38,8 +43,6 @@ def resolve_weights(
             if not out.exists():
                 write_random_checkpoint(src.layout, out, lightning=src.name == "checkpoint")
             path = out
-        if path is None and src.default is not None:
-            path = Path(src.default)
         if path is None:
             if src.required:
                 raise MatchrtError(
@@ -53,6 +56,11 @@ def resolve_weights(
         raise MatchrtError(f"{info.name} takes no weight file {', '.join(sorted(unknown))}; it reads "
                            f"{', '.join(s.name for s in info.weight_sources)}")
     return paths
+
+
+def is_random(path: Path) -> bool:
+    """Whether a resolved weight file is a generated random-weight checkpoint."""
+    return Path(path).name.endswith("-random.pt") and cache_dir() in Path(path).parents
 
 
 def map_weights(host: Host, matcher: str, paths: dict[str, Path], options: Optional[dict] = None):

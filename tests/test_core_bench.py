@@ -49,4 +49,4 @@ def test_bench_toy_side_by_side(toy, tmp_path, image_pair):
     assert data["meta"]["matchers"]["toy"]["tflop_per_pair"] > 0
     assert cv2.imread(str(out_png)) is not None
     md = (tmp_path / "b.md").read_text()
-    assert "| toy | onnxruntime | fp32 |" in md and "Random weights" in md
+    assert "| toy (random weights) | onnxruntime | fp32 |" in md and "Random weights" in md

@@ -115,8 +115,8 @@ def _robust_threshold(image0: torch.Tensor, image1: torch.Tensor, lo: int, hi: i
     keep = torch.zeros(h, w)
     keep[2:-2, 2:-2] = 1
     keep = keep.reshape(-1)
-    top = torch.sort((conf * keep[:, None] * keep[None, :]).reshape(-1), descending=True).values
-    top = top[: hi + 2].numpy()
+    ranked = torch.sort((conf * keep[:, None] * keep[None, :]).reshape(-1), descending=True).values
+    top = ranked[: hi + 2].numpy()
     cut = lo + int(np.argmax(top[lo:hi] / top[lo + 1:hi + 1]))
     return float((top[cut] + top[cut + 1]) / 2), cut + 1
 
@@ -245,7 +245,7 @@ def test_default_size_onnxruntime_parity(tmp_path, image_pair) -> None:
     for p in image_pair:
         im, _ = resize(to_channels(read_image(p), 1), 832, 832, "stretch", "area")
         images.append(torch.from_numpy(np.ascontiguousarray(im.transpose(2, 0, 1)))[None])
-    threshold, count = _robust_threshold(*images, 900, 1100)
+    threshold, count = _robust_threshold(images[0], images[1], 900, 1100)
     plan = _plan(832, 832, threshold=threshold)
     path = tmp_path / "eloftr_832.onnx"
     export_plan(plan, path)

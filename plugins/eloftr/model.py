@@ -35,7 +35,6 @@ BORDER_CELLS = 2  # coarse pairs this close to a border are dropped
 TRAIN_SIZE = 832  # resolution the RoPE positions are normalised to (NPE [832, 832, H, W])
 D_COARSE = 256
 N_HEADS = 8
-D_FINE = 64
 SLICE = 8  # last channels of the fine features used for the sub-pixel step
 WINDOW = 8  # fine window in image 0 (WINDOW x WINDOW); image 1 gets WINDOW + 2
 DUAL_SOFTMAX_TEMPERATURE = 0.1
