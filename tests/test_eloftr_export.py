@@ -22,8 +22,8 @@ THRESHOLD = float(reference()["threshold"])
 K = 64
 
 
-def _plan(h: int, w: int, **extra):
-    return hooks.export_plan("eloftr", loaded_model(), ExportOptions(h, w, extra=extra))
+def _plan(h: int, w: int, batch: int = 1, **extra):
+    return hooks.export_plan("eloftr", loaded_model(), ExportOptions(h, w, batch=batch, extra=extra))
 
 
 def _ort(path, image0: torch.Tensor, image1: torch.Tensor) -> dict[str, np.ndarray]:
@@ -213,6 +213,20 @@ def test_non_square_export(tmp_path) -> None:
     valid = ours["valid"][0]
     kp = runtime["keypoints0"][0, valid]
     assert kp[:, 0].max() < w and kp[:, 1].max() < h and kp.min() > -4
+
+
+def test_batch_of_pairs_matches_single_pairs() -> None:
+    image0, image1 = reference_images()
+    batch0, batch1 = torch.cat([image0, image1.flip(-1)]), torch.cat([image1, image0.flip(-1)])
+    plan2 = _plan(320, 320, batch=2, threshold=THRESHOLD, max_matches=K)
+    assert plan2.graphs[0].example_inputs[0].shape == (2, 1, 320, 320)
+    both = _torch(plan2, batch0, batch1)
+    plan = _plan(320, 320, threshold=THRESHOLD, max_matches=K)
+    for b in range(2):
+        single = _torch(plan, batch0[b:b + 1], batch1[b:b + 1])
+        for name, value in single.items():
+            np.testing.assert_allclose(both[name][b:b + 1], value, atol=1e-4, rtol=0, err_msg=name)
+    assert both["valid"][0].sum() == 43
 
 
 def test_max_matches_limit_is_refused() -> None:

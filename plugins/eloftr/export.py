@@ -154,7 +154,6 @@ def build_plan(model: ELoFTR, options: ExportOptions) -> ExportPlan:
             f"eloftr at {h}x{w} has {cells}^2 coarse pairs, more than INT32 indices address; "
             "use a smaller size (at most about 1700 x 1700 pixels)"
         )
-    graph = ELoFTRGraph(export_model(model, resolved["fuse"]), resolved["max_matches"], resolved["threshold"])
     if options.dynamic:
         raise MatchrtError(
             "eloftr exports static shapes only (RoPE positions, the coarse grid and the fixed-K "
@@ -164,6 +163,7 @@ def build_plan(model: ELoFTR, options: ExportOptions) -> ExportPlan:
     batch = int(options.batch)
     if batch < 1:
         raise MatchrtError(f"eloftr: batch must be >= 1, got {batch}")
+    graph = ELoFTRGraph(export_model(model, resolved["fuse"]), resolved["max_matches"], resolved["threshold"])
     example = (torch.rand(batch, 1, h, w), torch.rand(batch, 1, h, w))
     spec = GraphSpec("main", graph, example, list(INPUTS), list(OUTPUTS), {}, list(FP32_LAYERS))
     return ExportPlan(NAME, [spec], resolved, (h, w))

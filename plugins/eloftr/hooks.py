@@ -25,12 +25,13 @@ INFO = MatcherInfo(
         side_multiple=SIDE_MULTIPLE,
         default_height=TRAIN_SIZE,
         default_width=TRAIN_SIZE,
-        # The MatchAnything demo stretches each image to a fixed W x H with OpenCV INTER_AREA
-        # (match_dense force_resize), converts it to grayscale and feeds sides that are
-        # multiples of 32; it pads to a square only for non-square sizes, which this graph takes
-        # directly. So: stretch to the graph's H x W, area interpolation when shrinking.
+        # The MatchAnything web demo (match_dense.match_images, force_resize) stretches each
+        # image to a fixed W x H with OpenCV INTER_AREA, floors the sides to multiples of 32
+        # (dfactor) and converts to grayscale; its matcher pads to a square only to get one
+        # size for both images, which this graph takes directly. So: stretch to the graph's
+        # H x W with area interpolation, requested sides floored to multiples of 32.
         resize="stretch",
-        rounding="nearest",
+        rounding="floor",
         interpolation="area",
     ),
     weight_sources=(

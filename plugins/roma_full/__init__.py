@@ -1,0 +1,1 @@
+"""MatchAnything RoMa (roma_full) plugin."""
