@@ -31,7 +31,9 @@ OptionOpt = typer.Option(None, "--option", "-O", help="Matcher option KEY=VALUE 
 def _console(stderr: bool = False):
     from rich.console import Console
 
-    return Console(stderr=stderr)
+    stream = sys.stderr if stderr else sys.stdout
+    # tables printed to a file or pipe (CI logs, remote runs) get room instead of 80 columns
+    return Console(stderr=stderr, width=None if stream.isatty() else 200)
 
 
 def clean_errors(func: Callable) -> Callable:

@@ -70,7 +70,10 @@ def compare_outputs(reference: Mapping[str, Any], test: Mapping[str, Any], rtol:
 
 
 def match_set_agreement(reference: Mapping[str, Any], test: Mapping[str, Any], pixel: float = 0.5) -> Optional[float]:
-    """Sparse outputs: intersection over union of the valid (keypoint0, keypoint1) pairs."""
+    """Sparse outputs: intersection over union of the valid (keypoint0, keypoint1) pairs.
+
+    None when the outputs are not sparse or neither side has a valid match.
+    """
     if not {"keypoints0", "keypoints1", "valid"} <= set(reference):
         return None
 
@@ -83,4 +86,4 @@ def match_set_agreement(reference: Mapping[str, Any], test: Mapping[str, Any], p
 
     a, b = pairs(reference), pairs(test)
     union = a | b
-    return 1.0 if not union else len(a & b) / len(union)
+    return None if not union else len(a & b) / len(union)  # no matches on either side: nothing to say

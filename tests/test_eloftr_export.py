@@ -145,6 +145,13 @@ def test_onnxruntime_parity(exported) -> None:
     _same_matches(ours, runtime)
 
 
+def test_graph_passes_the_tensorrt_lint(exported) -> None:
+    from matchrt.lint import format_problems, lint_onnx
+
+    problems = lint_onnx(exported[1])
+    assert not problems, format_problems(problems)
+
+
 def plan_layers(exported) -> list[str]:
     return exported[0].graphs[0].fp32_layers
 

@@ -51,9 +51,11 @@ class TorchSession:
             out = self.module(*args)
         if isinstance(out, torch.Tensor):
             out = (out,)
-        if isinstance(out, dict):
-            return {n: out[n] for n in self.output_names}
-        return dict(zip(self.output_names, out))
+        named = {n: out[n] for n in self.output_names} if isinstance(out, dict) else dict(
+            zip(self.output_names, out))
+        # reduced precision stays inside the model: callers always get fp32 (as an fp32 graph gives)
+        return {n: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v
+                for n, v in named.items()}
 
 
 @hookimpl

@@ -132,7 +132,8 @@ class ELoFTRGraph(nn.Module):
         short = self.k - value.shape[1]
         if short > 0:  # a grid with fewer than K pairs: pad with invalid slots
             kp0, kp1 = F.pad(kp0, [0, 0, 0, short]), F.pad(kp1, [0, 0, 0, short])
-            value, valid = F.pad(value, [0, short]), F.pad(valid, [0, short])
+            value = F.pad(value, [0, short])
+            valid = F.pad(valid.to(torch.int32), [0, short]).to(torch.bool)  # TRT pads no BOOL
         return kp0, kp1, value, valid
 
 

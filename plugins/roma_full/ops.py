@@ -1,0 +1,36 @@
+"""Small tensor helpers shared by the RoMa modules (and by roma_plus)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def stable_softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Softmax with the maximum subtracted first.
+
+    TensorRT hazard: in fp16 an un-shifted exp overflows for logits above ~11; the shift keeps
+    every exponent <= 0 and changes nothing mathematically.
+    """
+    return torch.softmax(x - x.amax(dim=dim, keepdim=True), dim=dim)
+
+
+def centre_coords(n: int, like: torch.Tensor) -> torch.Tensor:
+    """Normalised centres of n cells along one side: -1 + (2k + 1) / n for k = 0..n-1.
+
+    Computed from an integer ramp (no linspace: exports as Range + arithmetic).
+    """
+    k = torch.arange(n, device=like.device, dtype=like.dtype)
+    return (2.0 * k + 1.0) / n - 1.0
+
+
+def coarse_grid(b: int, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
+    """B x 2 x h x w grid of cell centres in [-1, 1]; channel 0 is x, channel 1 is y."""
+    ys = centre_coords(h, like)[:, None].expand(h, w)
+    xs = centre_coords(w, like)[None, :].expand(h, w)
+    return torch.stack((xs, ys), dim=0)[None].expand(b, 2, h, w)
+
+
+def swap_halves(x: torch.Tensor) -> torch.Tensor:
+    """[A, B] -> [B, A] along the batch axis (the symmetric batch's support side)."""
+    a, b = x.chunk(2, dim=0)
+    return torch.cat((b, a), dim=0)
