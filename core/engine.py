@@ -46,6 +46,7 @@ from .provenance import (
     cache_decision,
     current_environment,
     onnx_sha256,
+    provenance_path,
     read_provenance,
     rebuild_command,
     sha256_file,
@@ -145,11 +146,10 @@ def parse_size(value: SizeLike) -> Optional[Size]:
     if value is None or value == "":
         return None
     if isinstance(value, str):
-        parts = [p for p in re.split(r"[x,X*\s]+", value.strip()) if p]
-        try:
-            nums = [int(p) for p in parts]
-        except ValueError:
-            raise MatchrtError(f"size {value!r} is not HxW (e.g. 480x640)") from None
+        m = re.fullmatch(r"\s*(\d+)\s*(?:[xX,*]\s*(\d+)\s*)?", value)
+        if m is None:
+            raise MatchrtError(f"size {value!r} is not HxW (e.g. 480x640)")
+        nums = [int(g) for g in m.groups() if g is not None]
     else:
         nums = [int(v) for v in value]
     if len(nums) == 1:
@@ -515,15 +515,16 @@ def build_engine(
         return plan.output
     say(f"building {plan.output.name}: {reason if reason else 'forced'}")
     start = time.perf_counter()
+    plan.output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".matchrt-build-", dir=plan.output.parent) as tmp:
         source = plan.onnx_path
         if plan.autocast:
             source = _autocast(plan, Path(tmp))
             say("equivalent commands:\n  " + autocast_command(plan, source.name))
         engine_bytes, matched, command = _build(plan, source, say, verbose)
-    plan.output.parent.mkdir(parents=True, exist_ok=True)
     partial = plan.output.with_name(plan.output.name + ".partial")
     partial.write_bytes(engine_bytes)
+    provenance_path(plan.output).unlink(missing_ok=True)  # never a new engine beside an old record
     partial.replace(plan.output)
     record.update({
         "engine_sha256": sha256_file(plan.output),
@@ -719,7 +720,7 @@ def _build(plan: BuildPlan, source: Path, say: _Say, verbose: bool) -> tuple[byt
         if plan.fp32_layers:
             matched = _constrain_layers(network, plan.fp32_layers)
             if matched:
-                config.set_flag(getattr(trt.BuilderFlag, "OBEY_PRECISION_CONSTRAINTS"))
+                config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
             else:
                 say(f"warning: no layer matches the fp32 patterns {plan.fp32_layers}", "yellow")
     if plan.dynamic:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import json
 
 import numpy as np
@@ -190,10 +189,15 @@ def test_graph_is_tensorrt_clean(exported) -> None:
     for n in model.graph.node:
         if n.op_type == "Div" and types.get(n.input[0]) in (onnx.TensorProto.INT32, onnx.TensorProto.INT64):
             assert types[n.input[0]] == onnx.TensorProto.INT32
-    # the fp32 layer patterns (globs on node names) name real nodes
+    # the fp32 layer patterns (globs on node names, as the engine builder reads them) name real
+    # nodes, the coarse dual softmax among them
+    from matchrt.engine import layer_matches
+
     names = [n.name for n in model.graph.node]
     for pattern in plan_layers(exported):
-        assert any(fnmatch.fnmatch(name, pattern) for name in names), pattern
+        assert any(layer_matches(name, [pattern]) for name in names), pattern
+    pinned = [name for name in names if layer_matches(name, plan_layers(exported))]
+    assert "/coarse_matching/Softmax" in pinned and "/coarse_matching/Softmax_1" in pinned
     # every softmax sees its input minus its max
     producers = {o: n for n in model.graph.node for o in n.output}
     for n in model.graph.node:

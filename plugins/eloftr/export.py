@@ -20,6 +20,7 @@ from matchrt.types import ExportOptions, ExportPlan, GraphSpec
 
 from .model import (
     COARSE_STRIDE, DEFAULT_THRESHOLD, SIDE_MULTIPLE, ELoFTR, border_mask, int_div, refine,
+    rope_tables,
 )
 
 NAME = "eloftr"
@@ -111,17 +112,29 @@ class FineRefine(nn.Module):
 class ELoFTRGraph(nn.Module):
     """image0, image1 -> keypoints0, keypoints1, confidence, valid (K fixed, sorted)."""
 
-    def __init__(self, model: ELoFTR, max_matches: int, threshold: float):
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
+
+    def __init__(self, model: ELoFTR, max_matches: int, threshold: float, height: int, width: int):
         super().__init__()
         self.model = model
         self.k = max_matches
+        self.size = (height, width)
         self.coarse_matching = CoarseSelect(max_matches, threshold)
         self.fine_matching = FineRefine()
+        # TensorRT hazard (RoPE): the tables come from Range/Sin/Cos (rope_tables) for this static
+        # size and are stored once as buffers, so the graph holds two small initializers instead
+        # of a sliced 256 x 256 table or one folded copy per layer.
+        cos, sin = rope_tables(height // SIDE_MULTIPLE, width // SIDE_MULTIPLE, height, width)
+        self.register_buffer("rope_cos", cos[None])  # 1 x h x w x C; persistent: one initializer
+        self.register_buffer("rope_sin", sin[None])
 
     def forward(self, image0: torch.Tensor, image1: torch.Tensor):
         size = (int(image0.shape[-2]), int(image0.shape[-1]))
+        if size != self.size:
+            raise ValueError(f"this graph takes {self.size[0]}x{self.size[1]} images, got {size}")
         feats_c, x2, x1 = self.model.extract(image0, image1)
-        feat0, feat1 = self.model.transform(feats_c, size)
+        feat0, feat1 = self.model.transform(feats_c, size, (self.rope_cos, self.rope_sin))
         value, i_ids, j_ids, valid = self.coarse_matching(feat0, feat1)
         fine0, fine1 = self.model.fine_maps(feat0, feat1, x2, x1)
         kp0, kp1 = self.fine_matching(fine0, fine1, i_ids, j_ids)
@@ -164,7 +177,8 @@ def build_plan(model: ELoFTR, options: ExportOptions) -> ExportPlan:
     batch = int(options.batch)
     if batch < 1:
         raise MatchrtError(f"eloftr: batch must be >= 1, got {batch}")
-    graph = ELoFTRGraph(export_model(model, resolved["fuse"]), resolved["max_matches"], resolved["threshold"])
+    graph = ELoFTRGraph(export_model(model, resolved["fuse"]), resolved["max_matches"], resolved["threshold"],
+                        h, w)
     example = (torch.rand(batch, 1, h, w), torch.rand(batch, 1, h, w))
     spec = GraphSpec("main", graph, example, list(INPUTS), list(OUTPUTS), {}, list(FP32_LAYERS))
     return ExportPlan(NAME, [spec], resolved, (h, w))

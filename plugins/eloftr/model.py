@@ -201,7 +201,8 @@ def rope_tables(
     the column position, frequency 10000^(-f/(dim/4)). Positions are 1-based and scaled by
     TRAIN_SIZE / image side. The tables are rounded to fp16 like upstream's half-precision
     buffers, so fp32 results match its numbers.
-    TensorRT hazard: built from Range/Sin/Cos of static sizes (no lookup table, no gather).
+    TensorRT hazard: built from Range/Sin/Cos for a static size (no 256 x 256 lookup table
+    sliced by data-dependent shapes); the export wrapper keeps them as two initializers.
     """
     quarter = dim // 4
     freq = torch.exp(
@@ -284,10 +285,13 @@ class CoarseTransformer(nn.Module):
         )
 
     def forward(
-        self, feat0: torch.Tensor, feat1: torch.Tensor, image_size: tuple[int, int]
+        self, feat0: torch.Tensor, feat1: torch.Tensor, image_size: tuple[int, int],
+        rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        h, w = int(feat0.shape[-2]) // POOL, int(feat0.shape[-1]) // POOL
-        rope = rope_tables(h, w, image_size[0], image_size[1], int(feat0.shape[1]), feat0.device)
+        """`rope`: precomputed (cos, sin) tables, else built here for the pooled grid."""
+        if rope is None:
+            h, w = int(feat0.shape[-2]) // POOL, int(feat0.shape[-1]) // POOL
+            rope = rope_tables(h, w, image_size[0], image_size[1], int(feat0.shape[1]), feat0.device)
         for k, layer in enumerate(self.layers):
             if k % 2 == 0:
                 feat0 = layer(feat0, feat0, rope)
@@ -444,11 +448,12 @@ class ELoFTR(nn.Module):
         return self.backbone(torch.cat([image0, image1], 0))
 
     def transform(
-        self, feat_c: torch.Tensor, image_size: tuple[int, int]
+        self, feat_c: torch.Tensor, image_size: tuple[int, int],
+        rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Coarse transformer on the two halves of the backbone batch."""
         b = int(feat_c.shape[0]) // 2
-        return self.loftr_coarse(feat_c[:b], feat_c[b:], image_size)
+        return self.loftr_coarse(feat_c[:b], feat_c[b:], image_size, rope)
 
     @staticmethod
     def confidence(feat0: torch.Tensor, feat1: torch.Tensor) -> torch.Tensor:

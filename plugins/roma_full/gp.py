@@ -1,0 +1,164 @@
+"""RoMa's Gaussian-process matcher (checkpoint ``gps.16``): the posterior mean of a Fourier
+embedding of image B's coordinates, given image A's features.
+
+With query features x (image A), support features y (image B), a cosine kernel
+K(u, v) = exp((cos(u, v) - 1) / T) (T = 0.2) and f = cos(8 pi * W [x_B, y_B] + b) the 512-d
+embedding of B's cell centres, the posterior mean at A's cells is
+
+    mu = K_xy (K_yy + sigma I)^-1 f,        sigma = 0.1.
+
+The solve is real: it is never replaced by a softmax. ONNX and TensorRT have no inverse or solve
+op, so the solve is either done outside the graph (``solve_exact``: Cholesky, the split export)
+or in the graph by a fixed number of conjugate-gradient (or Newton-Schulz) steps
+(``solve_iterative``). K_yy + sigma I is symmetric positive definite: K_yy is a positive
+semi-definite kernel matrix (exp of a Gram matrix of unit vectors), so every eigenvalue lies in
+[sigma, max row sum]; both iterations rely on that.
+
+MatchAnything's RoMa runs the GP with ``no_cov=True``: only the mean is used.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .ops import centre_coords
+
+GP_DIM = 512
+TEMPERATURE = 0.2
+SIGMA_NOISE = 0.1
+COS_EPS = 1e-6
+DEFAULT_CG_ITERS = 64
+DEFAULT_NS_ITERS = 24
+
+
+def cosine_kernel(x: torch.Tensor, y: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:
+    """B x N x D, B x M x D -> B x N x M kernel exp((cos - 1) / T); eps added to the norm product."""
+    c = torch.einsum("bnd,bmd->bnm", x, y)
+    norms = x.norm(dim=-1)[:, :, None] * y.norm(dim=-1)[:, None, :]
+    return torch.exp((c / (norms + COS_EPS) - 1.0) / temperature)
+
+
+def flat_tokens(x: torch.Tensor) -> torch.Tensor:
+    """B x D x h x w -> B x (h w) x D."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def solve_exact(k_ss: torch.Tensor, rhs: torch.Tensor, float64: bool = False) -> torch.Tensor:
+    """(K_yy + sigma I)^-1 rhs by Cholesky on the tensors' device (LU if Cholesky fails).
+
+    ``k_ss``: B x M x M (noise already added), ``rhs``: B x M x D or 1 x M x D.
+    """
+    dtype = torch.float64 if float64 else torch.float32
+    a = k_ss.to(dtype)
+    b = rhs.to(dtype).expand(a.shape[0], -1, -1)
+    chol, info = torch.linalg.cholesky_ex(a)
+    if bool((info == 0).all()):
+        out = torch.cholesky_solve(b, chol)
+    else:  # not numerically SPD (should not happen: eigenvalues >= sigma); LU still solves it
+        # per matrix: batched CPU LU fails in some torch builds once set_num_threads was called
+        out = torch.stack([torch.linalg.solve(a[i], b[i]) for i in range(a.shape[0])])
+    return out.to(k_ss.dtype)
+
+
+def solve_cg(a: torch.Tensor, b: torch.Tensor, iters: int = DEFAULT_CG_ITERS) -> torch.Tensor:
+    """Conjugate gradients with a fixed iteration count, one independent CG per column of b.
+
+    Only matmuls, products, sums and divisions: exports as plain ONNX ops (unrolled). The
+    squared-residual denominators are floored at 1e-30 so an exactly converged column stays
+    finite (keep this in fp32: the floor underflows in fp16).
+    """
+    b = b.expand(a.shape[0], -1, -1)
+    x = torch.zeros_like(b)
+    r = b
+    p = r
+    rs = (r * r).sum(dim=1, keepdim=True)
+    tiny = 1e-30
+    for _ in range(iters):
+        ap = a @ p
+        step = rs / ((p * ap).sum(dim=1, keepdim=True)).clamp_min(tiny)
+        x = x + step * p
+        r = r - step * ap
+        rs_new = (r * r).sum(dim=1, keepdim=True)
+        p = r + (rs_new / rs.clamp_min(tiny)) * p
+        rs = rs_new
+    return x
+
+
+def solve_newton_schulz(a: torch.Tensor, b: torch.Tensor, iters: int = DEFAULT_NS_ITERS,
+                        sigma: float = SIGMA_NOISE) -> torch.Tensor:
+    """X <- X (2I - A X) from X0 = 2 / (sigma + R) I, R the largest row sum (Gershgorin bound).
+
+    The spectrum of A lies in [sigma, R], so ||I - A X0|| < 1 and the iteration converges
+    quadratically once the residual is below 1. Two M x M x M matmuls per step.
+    """
+    m = a.shape[-1]
+    eye = torch.eye(m, dtype=a.dtype, device=a.device)
+    bound = a.abs().sum(dim=-1).amax(dim=-1)[:, None, None]  # B x 1 x 1
+    x = eye * (2.0 / (sigma + bound))
+    for _ in range(iters):
+        x = x @ (2.0 * eye - a @ x)
+    return x @ b.expand(a.shape[0], -1, -1)
+
+
+def solve_iterative(k_ss: torch.Tensor, rhs: torch.Tensor, method: str = "cg",
+                    iters: int | None = None) -> torch.Tensor:
+    """In-graph approximation of ``solve_exact`` ("cg" or "newton_schulz")."""
+    if method == "cg":
+        return solve_cg(k_ss, rhs, iters or DEFAULT_CG_ITERS)
+    if method == "newton_schulz":
+        return solve_newton_schulz(k_ss, rhs, iters or DEFAULT_NS_ITERS)
+    raise ValueError(f"unknown GP solver {method!r}: use 'cg' or 'newton_schulz'")
+
+
+class GaussianProcess(nn.Module):
+    """``forward(f_q, f_s) -> B x 512 x h x w`` posterior mean (f_*: B x 512 x h x w projected feats)."""
+
+    def __init__(self, dim: int = GP_DIM) -> None:
+        super().__init__()
+        self.pos_conv = nn.Conv2d(2, dim, 1, 1)
+
+    def basis(self, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
+        """1 x (h w) x 512 Fourier embedding of the support grid's cell centres."""
+        ys = centre_coords(h, like)[:, None].expand(h, w)
+        xs = centre_coords(w, like)[None, :].expand(h, w)
+        coords = torch.stack((xs, ys), dim=0)[None]  # 1 x 2 x h x w, channel 0 = x
+        return flat_tokens(torch.cos(8.0 * math.pi * self.pos_conv(coords)))
+
+    def kernel_matrices(self, f_q: torch.Tensor, f_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(K_xy B x N x M, K_yy + sigma I  B x M x M, basis 1 x M x 512)."""
+        x, y = flat_tokens(f_q.float()), flat_tokens(f_s.float())
+        k_qs = cosine_kernel(x, y)
+        k_ss = self.support_matrix(f_s)
+        return k_qs, k_ss, self.basis(f_s.shape[-2], f_s.shape[-1], k_ss)
+
+    @staticmethod
+    def support_matrix(f_s: torch.Tensor) -> torch.Tensor:
+        """K_yy + sigma I for support features B x D x h x w.
+
+        Upstream also adds sigma where the diagonal is exactly 0; with sigma added first the
+        diagonal is >= sigma > 0, so that branch never fires and is left out.
+        """
+        y = flat_tokens(f_s.float())
+        k = cosine_kernel(y, y)
+        eye = torch.eye(k.shape[-1], dtype=k.dtype, device=k.device)
+        return k + SIGMA_NOISE * eye
+
+    @staticmethod
+    def posterior(k_qs: torch.Tensor, alpha: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """K_xy alpha reshaped to B x 512 x h x w (h, w: the query grid)."""
+        mu = k_qs @ alpha
+        return mu.transpose(1, 2).reshape(mu.shape[0], mu.shape[2], h, w)
+
+    def forward(self, f_q: torch.Tensor, f_s: torch.Tensor, solve: str = "exact",
+                iters: int | None = None) -> torch.Tensor:
+        k_qs, k_ss, basis = self.kernel_matrices(f_q, f_s)
+        if solve == "exact":
+            alpha = solve_exact(k_ss, basis)
+        elif solve == "iterative":
+            alpha = solve_iterative(k_ss, basis, "cg", iters)
+        else:
+            alpha = solve_iterative(k_ss, basis, solve, iters)
+        return self.posterior(k_qs, alpha, f_q.shape[-2], f_q.shape[-1])

@@ -1,0 +1,182 @@
+"""RomaPlus: MatchAnything's RoMa as it runs at test time (``self_inference_time_match``).
+
+Coarse half (reused from roma_full, never copied): VGG19-BN + DINOv2 encoder, proj.16, GP,
+coordinate decoder -> coarse warp and certainty at the DINOv2 grid. This module adds the
+refiners at scales 16, 8, 4, 2, 1, the optional upsampling pass (the fine scales 8..1 re-run on
+the VGG pyramid of the images resized to ``upsample_res``), certainty attenuation and the
+symmetric warp layout:
+
+    warp       B x H x 2W x 4: left half (x_A, y_A, x_B, y_B) of A's pixel grid and its match
+               in B; right half (x_A, y_A, x_B, y_B) of B's grid and its match in A; all in
+               normalised [-1, 1] coordinates (pixel centres), clamped to [-1, 1]
+    certainty  B x H x 2W: sigmoid(certainty logits - attenuation), 0 where the predicted
+               match left the image
+
+H x W is the coarse resolution, or R x R with the upsampling pass. ``symmetric=False`` gives
+the A->B half only (B x H x W x 4, B x H x W).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from matchrt.plugins.roma_full.encoder import COARSE_SCALE, normalize_images
+from matchrt.plugins.roma_full.model import RomaCoarse
+from matchrt.plugins.roma_full.ops import swap_halves
+
+from .refiner import REFINER_SPECS, ConvRefiner, pixel_grid, upsample
+
+FINE_SCALES: tuple[int, ...] = (8, 4, 2, 1)
+# proj.16 belongs to the coarse half (the GP needs it); the finer projections live here
+PROJ_IN: dict[int, int] = {8: 512, 4: 256, 2: 128, 1: 64}
+REFINE_INIT = 4.0  # upstream divides refiner displacements by 4 * (finest width or height)
+ATTENUATION = 0.5  # certainty -= 0.5 * min(coarse certainty logit, 0)
+DEFAULT_COARSE = 560
+DEFAULT_UPSAMPLE = 864
+
+Pyramid = dict[int, torch.Tensor]
+Corresps = dict[int, tuple[torch.Tensor, torch.Tensor]]  # scale -> (flow B x 2 x h x w, certainty B x 1 x h x w)
+
+
+class RomaPlus(nn.Module):
+    """Full RoMa: ``forward(image0, image1[, image0_up, image1_up]) -> (warp, certainty)``.
+
+    Submodules: ``coarse`` (roma_full's RomaCoarse: ``encoder.cnn``, ``encoder.dinov2``,
+    ``proj16``, ``gp``, ``embedding_decoder``), ``proj`` (scales 8, 4, 2, 1) and
+    ``conv_refiner`` (scales 16, 8, 4, 2, 1). ``upsample_res`` = 0 turns the second pass off.
+    """
+
+    def __init__(self, gp_solve: str = "exact", gp_iters: Optional[int] = None,
+                 upsample_res: int = DEFAULT_UPSAMPLE, symmetric: bool = True,
+                 attenuate: bool = True) -> None:
+        super().__init__()
+        self.coarse = RomaCoarse(gp_solve=gp_solve, gp_iters=gp_iters)
+        self.proj = nn.ModuleDict({
+            str(s): nn.Sequential(nn.Conv2d(PROJ_IN[s], REFINER_SPECS[s][0], 1, 1),
+                                  nn.BatchNorm2d(REFINER_SPECS[s][0]))
+            for s in FINE_SCALES
+        })
+        self.conv_refiner = nn.ModuleDict({str(s): ConvRefiner(*spec) for s, spec in REFINER_SPECS.items()})
+        self.upsample_res = int(upsample_res)
+        self.symmetric = bool(symmetric)
+        self.attenuate = bool(attenuate)
+
+    # -- pieces -----------------------------------------------------------------------------
+    def pyramids(self, image0: torch.Tensor, image1: torch.Tensor, with_coarse: bool = True
+                 ) -> tuple[Pyramid, Pyramid]:
+        """Encode [image0; image1] once -> (query, support) pyramids of the decoder's batch.
+
+        Symmetric: query [A, B], support [B, A] (2B pairs). Otherwise query A, support B.
+        """
+        x = normalize_images(torch.cat((image0, image1), dim=0), self.coarse.imagenet_norm)
+        pyr = self.coarse.encoder(x, with_cnn=True, with_coarse=with_coarse)
+        if self.symmetric:
+            return pyr, {k: swap_halves(v) for k, v in pyr.items()}
+        b = image0.shape[0]
+        return {k: v[:b] for k, v in pyr.items()}, {k: v[b:] for k, v in pyr.items()}
+
+    def refine(self, scale: int, feat_q: torch.Tensor, feat_s: torch.Tensor, flow: torch.Tensor,
+               certainty: torch.Tensor, finest: tuple[int, int], scale_factor: float = 1.0,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One refiner step on projected features; flow and certainty are kept in fp32."""
+        delta, delta_cert = self.conv_refiner[str(scale)](feat_q, feat_s, flow, scale_factor)
+        h, w = finest
+        # coordinate arithmetic in fp32 (fp16 hazard: pixel steps of 1/864 vanish near |x| = 1)
+        step = torch.stack((delta[:, 0].float() / (REFINE_INIT * w),
+                            delta[:, 1].float() / (REFINE_INIT * h)), dim=1)
+        return flow.float() + scale * step, certainty.float() + delta_cert.float()
+
+    def fine_scales(self, pyr_q: Pyramid, pyr_s: Pyramid, flow: torch.Tensor, certainty: torch.Tensor,
+                    scale_factor: float = 1.0, out: Optional[Corresps] = None) -> Corresps:
+        """Scales 8, 4, 2, 1 from a flow/certainty of any size (resized bilinearly to each level)."""
+        out = {} if out is None else out
+        finest = (int(pyr_q[1].shape[-2]), int(pyr_q[1].shape[-1]))
+        for s in FINE_SCALES:
+            size = (int(pyr_q[s].shape[-2]), int(pyr_q[s].shape[-1]))
+            flow, certainty = upsample(flow, size), upsample(certainty, size)
+            proj = self.proj[str(s)]
+            flow, certainty = self.refine(s, proj(pyr_q[s]), proj(pyr_s[s]), flow, certainty, finest,
+                                          scale_factor)
+            out[s] = (flow, certainty)
+        return out
+
+    def after_coarse(self, coarse: dict[str, torch.Tensor], pyr_q: Pyramid, pyr_s: Pyramid) -> Corresps:
+        """Refiner 16 on the coarse prediction, then scales 8..1 (the first pass)."""
+        finest = (int(pyr_q[1].shape[-2]), int(pyr_q[1].shape[-1]))
+        out: Corresps = {}
+        out[16] = self.refine(16, coarse["feat_q16"], coarse["feat_s16"], coarse["flow"],
+                              coarse["certainty"], finest)
+        return self.fine_scales(pyr_q, pyr_s, out[16][0], out[16][1], 1.0, out)
+
+    def upsampling_pass(self, first: Corresps, image0_up: torch.Tensor, image1_up: torch.Tensor,
+                        coarse_size: tuple[int, int]) -> Corresps:
+        """Re-run scales 8..1 on the VGG pyramid of the R x R images, from the first pass's s1."""
+        pyr_q, pyr_s = self.pyramids(image0_up, image1_up, with_coarse=False)
+        r_h, r_w = int(image0_up.shape[-2]), int(image0_up.shape[-1])
+        # upstream: sqrt of the pixel-count ratio between the two passes
+        scale_factor = math.sqrt(r_h * r_w / (coarse_size[0] * coarse_size[1]))
+        flow, certainty = first[1]
+        return self.fine_scales(pyr_q, pyr_s, flow, certainty, scale_factor)
+
+    def assemble(self, flow: torch.Tensor, certainty: torch.Tensor, coarse_certainty: Optional[torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Finest flow/certainty logits (decoder batch) -> (warp, certainty) as upstream returns them."""
+        b, _, h, w = flow.shape
+        logits = certainty.float()
+        if coarse_certainty is not None:
+            low = upsample(coarse_certainty.float(), (h, w))
+            # upstream: 0.5 * low * (low < 0); min(low, 0) is the same value, exportable as Min
+            logits = logits - ATTENUATION * torch.clamp(low, max=0.0)
+        prob = torch.sigmoid(logits)[:, 0]  # B x h x w
+        target = flow.float().permute(0, 2, 3, 1)  # B x h x w x 2
+        outside = (target.abs() > 1).any(dim=-1)
+        prob = torch.where(outside, torch.zeros_like(prob), prob)
+        target = target.clamp(-1.0, 1.0)
+        grid = pixel_grid(b, h, w, flow.device).permute(0, 2, 3, 1)  # B x h x w x 2
+        if not self.symmetric:
+            return torch.cat((grid, target), dim=-1), prob
+        n = b // 2
+        a_to_b, b_to_a = target[:n], target[n:]
+        warp = torch.cat((torch.cat((grid[:n], a_to_b), dim=-1), torch.cat((b_to_a, grid[n:]), dim=-1)), dim=2)
+        return warp, torch.cat((prob[:n], prob[n:]), dim=2)
+
+    def coarse_prediction(self, f_q16: torch.Tensor, f_s16: torch.Tensor) -> dict[str, torch.Tensor]:
+        """roma_full's coarse stage (proj.16, GP, coordinate decoder) with the GP pinned to fp32.
+
+        fp16 hazard: the GP's kernel exp((cos - 1) / 0.2) of fp16 dot products and its linear
+        solve lose several digits; autocast is switched off around it and its inputs cast up.
+        """
+        c = self.coarse
+        feat_q, feat_s = c.proj16(f_q16), c.proj16(f_s16)
+        with torch.autocast(device_type=feat_q.device.type, enabled=False):
+            gp_feats = c.gp(feat_q.float(), feat_s.float(), c.gp_solve, c.gp_iters)
+        return c.decode(gp_feats, feat_q, feat_s)
+
+    # -- whole model ------------------------------------------------------------------------
+    def correspondences(self, image0: torch.Tensor, image1: torch.Tensor,
+                        image0_up: Optional[torch.Tensor] = None, image1_up: Optional[torch.Tensor] = None,
+                        ) -> tuple[dict[str, torch.Tensor], Corresps, Optional[Corresps]]:
+        """(coarse dict, first-pass corresps {16..1}, upsampled-pass corresps {8..1} or None)."""
+        pyr_q, pyr_s = self.pyramids(image0, image1)
+        coarse = self.coarse_prediction(pyr_q[COARSE_SCALE], pyr_s[COARSE_SCALE])
+        first = self.after_coarse(coarse, pyr_q, pyr_s)
+        second = None
+        if image0_up is not None and image1_up is not None:
+            second = self.upsampling_pass(first, image0_up, image1_up,
+                                          (int(image0.shape[-2]), int(image0.shape[-1])))
+        return coarse, first, second
+
+    def forward(self, image0: torch.Tensor, image1: torch.Tensor,
+                image0_up: Optional[torch.Tensor] = None, image1_up: Optional[torch.Tensor] = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        _, first, second = self.correspondences(image0, image1, image0_up, image1_up)
+        final = second if second is not None else first
+        flow, certainty = final[1]
+        return self.assemble(flow, certainty, first[16][1] if self.attenuate else None)
+
+
+__all__ = ["RomaPlus", "FINE_SCALES", "DEFAULT_COARSE", "DEFAULT_UPSAMPLE"]
