@@ -33,6 +33,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "torch-compile-cudagraph": ("torch", {"compile": True, "cuda_graph": True}),
     "onnxruntime": ("onnxruntime", {}),
     "tensorrt": ("tensorrt", {}),
+    "tensorrt-cudagraph": ("tensorrt", {"cuda_graph": True}),
 }
 
 
@@ -151,12 +152,10 @@ def provenance(config: BenchConfig) -> dict[str, Any]:
         info["onnxruntime"] = onnxruntime.__version__
     except ImportError:
         info["onnxruntime"] = None
-    try:
-        import tensorrt  # type: ignore[import-not-found]
+    from .engine import tensorrt_module
 
-        info["tensorrt"] = tensorrt.__version__
-    except ImportError:
-        info["tensorrt"] = None
+    trt = tensorrt_module()
+    info["tensorrt"] = trt.__version__ if trt is not None else None
     if config.device.startswith("cuda") and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info["gpu"] = props.name

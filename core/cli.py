@@ -46,7 +46,10 @@ def clean_errors(func: Callable) -> Callable:
         try:
             return func(*args, **kwargs)
         except MatchrtError as exc:
-            _console(stderr=True).print(f"[bold red]Error:[/] {exc}", highlight=False, markup=True,
+            from rich.markup import escape
+
+            # escaped: messages hold brackets such as `pip install 'matchrt[tensorrt]'`
+            _console(stderr=True).print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False,
                                         soft_wrap=True)
             raise typer.Exit(2) from None
 
@@ -194,8 +197,9 @@ def export(
     from .export import export_plan, graph_size
     from .host import get_host
     from .images import check_size
-    from .runner import load_model, resolve_weights
+    from .runner import is_random, load_model, resolve_weights
     from .types import ExportOptions
+    from .weights import sha256_file
 
     host = get_host()
     name = _need_matcher(matcher)
@@ -215,8 +219,10 @@ def export(
             matcher=name, model=model,
             options=ExportOptions(h, w, batch=batch, opset=opset, dynamic=dynamic, extra=extra))
         start = time.perf_counter()
+        status.update("hashing weight files")
+        digests = {k: ("random" if is_random(p) else sha256_file(p)) for k, p in paths.items()}
         manifest = export_plan(plan, output, opset=opset, version=info_.version,
-                               progress=lambda msg: status.update(msg))
+                               progress=lambda msg: status.update(msg), weights_sha256=digests)
     data = json.loads(manifest.read_text())
     for st in data["stages"]:
         path = manifest.parent / st["file"]
@@ -336,8 +342,8 @@ def match(
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="Run this exported graph (onnxruntime)."),
     engine: Optional[Path] = typer.Option(None, "--engine", help="Run this TensorRT engine."),
     backend: Optional[str] = typer.Option(None, help="torch, onnxruntime or tensorrt (default from the file)."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
-    precision: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda for engines, else cpu)."),
+    precision: str = typer.Option("fp32", help="fp32, fp16 or bf16 (torch; engines keep their own)."),
     height: Optional[int] = typer.Option(None, help="Input height (torch backend)."),
     width: Optional[int] = typer.Option(None, help="Input width (torch backend)."),
     option: Optional[List[str]] = OptionOpt,
@@ -359,6 +365,7 @@ def match(
     image0, image1 = read_image(p0), read_image(p1)  # fail on bad images before loading weights
     artifact = engine or onnx
     backend = backend or ("tensorrt" if engine else "onnxruntime" if onnx else "torch")
+    device = device or ("cuda" if backend == "tensorrt" else "cpu")
     console = _console(stderr=True)
     with console.status("loading") as status:
         pipe = open_pipeline(

@@ -69,8 +69,12 @@ def export_plan(
     opset: int = 17,
     version: str = "",
     progress: Optional[Callable[[str], None]] = None,
+    weights_sha256: Optional[dict[str, str]] = None,
 ) -> Path:
-    """Export every graph of `plan` next to `output`; return the manifest's path."""
+    """Export every graph of `plan` next to `output`; return the manifest's path.
+
+    `weights_sha256` (source name -> digest) is stamped into the graph for engine provenance.
+    """
     output = Path(output)
     if output.suffix != ".onnx":
         raise MatchrtError(f"--output must end in .onnx, got {output}")
@@ -80,6 +84,8 @@ def export_plan(
         "matchrt.options": json.dumps(plan.options, default=str),
         "matchrt.input_size": json.dumps(list(plan.input_size)),
     }
+    if weights_sha256:
+        metadata["matchrt.weights_sha256"] = json.dumps(weights_sha256)
     stages = []
     for i, graph in enumerate(plan.graphs):
         path = stage_path(output, plan, graph)
@@ -105,6 +111,7 @@ def export_plan(
         "options": plan.options,
         "input_size": list(plan.input_size),
         "opset": opset,
+        "weights_sha256": weights_sha256 or {},
         "stages": stages,
     }
     mpath = manifest_path(output)

@@ -313,10 +313,15 @@ def test_stub_only_tensorrt_is_not_tensorrt(tmp_path, monkeypatch):
     (tmp_path / "tensorrt").mkdir()
     (tmp_path / "tensorrt" / "__init__.pyi").write_text("class Builder: ...\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
-    import tensorrt  # noqa: F401 - the namespace package imports fine
+    saved = sys.modules.pop("tensorrt", None)
+    try:
+        import tensorrt  # noqa: F401 - the namespace package imports fine
 
-    assert eng.tensorrt_module() is None
+        assert eng.tensorrt_module() is None
+    finally:  # later tests must not find the empty package
+        sys.modules.pop("tensorrt", None)
+        if saved is not None:
+            sys.modules["tensorrt"] = saved
 
 
 def test_cli_options_map_onto_build_engine():

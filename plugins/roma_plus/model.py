@@ -61,6 +61,8 @@ class RomaPlus(nn.Module):
             for s in FINE_SCALES
         })
         self.conv_refiner = nn.ModuleDict({str(s): ConvRefiner(*spec) for s, spec in REFINER_SPECS.items()})
+        self.gp_solve = gp_solve  # "exact" | "iterative" (= "cg") | "cg" | "newton_schulz"
+        self.gp_iters = gp_iters
         self.upsample_res = int(upsample_res)
         self.symmetric = bool(symmetric)
         self.attenuate = bool(attenuate)
@@ -153,7 +155,7 @@ class RomaPlus(nn.Module):
         c = self.coarse
         feat_q, feat_s = c.proj16(f_q16), c.proj16(f_s16)
         with torch.autocast(device_type=feat_q.device.type, enabled=False):
-            gp_feats = c.gp(feat_q.float(), feat_s.float(), c.gp_solve, c.gp_iters)
+            gp_feats = c.gp(feat_q.float(), feat_s.float(), self.gp_solve, self.gp_iters)
         return c.decode(gp_feats, feat_q, feat_s)
 
     # -- whole model ------------------------------------------------------------------------
