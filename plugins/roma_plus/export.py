@@ -16,6 +16,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from matchrt.errors import MatchrtError
+from matchrt.plugins.roma_full.encoder import COARSE_SCALE
+from matchrt.plugins.roma_full.gp import solve_exact
 from matchrt.types import ExportOptions, ExportPlan, GraphSpec
 
 from .model import DEFAULT_UPSAMPLE, RomaPlus
@@ -25,19 +28,22 @@ GP_SOLVES = ("exact", "iterative", "cg", "newton_schulz")
 DEFAULTS: dict[str, Any] = {
     "upsample_res": DEFAULT_UPSAMPLE,
     "symmetric": True,
-    "gp_solve": "iterative",
+    "gp_solve": "exact",
     "gp_iters": None,
 }
 
-# ONNX node-name globs TensorRT keeps in fp32 in fp16/bf16 engines (see fp16 notes in README.md)
+# ONNX node-name globs TensorRT keeps in fp32 in fp16/bf16 engines (module scopes of the graph;
+# the coordinate paths and the reductions that lose precision or overflow in half precision)
 FP32_LAYERS: list[str] = [
-    "/coarse/gp/*",  # cosine kernel exp((cos - 1) / 0.2), the solve and K_xy alpha
-    "/coarse/embedding_decoder/Softmax*",  # softmax over 4096 anchors (max subtracted)
-    "/conv_refiner.*/GridSample*",  # sampling coordinates
-    "/conv_refiner.*/Sub*",  # displacement = flow - grid
-    "/conv_refiner.*/Mul*",  # correlation products and coordinate scaling
-    "/conv_refiner.*/ReduceSum*",  # correlation sums over 512 channels
-    "/conv_refiner.*/out_conv/*",  # flow/certainty head (fp32 in upstream too)
+    "*/gp*/*",  # GP (gp, gp_kernels, gp_posterior): exp((cos - 1) / 0.2), the in-graph solve, K_xy alpha
+    "*/cls_to_flow/*",  # softmax over 4096 anchors, arg-max neighbourhood mean of coordinates
+    "*/corr/*",  # local correlation: window coordinates, GridSample, sum over 512 channels
+    "*/warp_features/*",  # GridSample of B's features at the flow (coordinates)
+    "*/displacement/*",  # flow - pixel grid
+    "*/out_conv/*",  # refiner heads (fp32 upstream as well)
+    "*/update*/*",  # flow += scale * delta / (4 W); certainty += delta
+    "*/resize*/*",  # bilinear upsampling of flow and certainty between scales
+    "*/layout/*",  # attenuation, sigmoid, clamp and the warp's coordinate grid
 ]
 
 
@@ -52,9 +58,14 @@ def resolve_options(extra: dict[str, Any]) -> dict[str, Any]:
     opts = dict(DEFAULTS)
     opts.update({k: v for k, v in extra.items() if k in DEFAULTS})
     opts["upsample_res"] = int(opts["upsample_res"] or 0)
+    r = opts["upsample_res"]
+    if r < 0 or r % 8:
+        lo, hi = max(8, r // 8 * 8), (r // 8 + 1) * 8
+        raise MatchrtError(f"roma_plus: upsample_res {r} must be 0 (no upsampling pass) or a positive multiple "
+                           f"of 8 (the VGG pyramid's stride); nearest: {lo} or {hi}")
     opts["symmetric"] = truthy(opts["symmetric"])
     if opts["gp_solve"] not in GP_SOLVES:
-        raise ValueError(f"gp_solve must be one of {', '.join(GP_SOLVES)}, got {opts['gp_solve']!r}")
+        raise MatchrtError(f"gp_solve must be one of {', '.join(GP_SOLVES)}, got {opts['gp_solve']!r}")
     if opts["gp_iters"] is not None:
         opts["gp_iters"] = int(opts["gp_iters"])
     return opts
@@ -83,19 +94,81 @@ class SingleGraph(nn.Module):
         return self.model(image0, image1, image0_upsampled, image1_upsampled)
 
 
+PYRAMID_NAMES = ("pyr1", "pyr2", "pyr4", "pyr8")
+ENCODE_OUTPUTS = [*PYRAMID_NAMES, "feat_q16", "feat_s16", "gp_kqs", "gp_kss", "gp_basis"]
+REFINE_INPUTS = [*PYRAMID_NAMES, "feat_q16", "feat_s16", "gp_kqs", "gp_alpha"]
+
+
+class EncodeGraph(nn.Module):
+    """Exact-GP split, graph 1: image0, image1 -> VGG pyramid of [A; B], proj.16 features, GP system."""
+
+    def __init__(self, model: RomaPlus) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image0: torch.Tensor, image1: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        pyr = self.model.encode(image0, image1)
+        pyr_q, pyr_s = self.model.split(pyr)
+        system = self.model.gp_system(pyr_q[COARSE_SCALE], pyr_s[COARSE_SCALE])
+        return (pyr[1], pyr[2], pyr[4], pyr[8], system["feat_q16"], system["feat_s16"], system["gp_kqs"],
+                system["gp_kss"], system["gp_basis"])
+
+
+class RefineGraph(nn.Module):
+    """Exact-GP split, graph 2: the solved GP (gp_alpha) and graph 1's tensors -> warp, certainty."""
+
+    def __init__(self, model: RomaPlus) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pyr1: torch.Tensor, pyr2: torch.Tensor, pyr4: torch.Tensor, pyr8: torch.Tensor,
+                feat_q16: torch.Tensor, feat_s16: torch.Tensor, gp_kqs: torch.Tensor, gp_alpha: torch.Tensor,
+                image0_upsampled: Optional[torch.Tensor] = None,
+                image1_upsampled: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        pyr = {1: pyr1, 2: pyr2, 4: pyr4, 8: pyr8}
+        return self.model.forward_from_gp(pyr, feat_q16, feat_s16, gp_kqs, gp_alpha, image0_upsampled,
+                                          image1_upsampled)
+
+
+def bridge(stage: str, tensors: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """Between the split graphs: gp_alpha = gp_kss^-1 gp_basis (Cholesky, fp32, on the tensors' device)."""
+    if stage != "encode":
+        return None
+    k_ss = torch.as_tensor(tensors["gp_kss"])
+    basis = torch.as_tensor(tensors["gp_basis"]).to(k_ss.device)
+    return {"gp_alpha": solve_exact(k_ss.float(), basis.float())}
+
+
 def build_plan(model: RomaPlus, options: ExportOptions) -> ExportPlan:
-    """The export plan for ``options`` (sizes from height/width, extras from ``options.extra``)."""
+    """The export plan for ``options`` (sizes from height/width, extras from ``options.extra``).
+
+    gp_solve "exact": two graphs (encode -> bridge solves the GP -> refine); otherwise one graph.
+    """
     opts = resolve_options(dict(options.extra))
-    view = configured(model, opts)
+    view = configured(model, opts).eval()
     b, h, w = options.batch, options.height, options.width
-    inputs = [torch.rand(b, 3, h, w), torch.rand(b, 3, h, w)]
-    names = ["image0", "image1"]
+    images = [torch.rand(b, 3, h, w), torch.rand(b, 3, h, w)]
     r = opts["upsample_res"]
-    if r:
-        inputs += [torch.rand(b, 3, r, r), torch.rand(b, 3, r, r)]
-        names += ["image0_upsampled", "image1_upsampled"]
-    graph = GraphSpec(
-        name="main", module=SingleGraph(view).eval(), example_inputs=tuple(inputs), input_names=names,
-        output_names=["warp", "certainty"], fp32_layers=list(FP32_LAYERS),
-    )
-    return ExportPlan(matcher=NAME, graphs=[graph], options=opts, input_size=(h, w))
+    upsampled = [torch.rand(b, 3, r, r), torch.rand(b, 3, r, r)] if r else []
+    up_names = ["image0_upsampled", "image1_upsampled"] if r else []
+    if opts["gp_solve"] != "exact":
+        graph = GraphSpec(
+            name="main", module=SingleGraph(view).eval(), example_inputs=tuple(images + upsampled),
+            input_names=["image0", "image1", *up_names], output_names=["warp", "certainty"],
+            fp32_layers=list(FP32_LAYERS),
+        )
+        return ExportPlan(matcher=NAME, graphs=[graph], options=opts, input_size=(h, w))
+    encode = EncodeGraph(view).eval()
+    with torch.no_grad():
+        mids = encode(*images)
+    mid = dict(zip(ENCODE_OUTPUTS, mids))
+    mid.update(bridge("encode", mid) or {})
+    graphs = [
+        GraphSpec(name="encode", module=encode, example_inputs=tuple(images), input_names=["image0", "image1"],
+                  output_names=list(ENCODE_OUTPUTS), fp32_layers=list(FP32_LAYERS)),
+        GraphSpec(name="refine", module=RefineGraph(view).eval(),
+                  example_inputs=tuple([mid[n] for n in REFINE_INPUTS] + upsampled),
+                  input_names=[*REFINE_INPUTS, *up_names], output_names=["warp", "certainty"],
+                  fp32_layers=list(FP32_LAYERS)),
+    ]
+    return ExportPlan(matcher=NAME, graphs=graphs, options=opts, input_size=(h, w))

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from matchrt.plugins.roma_full.decoder import classification_to_flow
 from matchrt.plugins.roma_full.encoder import COARSE_SCALE, normalize_images
 from matchrt.plugins.roma_full.model import RomaCoarse
 from matchrt.plugins.roma_full.ops import swap_halves
@@ -40,6 +41,86 @@ DEFAULT_UPSAMPLE = 864
 
 Pyramid = dict[int, torch.Tensor]
 Corresps = dict[int, tuple[torch.Tensor, torch.Tensor]]  # scale -> (flow B x 2 x h x w, certainty B x 1 x h x w)
+
+
+class ClassificationToFlow(nn.Module):
+    """roma_full's anchor softmax + arg-max neighbourhood mean, as a module (named fp32 region)."""
+
+    def forward(self, gm_cls: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=gm_cls.device.type, enabled=False):
+            return classification_to_flow(gm_cls.float())
+
+
+class GPKernels(nn.Module):
+    """K_xy, K_yy + sigma I and the support basis from roma_full's GP, autocast off (fp32).
+
+    The GP module is passed in (not registered here) so its weights keep one home.
+    """
+
+    def forward(self, gp: nn.Module, feat_q: torch.Tensor, feat_s: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with torch.autocast(device_type=feat_q.device.type, enabled=False):
+            return gp.kernel_matrices(feat_q.float(), feat_s.float())  # type: ignore[operator]
+
+
+class GPPosterior(nn.Module):
+    """K_xy alpha as a B x 512 x h x w map (roma_full's GP posterior), autocast off (fp32)."""
+
+    def forward(self, gp: nn.Module, k_qs: torch.Tensor, alpha: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        with torch.autocast(device_type=k_qs.device.type, enabled=False):
+            return gp.posterior(k_qs.float(), alpha.float(), h, w)  # type: ignore[operator]
+
+
+class FlowResize(nn.Module):
+    """Bilinear resize of flow or certainty (align_corners=False), in fp32."""
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return upsample(x.float(), size)
+
+
+class FlowUpdate(nn.Module):
+    """flow += scale * delta / (4 * (W, H) of the finest level); certainty += delta; in fp32.
+
+    fp16 hazard: a refinement step of a fraction of a pixel at 864 px is ~1e-3 in normalised
+    units, below fp16's resolution near |x| = 1 (4.9e-4 spacing): it would be rounded away.
+    """
+
+    def forward(self, scale: int, flow: torch.Tensor, certainty: torch.Tensor, delta: torch.Tensor,
+                delta_cert: torch.Tensor, finest: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        h, w = finest
+        step = torch.stack((delta[:, 0].float() / (REFINE_INIT * w),
+                            delta[:, 1].float() / (REFINE_INIT * h)), dim=1)
+        return flow.float() + scale * step, certainty.float() + delta_cert.float()
+
+
+class WarpLayout(nn.Module):
+    """Finest flow/certainty logits (decoder batch) -> (warp, certainty) as upstream returns them.
+
+    Attenuation: logits -= 0.5 * min(coarse logits resized, 0); certainty = sigmoid(logits), set
+    to 0 where the match leaves [-1, 1]; the match is clamped to [-1, 1]. Symmetric batches
+    [A->B; B->A] become one H x 2W map per pair: (grid_A, A->B) | (B->A, grid_B).
+    """
+
+    def forward(self, flow: torch.Tensor, certainty: torch.Tensor, coarse_certainty: Optional[torch.Tensor],
+                symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        b, _, h, w = flow.shape
+        logits = certainty.float()
+        if coarse_certainty is not None:
+            low = upsample(coarse_certainty.float(), (h, w))
+            # upstream: 0.5 * low * (low < 0); min(low, 0) is the same value, exportable as Min/Clip
+            logits = logits - ATTENUATION * torch.clamp(low, max=0.0)
+        prob = torch.sigmoid(logits)[:, 0]  # B x h x w
+        target = flow.float().permute(0, 2, 3, 1)  # B x h x w x 2
+        outside = (target.abs() > 1).any(dim=-1)
+        prob = torch.where(outside, torch.zeros_like(prob), prob)
+        target = target.clamp(-1.0, 1.0)
+        grid = pixel_grid(b, h, w, flow.device).permute(0, 2, 3, 1)  # B x h x w x 2
+        if not symmetric:
+            return torch.cat((grid, target), dim=-1), prob
+        n = b // 2
+        q_warp = torch.cat((grid[:n], target[:n]), dim=-1)
+        s_warp = torch.cat((target[n:], grid[n:]), dim=-1)
+        return torch.cat((q_warp, s_warp), dim=2), torch.cat((prob[:n], prob[n:]), dim=2)
 
 
 class RomaPlus(nn.Module):
@@ -61,6 +142,13 @@ class RomaPlus(nn.Module):
             for s in FINE_SCALES
         })
         self.conv_refiner = nn.ModuleDict({str(s): ConvRefiner(*spec) for s, spec in REFINER_SPECS.items()})
+        # parameter-free stages (fp32 regions with predictable ONNX node names)
+        self.cls_to_flow = ClassificationToFlow()
+        self.gp_kernels = GPKernels()
+        self.gp_posterior = GPPosterior()
+        self.resize = FlowResize()
+        self.update = FlowUpdate()
+        self.layout = WarpLayout()
         self.gp_solve = gp_solve  # "exact" | "iterative" (= "cg") | "cg" | "newton_schulz"
         self.gp_iters = gp_iters
         self.upsample_res = int(upsample_res)
@@ -68,29 +156,32 @@ class RomaPlus(nn.Module):
         self.attenuate = bool(attenuate)
 
     # -- pieces -----------------------------------------------------------------------------
-    def pyramids(self, image0: torch.Tensor, image1: torch.Tensor, with_coarse: bool = True
-                 ) -> tuple[Pyramid, Pyramid]:
-        """Encode [image0; image1] once -> (query, support) pyramids of the decoder's batch.
+    def encode(self, image0: torch.Tensor, image1: torch.Tensor, with_coarse: bool = True) -> Pyramid:
+        """VGG levels 1..8 (and DINOv2 tokens "16") of [image0; image1], one encoder batch."""
+        x = normalize_images(torch.cat((image0, image1), dim=0), self.coarse.imagenet_norm)
+        return self.coarse.encoder(x, with_cnn=True, with_coarse=with_coarse)
+
+    def split(self, pyr: Pyramid) -> tuple[Pyramid, Pyramid]:
+        """[A; B] encoder outputs -> (query, support) of the decoder's batch.
 
         Symmetric: query [A, B], support [B, A] (2B pairs). Otherwise query A, support B.
         """
-        x = normalize_images(torch.cat((image0, image1), dim=0), self.coarse.imagenet_norm)
-        pyr = self.coarse.encoder(x, with_cnn=True, with_coarse=with_coarse)
         if self.symmetric:
             return pyr, {k: swap_halves(v) for k, v in pyr.items()}
-        b = image0.shape[0]
+        b = next(iter(pyr.values())).shape[0] // 2
         return {k: v[:b] for k, v in pyr.items()}, {k: v[b:] for k, v in pyr.items()}
+
+    def pyramids(self, image0: torch.Tensor, image1: torch.Tensor, with_coarse: bool = True
+                 ) -> tuple[Pyramid, Pyramid]:
+        """(query, support) pyramids of a pair batch (see ``split``)."""
+        return self.split(self.encode(image0, image1, with_coarse))
 
     def refine(self, scale: int, feat_q: torch.Tensor, feat_s: torch.Tensor, flow: torch.Tensor,
                certainty: torch.Tensor, finest: tuple[int, int], scale_factor: float = 1.0,
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """One refiner step on projected features; flow and certainty are kept in fp32."""
         delta, delta_cert = self.conv_refiner[str(scale)](feat_q, feat_s, flow, scale_factor)
-        h, w = finest
-        # coordinate arithmetic in fp32 (fp16 hazard: pixel steps of 1/864 vanish near |x| = 1)
-        step = torch.stack((delta[:, 0].float() / (REFINE_INIT * w),
-                            delta[:, 1].float() / (REFINE_INIT * h)), dim=1)
-        return flow.float() + scale * step, certainty.float() + delta_cert.float()
+        return self.update(scale, flow, certainty, delta, delta_cert, finest)
 
     def fine_scales(self, pyr_q: Pyramid, pyr_s: Pyramid, flow: torch.Tensor, certainty: torch.Tensor,
                     scale_factor: float = 1.0, out: Optional[Corresps] = None) -> Corresps:
@@ -99,7 +190,7 @@ class RomaPlus(nn.Module):
         finest = (int(pyr_q[1].shape[-2]), int(pyr_q[1].shape[-1]))
         for s in FINE_SCALES:
             size = (int(pyr_q[s].shape[-2]), int(pyr_q[s].shape[-1]))
-            flow, certainty = upsample(flow, size), upsample(certainty, size)
+            flow, certainty = self.resize(flow, size), self.resize(certainty, size)
             proj = self.proj[str(s)]
             flow, certainty = self.refine(s, proj(pyr_q[s]), proj(pyr_s[s]), flow, certainty, finest,
                                           scale_factor)
@@ -126,25 +217,8 @@ class RomaPlus(nn.Module):
 
     def assemble(self, flow: torch.Tensor, certainty: torch.Tensor, coarse_certainty: Optional[torch.Tensor]
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Finest flow/certainty logits (decoder batch) -> (warp, certainty) as upstream returns them."""
-        b, _, h, w = flow.shape
-        logits = certainty.float()
-        if coarse_certainty is not None:
-            low = upsample(coarse_certainty.float(), (h, w))
-            # upstream: 0.5 * low * (low < 0); min(low, 0) is the same value, exportable as Min
-            logits = logits - ATTENUATION * torch.clamp(low, max=0.0)
-        prob = torch.sigmoid(logits)[:, 0]  # B x h x w
-        target = flow.float().permute(0, 2, 3, 1)  # B x h x w x 2
-        outside = (target.abs() > 1).any(dim=-1)
-        prob = torch.where(outside, torch.zeros_like(prob), prob)
-        target = target.clamp(-1.0, 1.0)
-        grid = pixel_grid(b, h, w, flow.device).permute(0, 2, 3, 1)  # B x h x w x 2
-        if not self.symmetric:
-            return torch.cat((grid, target), dim=-1), prob
-        n = b // 2
-        a_to_b, b_to_a = target[:n], target[n:]
-        warp = torch.cat((torch.cat((grid[:n], a_to_b), dim=-1), torch.cat((b_to_a, grid[n:]), dim=-1)), dim=2)
-        return warp, torch.cat((prob[:n], prob[n:]), dim=2)
+        """Finest flow/certainty logits -> (warp, certainty) (see ``WarpLayout``)."""
+        return self.layout(flow, certainty, coarse_certainty, self.symmetric)
 
     def coarse_prediction(self, f_q16: torch.Tensor, f_s16: torch.Tensor) -> dict[str, torch.Tensor]:
         """roma_full's coarse stage (proj.16, GP, coordinate decoder) with the GP pinned to fp32.
@@ -156,29 +230,79 @@ class RomaPlus(nn.Module):
         feat_q, feat_s = c.proj16(f_q16), c.proj16(f_s16)
         with torch.autocast(device_type=feat_q.device.type, enabled=False):
             gp_feats = c.gp(feat_q.float(), feat_s.float(), self.gp_solve, self.gp_iters)
-        return c.decode(gp_feats, feat_q, feat_s)
+        return self.decode(gp_feats, feat_q, feat_s)
+
+    def gp_system(self, f_q16: torch.Tensor, f_s16: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The GP's linear system for the exact split export: proj.16 features and kernel matrices.
+
+        Returns feat_q16, feat_s16 (B x 512 x h x w), gp_kqs (B x hw x hw), gp_kss (K_yy + sigma I)
+        and gp_basis (1 x hw x 512); ``gp_alpha = gp_kss^-1 gp_basis`` is solved outside the graph.
+        """
+        c = self.coarse
+        feat_q, feat_s = c.proj16(f_q16), c.proj16(f_s16)
+        k_qs, k_ss, basis = self.gp_kernels(c.gp, feat_q, feat_s)
+        return {"feat_q16": feat_q, "feat_s16": feat_s, "gp_kqs": k_qs, "gp_kss": k_ss, "gp_basis": basis}
+
+    def coarse_from_alpha(self, feat_q: torch.Tensor, feat_s: torch.Tensor, k_qs: torch.Tensor,
+                          alpha: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Coarse prediction from the solved GP system (the second half of ``coarse_prediction``)."""
+        gp_feats = self.gp_posterior(self.coarse.gp, k_qs, alpha, int(feat_q.shape[-2]), int(feat_q.shape[-1]))
+        return self.decode(gp_feats, feat_q, feat_s)
+
+    def decode(self, gp_feats: torch.Tensor, feat_q: torch.Tensor, feat_s: torch.Tensor) -> dict[str, torch.Tensor]:
+        """roma_full's coordinate decoder, with the classification-to-flow step in fp32."""
+        gm_cls, gm_certainty = self.coarse.embedding_decoder(gp_feats, feat_q)
+        return {"gm_cls": gm_cls, "gm_certainty": gm_certainty, "flow": self.cls_to_flow(gm_cls),
+                "certainty": gm_certainty, "feat_q16": feat_q, "feat_s16": feat_s}
 
     # -- whole model ------------------------------------------------------------------------
+    def passes(self, coarse: dict[str, torch.Tensor], pyr_q: Pyramid, pyr_s: Pyramid,
+               image0_up: Optional[torch.Tensor] = None, image1_up: Optional[torch.Tensor] = None,
+               ) -> tuple[Corresps, Optional[Corresps]]:
+        """First pass (refiners 16..1) and, given the R x R images, the upsampling pass."""
+        first = self.after_coarse(coarse, pyr_q, pyr_s)
+        second = None
+        if image0_up is not None and image1_up is not None:
+            size = (int(pyr_q[1].shape[-2]), int(pyr_q[1].shape[-1]))
+            second = self.upsampling_pass(first, image0_up, image1_up, size)
+        return first, second
+
+    def finish(self, first: Corresps, second: Optional[Corresps]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(warp, certainty) from the last pass's scale 1, attenuated by the first pass's scale 16."""
+        flow, certainty = (second if second is not None else first)[1]
+        return self.assemble(flow, certainty, first[16][1] if self.attenuate else None)
+
     def correspondences(self, image0: torch.Tensor, image1: torch.Tensor,
                         image0_up: Optional[torch.Tensor] = None, image1_up: Optional[torch.Tensor] = None,
                         ) -> tuple[dict[str, torch.Tensor], Corresps, Optional[Corresps]]:
         """(coarse dict, first-pass corresps {16..1}, upsampled-pass corresps {8..1} or None)."""
         pyr_q, pyr_s = self.pyramids(image0, image1)
         coarse = self.coarse_prediction(pyr_q[COARSE_SCALE], pyr_s[COARSE_SCALE])
-        first = self.after_coarse(coarse, pyr_q, pyr_s)
-        second = None
-        if image0_up is not None and image1_up is not None:
-            second = self.upsampling_pass(first, image0_up, image1_up,
-                                          (int(image0.shape[-2]), int(image0.shape[-1])))
+        first, second = self.passes(coarse, pyr_q, pyr_s, image0_up, image1_up)
         return coarse, first, second
 
     def forward(self, image0: torch.Tensor, image1: torch.Tensor,
                 image0_up: Optional[torch.Tensor] = None, image1_up: Optional[torch.Tensor] = None,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images at the coarse size (and at R x R for the upsampling pass) -> (warp, certainty).
+
+        Without image0_up/image1_up the upsampling pass is skipped whatever ``upsample_res`` says
+        (it needs the images resized from the originals, which only the caller has).
+        """
         _, first, second = self.correspondences(image0, image1, image0_up, image1_up)
-        final = second if second is not None else first
-        flow, certainty = final[1]
-        return self.assemble(flow, certainty, first[16][1] if self.attenuate else None)
+        return self.finish(first, second)
+
+    def forward_from_gp(self, pyr: Pyramid, feat_q: torch.Tensor, feat_s: torch.Tensor, k_qs: torch.Tensor,
+                        alpha: torch.Tensor, image0_up: Optional[torch.Tensor] = None,
+                        image1_up: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rest of ``forward`` after the exact GP solve (the split export's second graph).
+
+        ``pyr``: VGG levels 1..8 of [image0; image1] as ``encode`` returns them.
+        """
+        pyr_q, pyr_s = self.split(pyr)
+        coarse = self.coarse_from_alpha(feat_q, feat_s, k_qs, alpha)
+        first, second = self.passes(coarse, pyr_q, pyr_s, image0_up, image1_up)
+        return self.finish(first, second)
 
 
 __all__ = ["RomaPlus", "FINE_SCALES", "DEFAULT_COARSE", "DEFAULT_UPSAMPLE"]

@@ -12,6 +12,7 @@ upstream; Conv, BatchNormalization, Relu, Mul, ReduceSum) with static shapes.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,53 +31,90 @@ KERNEL_SIZE = 5
 DISPLACEMENT_GAIN = 40.0 / 32.0
 
 
+def _linspace(start: float, end: float, steps: int) -> np.ndarray:
+    """Evenly spaced float32 values computed in float64 (a constant when traced for export)."""
+    return np.linspace(start, end, steps, dtype=np.float64).astype(np.float32)
+
+
 def pixel_grid(batch: int, height: int, width: int, device: torch.device) -> torch.Tensor:
     """Normalised pixel-centre coordinates, B x 2 x H x W with channel 0 = x, 1 = y (fp32).
 
-    Built with linspace like upstream so the values are bit-identical; a constant in traced graphs.
+    Upstream's linspace(-1 + 1/n, 1 - 1/n, n) grid. Built in numpy, so an exported graph holds
+    it as a constant (no in-graph coordinate arithmetic that reduced precision could round).
     """
-    ys = torch.linspace(-1 + 1 / height, 1 - 1 / height, height, device=device, dtype=torch.float32)
-    xs = torch.linspace(-1 + 1 / width, 1 - 1 / width, width, device=device, dtype=torch.float32)
-    grid = torch.stack((xs[None, :].expand(height, width), ys[:, None].expand(height, width)))
-    return grid[None].expand(batch, 2, height, width)
+    batch, height, width = int(batch), int(height), int(width)  # traced shapes -> constants
+    ys = _linspace(-1 + 1 / height, 1 - 1 / height, height)
+    xs = _linspace(-1 + 1 / width, 1 - 1 / width, width)
+    grid = np.stack(np.broadcast_arrays(xs[None, :], ys[:, None]))  # 2 x H x W
+    return torch.from_numpy(np.ascontiguousarray(grid)).to(device)[None].expand(batch, 2, height, width)
 
 
 def window_offsets(radius: int, height: int, width: int, device: torch.device) -> torch.Tensor:
     """The (2r+1)^2 offsets of the correlation window in normalised units, K x 2 (x, y), row-major.
 
-    The step is 4/H (two pixels) as upstream: the window spans +-2r pixels of the level.
+    The step is 4/H (two pixels of the level) as upstream: the window spans +-2r pixels.
     """
+    height, width = int(height), int(width)  # traced shapes -> constants
     n = 2 * radius + 1
-    dy = torch.linspace(-2 * radius / height, 2 * radius / height, n, device=device, dtype=torch.float32)
-    dx = torch.linspace(-2 * radius / width, 2 * radius / width, n, device=device, dtype=torch.float32)
-    return torch.stack((dx[None, :].expand(n, n), dy[:, None].expand(n, n)), dim=-1).reshape(n * n, 2)
+    dy = _linspace(-2 * radius / height, 2 * radius / height, n)
+    dx = _linspace(-2 * radius / width, 2 * radius / width, n)
+    offsets = np.stack(np.broadcast_arrays(dx[None, :], dy[:, None]), axis=-1).reshape(n * n, 2)
+    return torch.from_numpy(np.ascontiguousarray(offsets)).to(device)
+
+
+class LocalCorrelation(nn.Module):
+    """Correlation of each A feature with B features in a window around its flow target.
+
+    ``forward(feat_a, feat_b, flow)``: feat_* B x C x H x W, flow B x 2 x H x W (normalised x, y)
+    -> B x K x H x W, K = (2r+1)^2, entry k = <a, b(flow + offset_k)> / sqrt(C).
+
+    One GridSample over an H x (W*K) grid samples all K window positions at once (no loop over
+    offsets or pixels). Memory: B*C*H*W*K floats for the sampled window, and as much for the
+    products (scale 8 of a 560 input: 2*512*70*70*49*4 B = 0.98 GB each; scale 8 of the 864
+    upsampling pass: 2.3 GB), as upstream's per-image loop.
+    fp16 hazards, kept in fp32 by explicit casts (and listed in the graph's fp32 layers):
+    the window coordinates (a fp16 coordinate near 1 is off by up to 5e-4, a third of a pixel
+    at 864) and the sum over C = 512 products.
+    """
+
+    def __init__(self, radius: int):
+        super().__init__()
+        self.radius = radius
+
+    def forward(self, feat_a: torch.Tensor, feat_b: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = feat_a.shape
+        offsets = window_offsets(self.radius, h, w, feat_a.device)  # K x 2
+        k = offsets.shape[0]
+        coords = flow.float().permute(0, 2, 3, 1)[:, :, :, None, :] + offsets[None, None, None]
+        coords = coords.reshape(b, h, w * k, 2)
+        # GridSample as upstream: bilinear, zeros padding, align_corners=False
+        window = F.grid_sample(feat_b.float(), coords, mode="bilinear", padding_mode="zeros",
+                               align_corners=False)  # B x C x H x (W*K)
+        window = window.reshape(b, c, h, w, k)
+        scaled_a = feat_a.float() / (c ** 0.5)
+        corr = (scaled_a[..., None] * window).sum(dim=1)  # B x H x W x K
+        return corr.permute(0, 3, 1, 2)
 
 
 def local_correlation(feat_a: torch.Tensor, feat_b: torch.Tensor, flow: torch.Tensor, radius: int) -> torch.Tensor:
-    """Correlation of each A feature with B features in a window around its flow target.
+    """Functional form of ``LocalCorrelation(radius)``."""
+    return LocalCorrelation(radius)(feat_a, feat_b, flow)
 
-    feat_a, feat_b: B x C x H x W; flow: B x 2 x H x W (normalised x, y). Returns B x K x H x W,
-    K = (2r+1)^2, each entry <a, b(flow + offset_k)> / sqrt(C).
 
-    One GridSample over an H x (W*K) grid samples all K window positions at once (no loop over
-    offsets or pixels). Memory: B*C*H*W*K floats for the sampled window (at scale 8 of a 560
-    input: 2*512*70*70*49*4 B = 0.98 GB), the same as upstream's per-image loop holds in total.
-    fp16 hazard: the sum over C channels runs in fp32 (explicit casts survive autocast/export).
-    """
-    b, c, h, w = feat_a.shape
-    offsets = window_offsets(radius, h, w, feat_a.device)  # K x 2
-    k = offsets.shape[0]
-    # coordinate arithmetic in fp32: in fp16 a normalised coordinate near 1 is off by up to 5e-4
-    coords = flow.float().permute(0, 2, 3, 1)[:, :, :, None, :] + offsets[None, None, None]
-    coords = coords.reshape(b, h, w * k, 2)
-    # fp32 sampling: a fp16 grid would round the coordinates (autocast promotes to fp32 anyway)
-    window = F.grid_sample(feat_b.float(), coords, mode="bilinear", padding_mode="zeros",
-                           align_corners=False)  # B x C x H x (W*K)
-    window = window.reshape(b, c, h, w, k)
-    # fp32 accumulation: the dot product sums C = 512 products
-    scaled_a = feat_a.float() / (c ** 0.5)
-    corr = (scaled_a[..., None] * window).sum(dim=1)  # B x H x W x K
-    return corr.permute(0, 3, 1, 2)
+class WarpFeatures(nn.Module):
+    """B's features sampled at the flow (GridSample bilinear, zeros, align_corners=False), fp32."""
+
+    def forward(self, feat_b: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+        return F.grid_sample(feat_b.float(), flow.float().permute(0, 2, 3, 1), mode="bilinear",
+                             padding_mode="zeros", align_corners=False)
+
+
+class Displacement(nn.Module):
+    """(flow - pixel grid) * 40/32 * scale_factor: the embedding's input, in fp32."""
+
+    def forward(self, flow: torch.Tensor, scale_factor: float) -> torch.Tensor:
+        b, _, h, w = flow.shape
+        return (DISPLACEMENT_GAIN * scale_factor) * (flow.float() - pixel_grid(b, h, w, flow.device))
 
 
 def _block(in_dim: int, out_dim: int, bias: bool = True) -> nn.Sequential:
@@ -100,18 +138,19 @@ class ConvRefiner(nn.Module):
         self.hidden_blocks = nn.Sequential(*[_block(in_dim, in_dim) for _ in range(HIDDEN_BLOCKS)])
         self.out_conv = nn.Conv2d(in_dim, 3, 1, 1, 0)
         self.disp_emb = nn.Conv2d(2, emb_dim, 1, 1, 0)
+        # parameter-free pieces as modules: their ONNX nodes get predictable names (fp32 layers)
+        self.warp_features = WarpFeatures()
+        self.displacement = Displacement()
+        self.corr = LocalCorrelation(radius) if radius else None
 
     def forward(self, feat_a: torch.Tensor, feat_b: torch.Tensor, flow: torch.Tensor,
                 scale_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        b, _, h, w = feat_a.shape
-        flow = flow.float()
-        warped_b = F.grid_sample(feat_b.float(), flow.permute(0, 2, 3, 1), mode="bilinear",
-                                 padding_mode="zeros", align_corners=False)
-        displacement = flow - pixel_grid(b, h, w, flow.device)  # fp32 coordinate arithmetic
-        emb = self.disp_emb((DISPLACEMENT_GAIN * scale_factor) * displacement)
-        parts = [feat_a, warped_b.to(feat_a.dtype), emb.to(feat_a.dtype)]
-        if self.radius:
-            parts.append(local_correlation(feat_a, feat_b, flow, self.radius).to(feat_a.dtype))
+        dtype = feat_a.dtype
+        warped_b = self.warp_features(feat_b, flow)
+        emb = self.disp_emb(self.displacement(flow, scale_factor))
+        parts = [feat_a, warped_b.to(dtype), emb.to(dtype)]
+        if self.corr is not None:
+            parts.append(self.corr(feat_a, feat_b, flow).to(dtype))
         d = self.hidden_blocks(self.block1(torch.cat(parts, dim=1)))
         # the output head runs in fp32 as upstream (outside its autocast region)
         with torch.autocast(device_type=d.device.type, enabled=False):

@@ -1,0 +1,110 @@
+"""matchrt hook implementations of the `roma_plus` matcher (MatchAnything RoMa, complete)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import matchrt
+from matchrt.types import (
+    ExportOptions, ExportPlan, InputContract, MappedWeights, Matches, MatcherInfo, PairContext, WeightSource,
+)
+
+from . import export as export_mod
+from . import postprocess as post_mod
+from . import weights as weights_mod
+from .model import DEFAULT_COARSE, RomaPlus
+
+NAME = "roma_plus"
+
+INFO = MatcherInfo(
+    name=NAME,
+    description="MatchAnything RoMa, complete: DINOv2 + VGG19 encoder, GP, coordinate decoder, "
+                "convolutional refiners at scales 16..1, upsampling pass (dense warp)",
+    contract=InputContract(
+        channels=3,
+        side_multiple=14,
+        default_height=DEFAULT_COARSE,
+        default_width=DEFAULT_COARSE,
+        # MatchAnything test mode stretches each image to S x S (resize_by_stretch) and feeds RGB
+        # in [0, 1] (norm_img=False). Bilinear without antialiasing, as the reference copy does
+        # (the original release: bicubic with antialiasing, see preprocess.resize_images).
+        resize="stretch",
+        rounding="nearest",
+        square=True,
+        interpolation="linear",
+    ),
+    weight_sources=(
+        WeightSource("checkpoint", "matchanything_roma.ckpt (Lightning state_dict, 603 tensors, keys "
+                     "`matcher.model.*`)", layout=weights_mod.LAYOUT_ROMA),
+        WeightSource("dinov2", "dinov2_vitl14_pretrain.pth (DINOv2 ViT-L/14, 343 tensors)",
+                     layout=weights_mod.LAYOUT_DINOV2),
+    ),
+    output="dense",
+    options={**export_mod.DEFAULTS, **post_mod.SAMPLE_DEFAULTS},
+    notes=(
+        "square inputs only (height = width, a multiple of 14); upstream default 560",
+        "upsample_res (default 864, a multiple of 8; 0 = off) re-runs the fine scales on the images "
+        "resized to R x R: extra graph inputs image0_upsampled/image1_upsampled, outputs at R x R",
+        "gp_solve=exact (default) exports two graphs; the GP solve (Cholesky) runs between them. "
+        "gp_solve=iterative (conjugate gradients, gp_iters steps) gives one graph",
+        "outputs warp (B x H x 2W x 4) and certainty (B x H x 2W) as upstream's symmetric match; "
+        "postprocess samples num_samples matches (sample_mode balanced|topk, seed)",
+        "keypoints follow upstream: x = W / 2 * (x_norm + 1), pixel centres at i + 0.5",
+    ),
+    version="1",
+)
+
+
+@matchrt.hookimpl
+def register_matchers(register: Callable[..., None]) -> None:
+    """Register the roma_plus matcher."""
+    register(INFO)
+
+
+@matchrt.hookimpl
+def map_weights(matcher: str, sources: dict[str, dict[str, Any]], paths: dict[str, str],
+                options: dict[str, Any]) -> Optional[MappedWeights]:
+    """Checkpoint (603) and DINOv2 (343) tensors onto RomaPlus: coarse half via roma_full's map."""
+    if matcher != NAME:
+        return None
+    import torch
+
+    with torch.device("meta"):  # keys, shapes and dtypes only: no 1.7 GB of initial weights
+        target = RomaPlus().state_dict()
+    return weights_mod.map_weights(target, sources, paths)
+
+
+@matchrt.hookimpl
+def create_model(matcher: str, options: dict[str, Any]) -> Optional[RomaPlus]:
+    """RomaPlus in eval mode with the export options (upsample_res, symmetric, gp_solve, gp_iters)."""
+    if matcher != NAME:
+        return None
+    opts = export_mod.resolve_options(dict(options))
+    return RomaPlus(gp_solve=opts["gp_solve"], gp_iters=opts["gp_iters"], upsample_res=opts["upsample_res"],
+                    symmetric=opts["symmetric"]).eval()
+
+
+@matchrt.hookimpl
+def export_plan(matcher: str, model: Any, options: ExportOptions) -> Optional[ExportPlan]:
+    """One graph (in-graph GP solve) or two (exact GP solved between them by bridge_stages)."""
+    if matcher != NAME:
+        return None
+    return export_mod.build_plan(model, options)
+
+
+@matchrt.hookimpl
+def bridge_stages(matcher: str, stage: str, tensors: dict[str, Any], options: dict[str, Any]
+                  ) -> Optional[dict[str, Any]]:
+    """After "encode": gp_alpha = (K_yy + sigma I)^-1 basis by Cholesky (roma_full's solve_exact)."""
+    if matcher != NAME:
+        return None
+    return export_mod.bridge(stage, tensors)
+
+
+@matchrt.hookimpl
+def postprocess(matcher: str, outputs: dict[str, Any], pair: PairContext,
+                options: dict[str, Any]) -> Optional[Matches]:
+    """Sample matches from the dense warp and map them to original pixels."""
+    if matcher != NAME:
+        return None
+    return post_mod.postprocess(outputs, pair, options)
