@@ -8,6 +8,8 @@ probability-weighted mean of the most likely anchor and its four grid neighbours
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -86,7 +88,7 @@ def anchor_xy(index: torch.Tensor, res: int = ANCHORS) -> torch.Tensor:
     TensorRT hazard: the index is split into column/row with integer ops (INT32), and only the
     small results (< 64) are converted to float.
     """
-    row = torch.div(index, res, rounding_mode="floor")
+    row = torch.div(index, res, rounding_mode="trunc")  # index >= 0: trunc == floor, a plain Div
     col = index - row * res
     x = (2.0 * col.to(torch.float32) + 1.0) / res - 1.0
     y = (2.0 * row.to(torch.float32) + 1.0) / res - 1.0
@@ -100,8 +102,8 @@ def classification_to_flow(gm_cls: torch.Tensor) -> torch.Tensor:
     clamped to [0, 4095], so at a row's end m+1 continues on the next row, as upstream) and
     average their coordinates weighted by their probabilities.
     """
-    c = gm_cls.shape[1]
-    res = int(round(c ** 0.5))
+    c = int(gm_cls.shape[1])  # static: the head's width
+    res = math.isqrt(c)
     prob = stable_softmax(gm_cls.float(), 1)
     mode = prob.argmax(dim=1, keepdim=True).to(torch.int32)  # B x 1 x h x w, INT32 indices
     offsets = torch.tensor([-1, 0, 1, -res, res], dtype=torch.int32, device=gm_cls.device).view(1, 5, 1, 1)

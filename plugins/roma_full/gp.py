@@ -9,8 +9,8 @@ embedding of B's cell centres, the posterior mean at A's cells is
 
 The solve is real: it is never replaced by a softmax. ONNX and TensorRT have no inverse or solve
 op, so the solve is either done outside the graph (``solve_exact``: Cholesky, the split export)
-or in the graph by a fixed number of conjugate-gradient (or Newton-Schulz) steps
-(``solve_iterative``). K_yy + sigma I is symmetric positive definite: K_yy is a positive
+or in the graph by a fixed number of Newton-Schulz steps plus one refinement step (or
+conjugate gradients) (``solve_iterative``). K_yy + sigma I is symmetric positive definite: K_yy is a positive
 semi-definite kernel matrix (exp of a Gram matrix of unit vectors), so every eigenvalue lies in
 [sigma, max row sum]; both iterations rely on that.
 
@@ -31,12 +31,11 @@ TEMPERATURE = 0.2
 SIGMA_NOISE = 0.1
 COS_EPS = 1e-6
 DEFAULT_CG_ITERS = 64
-DEFAULT_NS_ITERS = 24
 
 
 def cosine_kernel(x: torch.Tensor, y: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:
     """B x N x D, B x M x D -> B x N x M kernel exp((cos - 1) / T); eps added to the norm product."""
-    c = torch.einsum("bnd,bmd->bnm", x, y)
+    c = x @ y.transpose(1, 2)  # MatMul, not Einsum (TensorRT supports Einsum only partly)
     norms = x.norm(dim=-1)[:, :, None] * y.norm(dim=-1)[:, None, :]
     return torch.exp((c / (norms + COS_EPS) - 1.0) / temperature)
 
@@ -44,6 +43,11 @@ def cosine_kernel(x: torch.Tensor, y: torch.Tensor, temperature: float = TEMPERA
 def flat_tokens(x: torch.Tensor) -> torch.Tensor:
     """B x D x h x w -> B x (h w) x D."""
     return x.flatten(2).transpose(1, 2)
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """The GP always runs in fp32 (as upstream, also under AMP); float64 stays float64."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def solve_exact(k_ss: torch.Tensor, rhs: torch.Tensor, float64: bool = False) -> torch.Tensor:
@@ -87,30 +91,54 @@ def solve_cg(a: torch.Tensor, b: torch.Tensor, iters: int = DEFAULT_CG_ITERS) ->
     return x
 
 
-def solve_newton_schulz(a: torch.Tensor, b: torch.Tensor, iters: int = DEFAULT_NS_ITERS,
-                        sigma: float = SIGMA_NOISE) -> torch.Tensor:
-    """X <- X (2I - A X) from X0 = 2 / (sigma + R) I, R the largest row sum (Gershgorin bound).
+def newton_schulz_iters(m: int, sigma: float = SIGMA_NOISE) -> int:
+    """Steps after which Newton-Schulz has converged for ANY M x M support matrix.
+
+    Kernel entries are <= 1, so every eigenvalue lies in [sigma, M + sigma]. From
+    X0 = 2 / (sigma + R) I the residual I - A X0 has norm rho <= 1 - 2 sigma / (sigma + R) and
+    after k steps rho^(2^k); rho^(2^k) <= e^-17 (below fp32 resolution) needs
+    2^k >= 8.5 (sigma + R) / sigma. Two steps of margin on top.
+    """
+    bound = m + sigma
+    return int(math.ceil(math.log2(8.5 * (sigma + bound) / sigma))) + 2
+
+
+def solve_newton_schulz(a: torch.Tensor, b: torch.Tensor, iters: int | None = None,
+                        refine: int = 1, sigma: float = SIGMA_NOISE) -> torch.Tensor:
+    """X <- X (2I - A X) from X0 = 2 / (sigma + R) I, R the largest row sum (Gershgorin bound),
+    then ``x = X b`` and ``refine`` steps of iterative refinement ``x += X (b - A x)``.
 
     The spectrum of A lies in [sigma, R], so ||I - A X0|| < 1 and the iteration converges
-    quadratically once the residual is below 1. Two M x M x M matmuls per step.
+    (quadratically once the residual is below 1) for every input; ``newton_schulz_iters`` gives
+    a count that suffices for any features. Two M x M x M matmuls per step; only MatMul, Add,
+    Mul, ReduceSum/Max: plain ONNX ops, unrolled. Keep it in fp32 (and TF32 off): with
+    cond(A) up to ~1e4, 10-bit mantissas lose the solution.
     """
-    m = a.shape[-1]
+    m = int(a.shape[-1])  # static at export: the step count is fixed per graph size
+    iters = newton_schulz_iters(m, sigma) if iters is None else iters
     eye = torch.eye(m, dtype=a.dtype, device=a.device)
     bound = a.abs().sum(dim=-1).amax(dim=-1)[:, None, None]  # B x 1 x 1
     x = eye * (2.0 / (sigma + bound))
     for _ in range(iters):
         x = x @ (2.0 * eye - a @ x)
-    return x @ b.expand(a.shape[0], -1, -1)
+    b = b.expand(a.shape[0], -1, -1)
+    out = x @ b
+    for _ in range(refine):
+        out = out + x @ (b - a @ out)
+    return out
 
 
-def solve_iterative(k_ss: torch.Tensor, rhs: torch.Tensor, method: str = "cg",
+METHODS = ("newton_schulz", "cg")
+
+
+def solve_iterative(k_ss: torch.Tensor, rhs: torch.Tensor, method: str = "newton_schulz",
                     iters: int | None = None) -> torch.Tensor:
-    """In-graph approximation of ``solve_exact`` ("cg" or "newton_schulz")."""
+    """In-graph approximation of ``solve_exact``: "newton_schulz" (default) or "cg"."""
+    if method == "newton_schulz":
+        return solve_newton_schulz(k_ss, rhs, iters)
     if method == "cg":
         return solve_cg(k_ss, rhs, iters or DEFAULT_CG_ITERS)
-    if method == "newton_schulz":
-        return solve_newton_schulz(k_ss, rhs, iters or DEFAULT_NS_ITERS)
-    raise ValueError(f"unknown GP solver {method!r}: use 'cg' or 'newton_schulz'")
+    raise ValueError(f"unknown GP solver {method!r}: use one of {', '.join(METHODS)}")
 
 
 class GaussianProcess(nn.Module):
@@ -129,7 +157,7 @@ class GaussianProcess(nn.Module):
 
     def kernel_matrices(self, f_q: torch.Tensor, f_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(K_xy B x N x M, K_yy + sigma I  B x M x M, basis 1 x M x 512)."""
-        x, y = flat_tokens(f_q.float()), flat_tokens(f_s.float())
+        x, y = flat_tokens(at_least_fp32(f_q)), flat_tokens(at_least_fp32(f_s))
         k_qs = cosine_kernel(x, y)
         k_ss = self.support_matrix(f_s)
         return k_qs, k_ss, self.basis(f_s.shape[-2], f_s.shape[-1], k_ss)
@@ -141,7 +169,7 @@ class GaussianProcess(nn.Module):
         Upstream also adds sigma where the diagonal is exactly 0; with sigma added first the
         diagonal is >= sigma > 0, so that branch never fires and is left out.
         """
-        y = flat_tokens(f_s.float())
+        y = flat_tokens(at_least_fp32(f_s))
         k = cosine_kernel(y, y)
         eye = torch.eye(k.shape[-1], dtype=k.dtype, device=k.device)
         return k + SIGMA_NOISE * eye
@@ -158,7 +186,7 @@ class GaussianProcess(nn.Module):
         if solve == "exact":
             alpha = solve_exact(k_ss, basis)
         elif solve == "iterative":
-            alpha = solve_iterative(k_ss, basis, "cg", iters)
+            alpha = solve_iterative(k_ss, basis, "newton_schulz", iters)
         else:
             alpha = solve_iterative(k_ss, basis, solve, iters)
         return self.posterior(k_qs, alpha, f_q.shape[-2], f_q.shape[-1])

@@ -35,15 +35,16 @@ DEFAULTS: dict[str, Any] = {
 # ONNX node-name globs TensorRT keeps in fp32 in fp16/bf16 engines (module scopes of the graph;
 # the coordinate paths and the reductions that lose precision or overflow in half precision)
 FP32_LAYERS: list[str] = [
+    # a module called again (the upsampling pass) gets scope "<name>_1": hence the trailing "*"
     "*/gp*/*",  # GP (gp, gp_kernels, gp_posterior): exp((cos - 1) / 0.2), the in-graph solve, K_xy alpha
-    "*/cls_to_flow/*",  # softmax over 4096 anchors, arg-max neighbourhood mean of coordinates
-    "*/corr/*",  # local correlation: window coordinates, GridSample, sum over 512 channels
-    "*/warp_features/*",  # GridSample of B's features at the flow (coordinates)
-    "*/displacement/*",  # flow - pixel grid
-    "*/out_conv/*",  # refiner heads (fp32 upstream as well)
+    "*/cls_to_flow*/*",  # softmax over 4096 anchors, arg-max neighbourhood mean of coordinates
+    "*/corr*/*",  # local correlation: window coordinates, GridSample, sum over 512 channels
+    "*/warp_features*/*",  # GridSample of B's features at the flow (coordinates)
+    "*/displacement*/*",  # flow - pixel grid
+    "*/out_conv*/*",  # refiner heads (fp32 upstream as well)
     "*/update*/*",  # flow += scale * delta / (4 W); certainty += delta
     "*/resize*/*",  # bilinear upsampling of flow and certainty between scales
-    "*/layout/*",  # attenuation, sigmoid, clamp and the warp's coordinate grid
+    "*/layout*/*",  # attenuation, sigmoid, clamp and the warp's coordinate grid
 ]
 
 

@@ -1,0 +1,163 @@
+"""roma_plus export: TensorRT-clean ONNX graphs that onnxruntime runs like the torch model (224 setting).
+
+Default plan (gp_solve=exact): two graphs with the Cholesky solve between them (bridge_stages);
+gp_solve=iterative: one graph, here also with the upsampling pass (inputs image*_upsampled).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from matchrt.export import export_plan, load_manifest
+from matchrt.host import create_host
+from matchrt.images import read_image
+from matchrt.plugins.roma_plus import hooks
+from matchrt.runner import artifact_pipeline
+from matchrt.types import ExportOptions
+from roma_plus_helpers import (
+    CERT_RTOL, FLOW_RTOL, PAIR, inputs, loaded_model, reference, reference_warp, rel, run_224, workdir,
+)
+
+SIDE = 224
+UPSAMPLE = 280  # a CI-sized upsampling pass (multiple of 8)
+
+
+def _export(name: str, **extra):
+    plan = hooks.export_plan("roma_plus", loaded_model(), ExportOptions(SIDE, SIDE, extra=extra))
+    path = workdir() / f"{name}.onnx"
+    export_plan(plan, path)
+    return plan, path
+
+
+@pytest.fixture(scope="module")
+def host():
+    return create_host()
+
+
+@pytest.fixture(scope="module")
+def exact(host):
+    """Default plan without upsampling, run through the runner's onnxruntime pipeline."""
+    plan, path = _export("roma_plus_exact", upsample_res=0)
+    pipe = artifact_pipeline(host, path, "onnxruntime", {})
+    a, b = inputs(SIDE)
+    return plan, path, pipe, pipe.run({"image0": a, "image1": b})
+
+
+@pytest.fixture(scope="module")
+def single(host):
+    """gp_solve=iterative (one graph) with an upsampling pass to 280."""
+    plan, path = _export("roma_plus_single", upsample_res=UPSAMPLE, gp_solve="iterative")
+    a, b = inputs(SIDE)
+    au, bu = inputs(UPSAMPLE)
+    feeds = {"image0": a, "image1": b, "image0_upsampled": au, "image1_upsampled": bu}
+    with torch.no_grad():
+        want = plan.graphs[0].module(a, b, au, bu)
+    pipe = artifact_pipeline(host, path, "onnxruntime", {})
+    return plan, path, pipe, pipe.run(feeds), dict(zip(("warp", "certainty"), want))
+
+
+def test_default_plan_is_the_exact_gp_split(exact) -> None:
+    plan, path, _, _ = exact
+    assert [g.name for g in plan.graphs] == ["encode", "refine"]
+    manifest = load_manifest(path)
+    encode, refine = manifest["stages"]
+    assert encode["inputs"] == ["image0", "image1"]
+    assert encode["input_shapes"]["image0"] == [1, 3, SIDE, SIDE]
+    assert "gp_kss" in encode["outputs"] and "gp_alpha" in refine["inputs"]
+    assert refine["outputs"] == ["warp", "certainty"]
+    assert manifest["options"]["gp_solve"] == "exact"
+
+
+def test_exact_split_matches_torch_and_upstream(exact) -> None:
+    _, _, _, out = exact
+    ref = reference()
+    warp, cert = np.asarray(out["warp"]), np.asarray(out["certainty"])
+    assert warp.shape == (1, SIDE, 2 * SIDE, 4) and cert.shape == (1, SIDE, 2 * SIDE)
+    assert rel(warp, run_224()["warp"]) <= FLOW_RTOL
+    assert rel(cert, run_224()["certainty"]) <= CERT_RTOL
+    assert rel(warp[0], reference_warp(ref["s1_flow"], ref["warp_grid"])) <= FLOW_RTOL
+    assert rel(cert[0], ref["certainty"]) <= CERT_RTOL
+
+
+def test_single_graph_with_upsampling_matches_torch(single) -> None:
+    plan, path, _, out, want = single
+    manifest = load_manifest(path)
+    assert len(manifest["stages"]) == 1
+    shapes = manifest["stages"][0]["input_shapes"]
+    assert shapes["image0_upsampled"] == [1, 3, UPSAMPLE, UPSAMPLE] and shapes["image1"] == [1, 3, SIDE, SIDE]
+    warp, cert = np.asarray(out["warp"]), np.asarray(out["certainty"])
+    assert warp.shape == (1, UPSAMPLE, 2 * UPSAMPLE, 4)
+    assert rel(warp, want["warp"]) <= FLOW_RTOL
+    assert rel(cert, want["certainty"]) <= CERT_RTOL
+
+
+def _graphs(path):
+    manifest = load_manifest(path)
+    return [onnx.load(str(path.parent / st["file"]), load_external_data=False) for st in manifest["stages"]]
+
+
+@pytest.mark.parametrize("which", ["exact", "single"])
+def test_graphs_are_tensorrt_clean(which, request) -> None:
+    path = request.getfixturevalue(which)[1]
+    for model in _graphs(path):
+        assert all(o.domain in ("", "ai.onnx") and o.version == 17 for o in model.opset_import)
+        ops = {n.op_type for n in model.graph.node}
+        assert not ops & {"NonZero", "Loop", "If", "Scan"}, ops
+        assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)
+        for n in model.graph.node:
+            if n.op_type == "GridSample":
+                attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+                assert attrs.get("mode", b"bilinear") == b"bilinear"
+                assert attrs.get("padding_mode", b"zeros") == b"zeros"
+                assert attrs.get("align_corners", 0) == 0
+        # no data-dependent shapes: every output shape is static
+        for o in model.graph.output:
+            assert all(d.dim_value > 0 for d in o.type.tensor_type.shape.dim), o.name
+
+
+def test_correlation_is_one_gridsample_per_scale(single) -> None:
+    (model,) = _graphs(single[1])
+    corr = [n.name for n in model.graph.node
+            if n.op_type == "GridSample" and fnmatch.fnmatchcase(n.name, "*/corr*/GridSample")]
+    # scales 16, 8, 4 in the first pass, 8 and 4 again in the upsampling pass
+    assert len(corr) == 5
+
+
+@pytest.mark.parametrize("which", ["exact", "single"])
+def test_every_fp32_pattern_pins_nodes(which, request) -> None:
+    path = request.getfixturevalue(which)[1]
+    manifest = load_manifest(path)
+    names = [n.name for m in _graphs(path) for n in m.graph.node]
+    patterns = {p for st in manifest["stages"] for p in st["fp32_layers"]}
+    assert patterns
+    for pattern in patterns:
+        assert any(fnmatch.fnmatchcase(n, pattern) for n in names), pattern
+    pinned = {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+    # every sampling of coordinates and every flow resize, in both passes, stays fp32
+    nodes = [n for m in _graphs(path) for n in m.graph.node]
+    for n in nodes:
+        if "/dinov2/" in n.name or "/embedding_decoder/" in n.name:
+            continue  # attention softmaxes subtract their max; the ViT's own position resize
+        if n.op_type in ("GridSample", "Softmax", "ArgMax", "Sigmoid", "Resize"):
+            assert n.name in pinned, n.name
+    meta = {p.key: p.value for p in _graphs(path)[0].metadata_props}
+    assert json.loads(meta["matchrt.fp32_layers"])
+
+
+def test_runner_matches_from_original_images(exact) -> None:
+    _, _, pipe, _ = exact
+    image0, image1 = read_image(PAIR[0]), read_image(PAIR[1])
+    matches = pipe.match(image0, image1, {"num_samples": 500, "seed": 3})
+    assert 0 < len(matches) <= 500
+    for kp, img in ((matches.keypoints0, image0), (matches.keypoints1, image1)):
+        assert kp[:, 0].min() >= 0 and kp[:, 0].max() <= img.shape[1] - 1
+        assert kp[:, 1].min() >= 0 and kp[:, 1].max() <= img.shape[0] - 1
+    assert matches.warp is not None and matches.warp.shape == (SIDE, 2 * SIDE, 4)
+    assert matches.certainty is not None and matches.certainty.shape == (SIDE, 2 * SIDE)
+    assert matches.metadata["sample_mode"] == "balanced"

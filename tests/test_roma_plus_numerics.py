@@ -1,0 +1,117 @@
+"""roma_plus numerics against upstream's self_inference_time_match (fp32, CPU, deterministic weights).
+
+Tolerances (max |a - b| / max |b|): 1e-4 for flows and warp, 1e-3 for certainties. Certainty
+carries the GP solve's sensitivity (fixtures README: ~1e-4 between float32 and float64 inverses).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from matchrt.plugins.roma_plus.refiner import LocalCorrelation
+from roma_plus_helpers import CERT_RTOL, FLOW_RTOL, inputs, loaded_model, reference, reference_warp, rel, run_224
+
+SCALES = (16, 8, 4, 2, 1)
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_per_scale_flow_and_certainty_match_upstream(scale: int) -> None:
+    ref = reference()
+    flow, cert = run_224()["first"][scale]
+    assert tuple(flow.shape) == ref[f"s{scale}_flow"].shape
+    assert rel(flow, ref[f"s{scale}_flow"]) <= FLOW_RTOL
+    assert rel(cert, ref[f"s{scale}_certainty"]) <= CERT_RTOL
+
+
+def test_fine_scales_from_the_reference_coarse_flow_are_tight() -> None:
+    """Scales 8..1 fed upstream's s16 output: the refiners alone, free of the GP's solve noise."""
+    ref = reference()
+    model = loaded_model()
+    a, b = run_224()["image0"], run_224()["image1"]
+    with torch.no_grad():
+        pyr_q, pyr_s = model.pyramids(a, b, with_coarse=False)
+        out = model.fine_scales(pyr_q, pyr_s, torch.from_numpy(ref["s16_flow"]),
+                                torch.from_numpy(ref["s16_certainty"]))
+    for s in (8, 4, 2, 1):
+        assert rel(out[s][0], ref[f"s{s}_flow"]) <= 1e-5
+        assert rel(out[s][1], ref[f"s{s}_certainty"]) <= 1e-5
+
+
+def test_final_warp_and_certainty_match_upstream() -> None:
+    ref = reference()
+    warp, cert = run_224()["warp"], run_224()["certainty"]
+    assert tuple(warp.shape) == (1, 224, 448, 4) and tuple(cert.shape) == (1, 224, 448)
+    assert rel(warp[0], reference_warp(ref["s1_flow"], ref["warp_grid"])) <= FLOW_RTOL
+    assert rel(cert[0], ref["certainty"]) <= CERT_RTOL
+    # the layout itself: left half is A's grid then its match in B, right half the reverse
+    w = warp[0].numpy()
+    assert np.array_equal(w[:, :224, :2], w[:, 224:, 2:])
+    assert float(cert.min()) >= 0.0 and float(cert.max()) <= 1.0
+
+
+def test_attenuation_subtracts_half_the_negative_coarse_logit() -> None:
+    """Upstream: logits_1 - 0.5 * c16 * (c16 < 0), c16 resized bilinearly to the output size."""
+    model = loaded_model()
+    first = run_224()["first"]
+    c16 = torch.nn.functional.interpolate(first[16][1], size=(224, 224), mode="bilinear", align_corners=False)
+    logits = first[1][1] - 0.5 * c16 * (c16 < 0)
+    with torch.no_grad():
+        warp, cert = model.layout(first[1][0], first[1][1], first[16][1], True)
+    expected = torch.sigmoid(logits)[:, 0]
+    outside = (first[1][0].abs() > 1).any(dim=1)
+    expected = torch.where(outside, torch.zeros_like(expected), expected)
+    assert torch.allclose(cert, torch.cat((expected[:1], expected[1:]), dim=2), atol=1e-6)
+    assert bool((c16 < 0).any())  # the pair exercises the attenuation
+
+
+def test_non_symmetric_mode_is_the_a_to_b_half() -> None:
+    import copy
+
+    model = copy.copy(loaded_model())
+    model.symmetric = False
+    a, b = inputs(224)
+    with torch.no_grad():
+        warp, cert = model(a, b)
+    sym_warp, sym_cert = run_224()["warp"], run_224()["certainty"]
+    assert tuple(warp.shape) == (1, 224, 224, 4)
+    assert rel(warp, sym_warp[:, :, :224]) <= FLOW_RTOL
+    assert rel(cert, sym_cert[:, :, :224]) <= CERT_RTOL
+
+
+def test_local_correlation_is_the_windowed_dot_product() -> None:
+    """Against a direct per-offset computation (upstream's definition: window step 2 px)."""
+    torch.manual_seed(0)
+    b, c, h, w, r = 2, 8, 6, 7, 2
+    fa, fb = torch.randn(b, c, h, w), torch.randn(b, c, h, w)
+    flow = torch.rand(b, 2, h, w) * 1.6 - 0.8
+    got = LocalCorrelation(r)(fa, fb, flow)
+    k = 0
+    for dy in torch.linspace(-2 * r / h, 2 * r / h, 2 * r + 1):
+        for dx in torch.linspace(-2 * r / w, 2 * r / w, 2 * r + 1):
+            grid = (flow + torch.stack((dx, dy)).view(1, 2, 1, 1)).permute(0, 2, 3, 1)
+            sampled = torch.nn.functional.grid_sample(fb, grid, align_corners=False)
+            want = (fa * sampled).sum(1) / c ** 0.5
+            assert torch.allclose(got[:, k], want, atol=1e-5)
+            k += 1
+
+
+@pytest.mark.slow
+def test_default_560_with_upsampling_to_864_matches_upstream() -> None:
+    """Upstream's default setting (about 5 minutes and 9 GB on 2 CPU cores)."""
+    ref = reference("c560_u864_sub")
+    st = int(ref["stride"])
+    model = loaded_model()
+    a, b = inputs(560)
+    au, bu = inputs(864)
+    with torch.no_grad():
+        _, first, second = model.correspondences(a, b, au, bu)
+        warp, cert = model.finish(first, second)
+    assert second is not None and tuple(warp.shape) == (1, 864, 1728, 4)
+    assert rel(second[8][0], ref["s8_flow"]) <= FLOW_RTOL
+    assert rel(second[8][1], ref["s8_certainty"]) <= CERT_RTOL
+    assert rel(second[1][0][:, :, ::st, ::st], ref["s1_flow_sub"]) <= FLOW_RTOL
+    assert rel(second[1][1][:, :, ::st, ::st], ref["s1_certainty_sub"]) <= CERT_RTOL
+    assert rel(warp[0, ::st, ::st], reference_warp(ref["s1_flow_sub"], ref["warp_grid_sub"])) <= FLOW_RTOL
+    assert rel(cert[0, ::st, ::st], ref["certainty_sub"]) <= CERT_RTOL
