@@ -30,7 +30,7 @@ from matchrt.images import read_image
 from matchrt.plugins.roma_plus import hooks
 from matchrt.plugins.roma_plus.preprocess import image_tensor, resize_images
 from matchrt.plugins.roma_plus.weights import LAYOUT_DINOV2, LAYOUT_ROMA
-from matchrt.weights import deterministic_state_dict, enforce, load_checkpoint, read_layout
+from matchrt.weights import enforce, load_checkpoint, read_layout, write_random_checkpoint
 
 DATA = Path(__file__).parent / "data"
 ROMA = DATA / "roma"
@@ -72,46 +72,51 @@ def inputs(side: int) -> tuple[torch.Tensor, torch.Tensor]:
     return resize_images(image_tensor(a), side), resize_images(image_tensor(b), side)
 
 
-@functools.lru_cache(maxsize=None)
-def deterministic_sources() -> dict[str, dict[str, torch.Tensor]]:
-    """The fixtures' deterministic weights in both real layouts (generated once: ~10 s, 1.7 GB).
-
-    Callers that modify them must copy the dict first (the tensors are shared).
-    """
-    return {"checkpoint": deterministic_state_dict(read_layout(LAYOUT_ROMA)),
-            "dinov2": deterministic_state_dict(read_layout(LAYOUT_DINOV2))}
+def meta_sources() -> dict[str, dict[str, torch.Tensor]]:
+    """Both real layouts as meta tensors (keys, shapes, dtypes; no memory): enough for mapping checks."""
+    out = {}
+    for name, layout in (("checkpoint", LAYOUT_ROMA), ("dinov2", LAYOUT_DINOV2)):
+        out[name] = {k: torch.empty(s, dtype=getattr(torch, d), device="meta") for k, s, d in read_layout(layout)}
+    return out
 
 
 @functools.lru_cache(maxsize=None)
 def checkpoint_paths() -> dict[str, Path]:
     """Deterministic files as the real ones are stored: a Lightning RoMa checkpoint, a plain DINOv2 file.
 
-    Same content as ``matchrt.weights.write_random_checkpoint`` writes, from the cached tensors.
+    The content ``matchrt.weights.write_random_checkpoint`` writes (the fixtures' weights).
     """
     out = workdir()
-    sources = deterministic_sources()
     paths = {"checkpoint": out / "matchanything_roma_det.ckpt", "dinov2": out / "dinov2_vitl14_det.pth"}
-    torch.save({"state_dict": sources["checkpoint"]}, str(paths["checkpoint"]))
-    torch.save(sources["dinov2"], str(paths["dinov2"]))
+    write_random_checkpoint(LAYOUT_ROMA, paths["checkpoint"], lightning=True)
+    write_random_checkpoint(LAYOUT_DINOV2, paths["dinov2"], lightning=False)
     return paths
 
 
-@functools.lru_cache(maxsize=None)
 def mapped() -> Any:
-    """The plugin's weight map of both files (a MappedWeights with its report)."""
+    """The plugin's weight map of both files (a MappedWeights with its report; 1.7 GB, not kept)."""
     paths = checkpoint_paths()
     sources = {name: load_checkpoint(p) for name, p in paths.items()}
     return hooks.map_weights("roma_plus", sources, {k: str(v) for k, v in paths.items()}, {})
 
 
 @functools.lru_cache(maxsize=None)
-def loaded_model() -> Any:
-    """RomaPlus with the deterministic weights (defaults: exact GP, symmetric, upsample 864)."""
+def _model_and_report() -> tuple[Any, Any]:
     result = mapped()
     enforce(result.report)
-    model = hooks.create_model("roma_plus", {})
+    model = hooks.create_model("roma_plus", {"gp_solve": "exact"})
     model.load_state_dict(result.state_dict, strict=True)
-    return model.eval()
+    return model.eval(), result.report
+
+
+def mapping_report() -> Any:
+    """The WeightReport of mapping the two deterministic files (kept from loading the model)."""
+    return _model_and_report()[1]
+
+
+def loaded_model() -> Any:
+    """RomaPlus with the deterministic weights: exact GP (as upstream), symmetric, upsample 864."""
+    return _model_and_report()[0]
 
 
 @functools.lru_cache(maxsize=None)

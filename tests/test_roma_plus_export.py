@@ -1,12 +1,14 @@
 """roma_plus export: TensorRT-clean ONNX graphs that onnxruntime runs like the torch model (224 setting).
 
-Default plan (gp_solve=exact): two graphs with the Cholesky solve between them (bridge_stages);
-gp_solve=iterative: one graph, here also with the upsampling pass (inputs image*_upsampled).
+gp_solve=exact: two graphs with roma_full's Cholesky solve between them (bridge_stages);
+gp_solve=iterative (default): one graph, here also with the upsampling pass (inputs image*_upsampled).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+import functools
 import json
 
 import numpy as np
@@ -17,6 +19,7 @@ import torch
 from matchrt.export import export_plan, load_manifest
 from matchrt.host import create_host
 from matchrt.images import read_image
+from matchrt.lint import lint_onnx
 from matchrt.plugins.roma_plus import hooks
 from matchrt.runner import artifact_pipeline
 from matchrt.types import ExportOptions
@@ -42,27 +45,30 @@ def host():
 
 @pytest.fixture(scope="module")
 def exact(host):
-    """Default plan without upsampling, run through the runner's onnxruntime pipeline."""
-    plan, path = _export("roma_plus_exact", upsample_res=0)
+    """gp_solve=exact without upsampling through the runner's onnxruntime pipeline: raw outputs
+    on the torch-resized inputs, and Matches from the original images (the runner resizes)."""
+    plan, path = _export("roma_plus_exact", upsample_res=0, gp_solve="exact")
     pipe = artifact_pipeline(host, path, "onnxruntime", {})
     a, b = inputs(SIDE)
-    return plan, path, pipe, pipe.run({"image0": a, "image1": b})
+    out = pipe.run({"image0": a, "image1": b})
+    matches = pipe.match(read_image(PAIR[0]), read_image(PAIR[1]), {"num_samples": 500, "seed": 3})
+    return plan, path, matches, out
 
 
 @pytest.fixture(scope="module")
 def single(host):
-    """gp_solve=iterative (one graph) with an upsampling pass to 280."""
-    plan, path = _export("roma_plus_single", upsample_res=UPSAMPLE, gp_solve="iterative")
+    """The default plan (gp_solve=iterative: one graph) with an upsampling pass to 280."""
+    plan, path = _export("roma_plus_single", upsample_res=UPSAMPLE)
     a, b = inputs(SIDE)
     au, bu = inputs(UPSAMPLE)
     feeds = {"image0": a, "image1": b, "image0_upsampled": au, "image1_upsampled": bu}
     with torch.no_grad():
         want = plan.graphs[0].module(a, b, au, bu)
-    pipe = artifact_pipeline(host, path, "onnxruntime", {})
-    return plan, path, pipe, pipe.run(feeds), dict(zip(("warp", "certainty"), want))
+    out = artifact_pipeline(host, path, "onnxruntime", {}).run(feeds)
+    return plan, path, None, out, dict(zip(("warp", "certainty"), want))
 
 
-def test_default_plan_is_the_exact_gp_split(exact) -> None:
+def test_exact_plan_is_a_two_graph_split(exact) -> None:
     plan, path, _, _ = exact
     assert [g.name for g in plan.graphs] == ["encode", "refine"]
     manifest = load_manifest(path)
@@ -88,7 +94,7 @@ def test_exact_split_matches_torch_and_upstream(exact) -> None:
 def test_single_graph_with_upsampling_matches_torch(single) -> None:
     plan, path, _, out, want = single
     manifest = load_manifest(path)
-    assert len(manifest["stages"]) == 1
+    assert len(manifest["stages"]) == 1 and manifest["options"]["gp_solve"] == "iterative"
     shapes = manifest["stages"][0]["input_shapes"]
     assert shapes["image0_upsampled"] == [1, 3, UPSAMPLE, UPSAMPLE] and shapes["image1"] == [1, 3, SIDE, SIDE]
     warp, cert = np.asarray(out["warp"]), np.asarray(out["certainty"])
@@ -97,33 +103,68 @@ def test_single_graph_with_upsampling_matches_torch(single) -> None:
     assert rel(cert, want["certainty"]) <= CERT_RTOL
 
 
-def _graphs(path):
+@dataclasses.dataclass(frozen=True)
+class Node:
+    name: str
+    op_type: str
+    domain: str
+    attrs: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class Graph:
+    """What the tests read of an exported graph (the protos hold 1.7 GB of weights: not kept)."""
+
+    opsets: tuple
+    nodes: tuple
+    output_dims: tuple
+    metadata: tuple
+    lint_errors: tuple  # matchrt.lint's errors (what TensorRT's ONNX parser would refuse)
+
+
+@functools.lru_cache(maxsize=None)
+def _graphs(path) -> tuple[Graph, ...]:
     manifest = load_manifest(path)
-    return [onnx.load(str(path.parent / st["file"]), load_external_data=False) for st in manifest["stages"]]
+    out = []
+    for st in manifest["stages"]:
+        model = onnx.load(str(path.parent / st["file"]), load_external_data=False)
+        nodes = tuple(
+            Node(n.name, n.op_type, n.domain,
+                 tuple((a.name, onnx.helper.get_attribute_value(a)) for a in n.attribute)
+                 if n.op_type == "GridSample" else ())
+            for n in model.graph.node)
+        out.append(Graph(
+            tuple((o.domain, o.version) for o in model.opset_import), nodes,
+            tuple((o.name, tuple(d.dim_value for d in o.type.tensor_type.shape.dim)) for o in model.graph.output),
+            tuple((p.key, p.value) for p in model.metadata_props),
+            tuple(str(p) for p in lint_onnx(model) if p.is_error)))
+        del model
+    return tuple(out)
 
 
 @pytest.mark.parametrize("which", ["exact", "single"])
 def test_graphs_are_tensorrt_clean(which, request) -> None:
     path = request.getfixturevalue(which)[1]
-    for model in _graphs(path):
-        assert all(o.domain in ("", "ai.onnx") and o.version == 17 for o in model.opset_import)
-        ops = {n.op_type for n in model.graph.node}
+    for graph in _graphs(path):
+        assert not graph.lint_errors, graph.lint_errors
+        assert all(domain in ("", "ai.onnx") and version == 17 for domain, version in graph.opsets)
+        ops = {n.op_type for n in graph.nodes}
         assert not ops & {"NonZero", "Loop", "If", "Scan"}, ops
-        assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)
-        for n in model.graph.node:
+        assert all(n.domain in ("", "ai.onnx") for n in graph.nodes)
+        for n in graph.nodes:
             if n.op_type == "GridSample":
-                attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+                attrs = dict(n.attrs)
                 assert attrs.get("mode", b"bilinear") == b"bilinear"
                 assert attrs.get("padding_mode", b"zeros") == b"zeros"
                 assert attrs.get("align_corners", 0) == 0
         # no data-dependent shapes: every output shape is static
-        for o in model.graph.output:
-            assert all(d.dim_value > 0 for d in o.type.tensor_type.shape.dim), o.name
+        for name, dims in graph.output_dims:
+            assert dims and all(d > 0 for d in dims), name
 
 
 def test_correlation_is_one_gridsample_per_scale(single) -> None:
-    (model,) = _graphs(single[1])
-    corr = [n.name for n in model.graph.node
+    (graph,) = _graphs(single[1])
+    corr = [n.name for n in graph.nodes
             if n.op_type == "GridSample" and fnmatch.fnmatchcase(n.name, "*/corr*/GridSample")]
     # scales 16, 8, 4 in the first pass, 8 and 4 again in the upsampling pass
     assert len(corr) == 5
@@ -133,27 +174,26 @@ def test_correlation_is_one_gridsample_per_scale(single) -> None:
 def test_every_fp32_pattern_pins_nodes(which, request) -> None:
     path = request.getfixturevalue(which)[1]
     manifest = load_manifest(path)
-    names = [n.name for m in _graphs(path) for n in m.graph.node]
+    names = [n.name for g in _graphs(path) for n in g.nodes]
     patterns = {p for st in manifest["stages"] for p in st["fp32_layers"]}
     assert patterns
     for pattern in patterns:
         assert any(fnmatch.fnmatchcase(n, pattern) for n in names), pattern
     pinned = {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
     # every sampling of coordinates and every flow resize, in both passes, stays fp32
-    nodes = [n for m in _graphs(path) for n in m.graph.node]
+    nodes = [n for g in _graphs(path) for n in g.nodes]
     for n in nodes:
         if "/dinov2/" in n.name or "/embedding_decoder/" in n.name:
             continue  # attention softmaxes subtract their max; the ViT's own position resize
         if n.op_type in ("GridSample", "Softmax", "ArgMax", "Sigmoid", "Resize"):
             assert n.name in pinned, n.name
-    meta = {p.key: p.value for p in _graphs(path)[0].metadata_props}
+    meta = dict(_graphs(path)[0].metadata)
     assert json.loads(meta["matchrt.fp32_layers"])
 
 
 def test_runner_matches_from_original_images(exact) -> None:
-    _, _, pipe, _ = exact
+    _, _, matches, _ = exact
     image0, image1 = read_image(PAIR[0]), read_image(PAIR[1])
-    matches = pipe.match(image0, image1, {"num_samples": 500, "seed": 3})
     assert 0 < len(matches) <= 500
     for kp, img in ((matches.keypoints0, image0), (matches.keypoints1, image1)):
         assert kp[:, 0].min() >= 0 and kp[:, 0].max() <= img.shape[1] - 1

@@ -80,6 +80,19 @@ def test_non_symmetric_mode_is_the_a_to_b_half() -> None:
     assert rel(cert, sym_cert[:, :, :224]) <= CERT_RTOL
 
 
+def test_batched_pairs_are_independent() -> None:
+    """Batch of two pairs, (A, B) and (B, A): the second is the first with its halves swapped."""
+    a, b = inputs(224)
+    with torch.no_grad():
+        warp, cert = loaded_model()(torch.cat((a, b)), torch.cat((b, a)))
+    w1, c1 = run_224()["warp"][0], run_224()["certainty"][0]
+    assert tuple(warp.shape) == (2, 224, 448, 4)
+    assert rel(warp[0], w1) <= FLOW_RTOL and rel(cert[0], c1) <= CERT_RTOL
+    swapped = torch.cat((w1[:, 224:, [2, 3, 0, 1]], w1[:, :224, [2, 3, 0, 1]]), dim=1)
+    assert rel(warp[1], swapped) <= FLOW_RTOL
+    assert rel(cert[1], torch.cat((c1[:, 224:], c1[:, :224]), dim=1)) <= CERT_RTOL
+
+
 def test_local_correlation_is_the_windowed_dot_product() -> None:
     """Against a direct per-offset computation (upstream's definition: window step 2 px)."""
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ import torch
 from matchrt.plugins.roma_plus import hooks
 from matchrt.plugins.roma_plus.weights import LAYOUT_DINOV2, LAYOUT_ROMA, rename
 from matchrt.weights import Reserved, WeightMappingError, deterministic_state_dict, enforce, read_layout
-from roma_plus_helpers import checkpoint_paths, deterministic_sources, loaded_model, mapped
+from roma_plus_helpers import checkpoint_paths, loaded_model, mapping_report, meta_sources
 
 ROMA_ROWS = read_layout(LAYOUT_ROMA)
 DINO_ROWS = read_layout(LAYOUT_DINOV2)
@@ -20,7 +20,7 @@ def test_layouts_are_the_real_files() -> None:
 
 
 def test_both_files_map_completely() -> None:
-    report = mapped().report
+    report = mapping_report()
     assert report.ok, report.summary()
     by_name = {s.source: s for s in report.sources}
     assert (by_name["checkpoint"].total, by_name["checkpoint"].mapped) == (603, 603)
@@ -61,8 +61,8 @@ def _map(roma: dict, dino: dict):
 
 
 def test_missing_dinov2_tensors_are_refused_with_counts() -> None:
-    roma = deterministic_sources()["checkpoint"]
-    dino = dict(deterministic_sources()["dinov2"])
+    roma = meta_sources()["checkpoint"]
+    dino = meta_sources()["dinov2"]
     for key in [k for k, _, _ in DINO_ROWS[-3:]]:
         del dino[key]
     report = _map(roma, dino).report
@@ -72,7 +72,7 @@ def test_missing_dinov2_tensors_are_refused_with_counts() -> None:
 
 
 def test_swapped_files_are_refused() -> None:
-    roma, dino = deterministic_sources()["checkpoint"], deterministic_sources()["dinov2"]
+    roma, dino = meta_sources()["checkpoint"], meta_sources()["dinov2"]
     report = hooks.map_weights("roma_plus", {"checkpoint": dino, "dinov2": roma}, {}, {}).report
     assert not report.ok
     assert len(report.unexpected) >= 343  # no DINOv2 key means anything as a checkpoint key

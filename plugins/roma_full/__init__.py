@@ -12,11 +12,13 @@ Public pieces, meant to be reused by roma_plus (which adds the refiners at scale
   ``encoder.normalize_images(x, imagenet)``: the input normalisation (MatchAnything test mode,
   ``norm_img=False``: identity; images go in as RGB in [0, 1]).
   ``encoder.check_input_size(h, w)``: raises MatchrtError naming the nearest valid sizes.
-- ``gp.GaussianProcess`` (checkpoint ``gps.16``): ``kernel_matrices``, ``solve_exact``,
-  ``solve_iterative``, ``posterior`` and ``forward(f_q, f_s, solve="exact"|"iterative")``.
+- ``gp.GaussianProcess`` (checkpoint ``gps.16``): ``kernel_matrices(f_q, f_s) -> (K_xy, K_yy + sigma I,
+  basis)``, ``posterior(k_qs, alpha, h, w)``, ``forward(f_q, f_s, solve="exact"|"iterative"|"cg"|
+  "newton_schulz", iters=None)``; module functions ``gp.solve_exact`` (Cholesky, any device),
+  ``gp.solve_iterative`` (Newton-Schulz + one refinement step by default, or CG),
+  ``gp.newton_schulz_iters(M)``.
 - ``decoder.CoordinateDecoder`` (checkpoint ``embedding_decoder``): ``forward(gp_feats, feats) ->
-  (gm_cls B,4096,h,w; gm_certainty B,1,h,w)``; ``decoder.classification_to_flow(gm_cls) -> B,2,h,w``;
-  ``decoder.coarse_grid(b, h, w, like) -> B,2,h,w`` (pixel-centre grid in [-1, 1]).
+  (gm_cls B,4096,h,w; gm_certainty B,1,h,w)``; ``decoder.classification_to_flow(gm_cls) -> B,2,h,w``.
 - ``model.RomaCoarse``: ``encoder``, ``proj16``, ``gp``, ``embedding_decoder``;
   ``pyramids(image0, image1) -> (pyr_q, pyr_s)`` (symmetric batch: q = [A, B], s = [B, A]),
   ``coarse(f_q16, f_s16) -> dict(gm_cls, gm_certainty, flow, certainty, feat_q16, feat_s16)``
@@ -24,5 +26,9 @@ Public pieces, meant to be reused by roma_plus (which adds the refiners at scale
   ``forward(image0, image1) -> same dict``.
 - ``weights.coarse_rename(source, key) -> str | None``: RomaCoarse key for a checkpoint/DINOv2 tensor
   this half uses (None otherwise); ``weights.rename`` (roma_full's full rename: refiner tensors
-  become ``Reserved("roma_plus")``); ``weights.REFINER_PREFIXES``.
+  become ``Reserved("roma_plus")``); ``weights.REFINER_PREFIXES``, ``weights.is_refiner_key``.
+- ``export``: ``build_plan`` (gp_solve iterative: one graph; exact: encode -> ``bridge`` -> decode),
+  modules ``Features``, ``GPSupport``, ``IterativeSolve``, ``GPPosterior``, ``Head``, ``ToWarp``.
+- ``ops``: ``stable_softmax``, ``coarse_grid(b, h, w, like) -> B,2,h,w`` (cell centres in [-1, 1], x
+  first), ``centre_coords``, ``swap_halves``.
 """

@@ -107,7 +107,10 @@ def classification_to_flow(gm_cls: torch.Tensor) -> torch.Tensor:
     prob = stable_softmax(gm_cls.float(), 1)
     mode = prob.argmax(dim=1, keepdim=True).to(torch.int32)  # B x 1 x h x w, INT32 indices
     offsets = torch.tensor([-1, 0, 1, -res, res], dtype=torch.int32, device=gm_cls.device).view(1, 5, 1, 1)
-    index = (mode + offsets).clamp(0, c - 1)  # B x 5 x h x w
+    index = mode + offsets  # B x 5 x h x w
+    # clamp to [0, c-1] with Max/Min (TensorRT's Clip takes no INT32)
+    index = torch.minimum(torch.maximum(index, torch.zeros_like(offsets[:, :1])),
+                          torch.full_like(offsets[:, :1], c - 1))
     weight = torch.gather(prob, 1, index.to(torch.int64))  # B x 5 x h x w
     xy = anchor_xy(index, res)  # B x 5 x h x w x 2
     flow = (weight[..., None] * xy).sum(dim=1) / weight.sum(dim=1)[..., None]

@@ -21,7 +21,6 @@ GP solve (``extra["gp_solve"]``):
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Optional
 
 import torch
@@ -78,7 +77,11 @@ class ToWarp(nn.Module):
     """Coarse logits of the symmetric batch -> upstream's warp / certainty layout (per pair)."""
 
     def forward(self, gm_cls: torch.Tensor, gm_certainty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        flow = classification_to_flow(gm_cls)  # 2B x 2 x h x w
+        return self.layout(classification_to_flow(gm_cls), gm_certainty)
+
+    @staticmethod
+    def layout(flow: torch.Tensor, gm_certainty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """flow 2B x 2 x h x w, certainty logits 2B x 1 x h x w -> warp B x h x 2w x 4, B x h x 2w."""
         b2, _, h, w = flow.shape
         prob = torch.sigmoid(gm_certainty[:, 0])  # 2B x h x w
         # as upstream: a warp leaving the image gets certainty 0 and is clamped
@@ -215,7 +218,9 @@ def build_plan(model: RomaCoarse, options: ExportOptions) -> ExportPlan:
     batch = int(options.batch)
     if batch < 1:
         raise MatchrtError(f"roma_full: batch must be >= 1, got {batch}")
-    model = copy.deepcopy(model).eval()
+    # no copy: the wrappers only reference the model's submodules and change nothing (a copy
+    # would double the 1.2 GB of DINOv2 weights in memory during export)
+    model = model.eval()
     example = (torch.rand(batch, 3, h, w), torch.rand(batch, 3, h, w))
     iters = None if resolved["gp_iters"] == "auto" else int(resolved["gp_iters"])
     if resolved["gp_solve"] == "iterative":

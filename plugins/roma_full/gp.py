@@ -9,10 +9,10 @@ embedding of B's cell centres, the posterior mean at A's cells is
 
 The solve is real: it is never replaced by a softmax. ONNX and TensorRT have no inverse or solve
 op, so the solve is either done outside the graph (``solve_exact``: Cholesky, the split export)
-or in the graph by a fixed number of Newton-Schulz steps plus one refinement step (or
-conjugate gradients) (``solve_iterative``). K_yy + sigma I is symmetric positive definite: K_yy is a positive
-semi-definite kernel matrix (exp of a Gram matrix of unit vectors), so every eigenvalue lies in
-[sigma, max row sum]; both iterations rely on that.
+or inside it (``solve_iterative``: a fixed number of Newton-Schulz steps plus one refinement
+step, or conjugate gradients). K_yy + sigma I is symmetric positive definite: K_yy is a
+positive semi-definite kernel matrix (exp of a Gram matrix of unit vectors), so every eigenvalue
+lies in [sigma, max row sum]; the iterations rely on that.
 
 MatchAnything's RoMa runs the GP with ``no_cov=True``: only the mean is used.
 """
@@ -55,7 +55,7 @@ def solve_exact(k_ss: torch.Tensor, rhs: torch.Tensor, float64: bool = False) ->
 
     ``k_ss``: B x M x M (noise already added), ``rhs``: B x M x D or 1 x M x D.
     """
-    dtype = torch.float64 if float64 else torch.float32
+    dtype = torch.float64 if float64 or k_ss.dtype == torch.float64 else torch.float32
     a = k_ss.to(dtype)
     b = rhs.to(dtype).expand(a.shape[0], -1, -1)
     chol, info = torch.linalg.cholesky_ex(a)
@@ -120,7 +120,8 @@ def solve_newton_schulz(a: torch.Tensor, b: torch.Tensor, iters: int | None = No
     bound = a.abs().sum(dim=-1).amax(dim=-1)[:, None, None]  # B x 1 x 1
     x = eye * (2.0 / (sigma + bound))
     for _ in range(iters):
-        x = x @ (2.0 * eye - a @ x)
+        # X (2I - A X) written as 2X - X (A X): no M x M constant per step in the exported graph
+        x = 2.0 * x - x @ (a @ x)
     b = b.expand(a.shape[0], -1, -1)
     out = x @ b
     for _ in range(refine):

@@ -1,1 +1,6 @@
-"""MatchAnything RoMa (roma_plus) plugin."""
+"""MatchAnything RoMa, complete (roma_plus): roma_full's coarse half + refiners 16..1 + upsampling pass.
+
+Modules: ``refiner`` (ConvRefiner, local correlation), ``model`` (RomaPlus), ``weights`` (603 + 343
+tensor map), ``preprocess`` (upstream's resize), ``export`` (graphs and the exact-GP split),
+``sampling`` (balanced / top-k match sampling), ``postprocess`` (Matches), ``hooks``.
+"""

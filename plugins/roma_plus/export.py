@@ -17,19 +17,18 @@ import torch
 from torch import nn
 
 from matchrt.errors import MatchrtError
-from matchrt.plugins.roma_full.encoder import COARSE_SCALE
-from matchrt.plugins.roma_full.gp import solve_exact
+from matchrt.plugins.roma_full import export as coarse_export
+from matchrt.plugins.roma_full.encoder import COARSE_SCALE, check_input_size
 from matchrt.types import ExportOptions, ExportPlan, GraphSpec
 
 from .model import DEFAULT_UPSAMPLE, RomaPlus
 
 NAME = "roma_plus"
-GP_SOLVES = ("exact", "iterative", "cg", "newton_schulz")
+# gp_solve ("iterative" | "exact"), gp_method, gp_iters: as roma_full defines and validates them
 DEFAULTS: dict[str, Any] = {
     "upsample_res": DEFAULT_UPSAMPLE,
     "symmetric": True,
-    "gp_solve": "exact",
-    "gp_iters": None,
+    **coarse_export.DEFAULTS,
 }
 
 # ONNX node-name globs TensorRT keeps in fp32 in fp16/bf16 engines (module scopes of the graph;
@@ -55,9 +54,10 @@ def truthy(value: Any) -> bool:
 
 
 def resolve_options(extra: dict[str, Any]) -> dict[str, Any]:
-    """Export options with defaults filled in and types checked."""
+    """Export options with defaults filled in and checked (the GP's by roma_full's resolver)."""
     opts = dict(DEFAULTS)
     opts.update({k: v for k, v in extra.items() if k in DEFAULTS})
+    opts.update({k: v for k, v in coarse_export.resolve_options(opts).items() if k in DEFAULTS})
     opts["upsample_res"] = int(opts["upsample_res"] or 0)
     r = opts["upsample_res"]
     if r < 0 or r % 8:
@@ -65,10 +65,6 @@ def resolve_options(extra: dict[str, Any]) -> dict[str, Any]:
         raise MatchrtError(f"roma_plus: upsample_res {r} must be 0 (no upsampling pass) or a positive multiple "
                            f"of 8 (the VGG pyramid's stride); nearest: {lo} or {hi}")
     opts["symmetric"] = truthy(opts["symmetric"])
-    if opts["gp_solve"] not in GP_SOLVES:
-        raise MatchrtError(f"gp_solve must be one of {', '.join(GP_SOLVES)}, got {opts['gp_solve']!r}")
-    if opts["gp_iters"] is not None:
-        opts["gp_iters"] = int(opts["gp_iters"])
     return opts
 
 
@@ -77,8 +73,7 @@ def configured(model: RomaPlus, options: dict[str, Any]) -> RomaPlus:
     view = copy.copy(model)
     view.upsample_res = options["upsample_res"]
     view.symmetric = options["symmetric"]
-    view.gp_solve = options["gp_solve"]
-    view.gp_iters = options["gp_iters"]
+    view.set_gp(options["gp_solve"], options["gp_method"], options["gp_iters"])
     return view
 
 
@@ -132,12 +127,10 @@ class RefineGraph(nn.Module):
 
 
 def bridge(stage: str, tensors: dict[str, Any]) -> Optional[dict[str, Any]]:
-    """Between the split graphs: gp_alpha = gp_kss^-1 gp_basis (Cholesky, fp32, on the tensors' device)."""
+    """After "encode": roma_full's exact solve, gp_alpha = gp_kss^-1 gp_basis (Cholesky, tensors' device)."""
     if stage != "encode":
         return None
-    k_ss = torch.as_tensor(tensors["gp_kss"])
-    basis = torch.as_tensor(tensors["gp_basis"]).to(k_ss.device)
-    return {"gp_alpha": solve_exact(k_ss.float(), basis.float())}
+    return coarse_export.bridge(tensors)
 
 
 def build_plan(model: RomaPlus, options: ExportOptions) -> ExportPlan:
@@ -146,13 +139,19 @@ def build_plan(model: RomaPlus, options: ExportOptions) -> ExportPlan:
     gp_solve "exact": two graphs (encode -> bridge solves the GP -> refine); otherwise one graph.
     """
     opts = resolve_options(dict(options.extra))
+    b, h, w = int(options.batch), int(options.height), int(options.width)
+    check_input_size(h, w, matcher=NAME)
+    if options.dynamic:
+        raise MatchrtError("roma_plus exports static shapes only (GP grid, correlation windows and both passes "
+                           "are sized from the input); drop --dynamic and pass --batch, --height and --width")
+    if b < 1:
+        raise MatchrtError(f"roma_plus: batch must be >= 1, got {b}")
     view = configured(model, opts).eval()
-    b, h, w = options.batch, options.height, options.width
     images = [torch.rand(b, 3, h, w), torch.rand(b, 3, h, w)]
     r = opts["upsample_res"]
     upsampled = [torch.rand(b, 3, r, r), torch.rand(b, 3, r, r)] if r else []
     up_names = ["image0_upsampled", "image1_upsampled"] if r else []
-    if opts["gp_solve"] != "exact":
+    if opts["gp_solve"] == "iterative":
         graph = GraphSpec(
             name="main", module=SingleGraph(view).eval(), example_inputs=tuple(images + upsampled),
             input_names=["image0", "image1", *up_names], output_names=["warp", "certainty"],

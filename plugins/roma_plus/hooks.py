@@ -45,8 +45,8 @@ INFO = MatcherInfo(
         "square inputs only (height = width, a multiple of 14); upstream default 560",
         "upsample_res (default 864, a multiple of 8; 0 = off) re-runs the fine scales on the images "
         "resized to R x R: extra graph inputs image0_upsampled/image1_upsampled, outputs at R x R",
-        "gp_solve=exact (default) exports two graphs; the GP solve (Cholesky) runs between them. "
-        "gp_solve=iterative (conjugate gradients, gp_iters steps) gives one graph",
+        "gp_solve=iterative (default): one graph, the GP solved in-graph (roma_full's gp_method, "
+        "gp_iters); gp_solve=exact: two graphs with roma_full's Cholesky solve between them",
         "outputs warp (B x H x 2W x 4) and certainty (B x H x 2W) as upstream's symmetric match; "
         "postprocess samples num_samples matches (sample_mode balanced|topk, seed)",
         "keypoints follow upstream: x = W / 2 * (x_norm + 1), pixel centres at i + 0.5",
@@ -80,8 +80,8 @@ def create_model(matcher: str, options: dict[str, Any]) -> Optional[RomaPlus]:
     if matcher != NAME:
         return None
     opts = export_mod.resolve_options(dict(options))
-    return RomaPlus(gp_solve=opts["gp_solve"], gp_iters=opts["gp_iters"], upsample_res=opts["upsample_res"],
-                    symmetric=opts["symmetric"]).eval()
+    return RomaPlus(gp_solve=opts["gp_solve"], gp_method=opts["gp_method"], gp_iters=opts["gp_iters"],
+                    upsample_res=opts["upsample_res"], symmetric=opts["symmetric"]).eval()
 
 
 @matchrt.hookimpl

@@ -19,7 +19,7 @@ the A->B half only (B x H x W x 4, B x H x W).
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -111,7 +111,8 @@ class WarpLayout(nn.Module):
             logits = logits - ATTENUATION * torch.clamp(low, max=0.0)
         prob = torch.sigmoid(logits)[:, 0]  # B x h x w
         target = flow.float().permute(0, 2, 3, 1)  # B x h x w x 2
-        outside = (target.abs() > 1).any(dim=-1)
+        # a match outside the image: max(|x|, |y|) > 1 (ReduceMax on floats; no boolean reduction)
+        outside = target.abs().amax(dim=-1) > 1
         prob = torch.where(outside, torch.zeros_like(prob), prob)
         target = target.clamp(-1.0, 1.0)
         grid = pixel_grid(b, h, w, flow.device).permute(0, 2, 3, 1)  # B x h x w x 2
@@ -131,11 +132,11 @@ class RomaPlus(nn.Module):
     ``conv_refiner`` (scales 16, 8, 4, 2, 1). ``upsample_res`` = 0 turns the second pass off.
     """
 
-    def __init__(self, gp_solve: str = "exact", gp_iters: Optional[int] = None,
-                 upsample_res: int = DEFAULT_UPSAMPLE, symmetric: bool = True,
-                 attenuate: bool = True) -> None:
+    def __init__(self, gp_solve: str = "exact", gp_method: str = "newton_schulz",
+                 gp_iters: Union[int, str, None] = None, upsample_res: int = DEFAULT_UPSAMPLE,
+                 symmetric: bool = True, attenuate: bool = True) -> None:
         super().__init__()
-        self.coarse = RomaCoarse(gp_solve=gp_solve, gp_iters=gp_iters)
+        self.coarse = RomaCoarse()
         self.proj = nn.ModuleDict({
             str(s): nn.Sequential(nn.Conv2d(PROJ_IN[s], REFINER_SPECS[s][0], 1, 1),
                                   nn.BatchNorm2d(REFINER_SPECS[s][0]))
@@ -149,11 +150,17 @@ class RomaPlus(nn.Module):
         self.resize = FlowResize()
         self.update = FlowUpdate()
         self.layout = WarpLayout()
-        self.gp_solve = gp_solve  # "exact" | "iterative" (= "cg") | "cg" | "newton_schulz"
-        self.gp_iters = gp_iters
+        self.set_gp(gp_solve, gp_method, gp_iters)
         self.upsample_res = int(upsample_res)
         self.symmetric = bool(symmetric)
         self.attenuate = bool(attenuate)
+
+    def set_gp(self, solve: str, method: str = "newton_schulz", iters: Union[int, str, None] = None) -> None:
+        """GP solve: "exact" (Cholesky; not exportable in-graph) or "iterative" with roma_full's
+        ``method`` ("newton_schulz" | "cg") and ``iters`` steps (None/"auto": roma_full's default)."""
+        self.gp_solve = solve
+        self.gp_method = method
+        self.gp_iters = None if iters in (None, "", "auto") else int(iters)  # type: ignore[arg-type]
 
     # -- pieces -----------------------------------------------------------------------------
     def encode(self, image0: torch.Tensor, image1: torch.Tensor, with_coarse: bool = True) -> Pyramid:
@@ -229,7 +236,8 @@ class RomaPlus(nn.Module):
         c = self.coarse
         feat_q, feat_s = c.proj16(f_q16), c.proj16(f_s16)
         with torch.autocast(device_type=feat_q.device.type, enabled=False):
-            gp_feats = c.gp(feat_q.float(), feat_s.float(), self.gp_solve, self.gp_iters)
+            solve = "exact" if self.gp_solve == "exact" else self.gp_method
+            gp_feats = c.gp(feat_q.float(), feat_s.float(), solve, self.gp_iters)
         return self.decode(gp_feats, feat_q, feat_s)
 
     def gp_system(self, f_q16: torch.Tensor, f_s16: torch.Tensor) -> dict[str, torch.Tensor]:
