@@ -374,7 +374,7 @@ def match(
             progress=lambda m: status.update(m))
         status.update("matching")
         start = time.perf_counter()
-        matches = pipe.match(image0, image1)
+        matches = pipe.match(image0, image1, _extra(option))
         seconds = time.perf_counter() - start
         geo = estimate(matches, model, ransac_threshold, ransac_method)
     matches.metadata.update({"image0": str(p0), "image1": str(p1), "seconds": round(seconds, 4),
