@@ -82,6 +82,9 @@ def main() -> int:
 
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 run is the reference: no TF32
     torch.backends.cudnn.allow_tf32 = False
+    # the fp32 reference must be real fp32: no TF32 in cuDNN convolutions or cuBLAS products
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     model = load_model(args.checkpoint, args.dinov2, args.gp_solve, args.device)
     inputs = list(images(args.size, args.device))
     if args.upsample:
