@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from .dinov2 import Attention, Mlp
 from .ops import stable_softmax
 
 DIM = 1024
@@ -22,44 +23,15 @@ ANCHORS = 64  # the anchor grid is ANCHORS x ANCHORS over image B
 LN_EPS = 1e-5  # torch's default: these blocks use nn.LayerNorm unchanged
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention; qkv without bias, output projection with bias."""
-
-    def __init__(self, dim: int = DIM, heads: int = HEADS) -> None:
-        super().__init__()
-        self.heads = heads
-        self.scale = (dim // heads) ** -0.5
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
-        attn = stable_softmax(q @ k.transpose(-2, -1), -1)  # fp16-safe: max subtracted
-        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int = DIM, hidden: int = 4 * DIM) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class Block(nn.Module):
     """Pre-norm block without LayerScale."""
 
     def __init__(self, dim: int = DIM, heads: int = HEADS) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.attn = Attention(dim, heads)
+        self.attn = Attention(dim, heads, qkv_bias=False)  # the decoder's qkv has no bias
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.mlp = Mlp(dim)
+        self.mlp = Mlp(dim, 4 * dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
