@@ -23,7 +23,9 @@ the ONNX metadata `matchrt.fp32_layers` (glob patterns on node names, plus `fp32
 pinned to fp32 with OBEY_PRECISION_CONSTRAINTS. TensorRT 11 removed those flags: there, and with
 `strongly_typed=True`, an fp16/bf16 engine is built strongly typed from a mixed-precision copy of
 the graph made with NVIDIA ModelOpt AutoCast (the fp32 patterns become its excluded nodes).
-fp32 engines turn TF32 off unless `tf32=True`, so they meet the 1e-4 fp32 tolerance.
+fp32 engines turn TF32 off unless `tf32=True`, so they meet the 1e-4 fp32 tolerance; a graph
+whose metadata says `matchrt.tf32: false` (fp32 layers that must be IEEE fp32) keeps it off in
+fp16/bf16 engines too, unless `tf32=True`.
 """
 
 from __future__ import annotations
@@ -295,6 +297,23 @@ def layer_matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(base, p) for p in patterns)
 
 
+def metadata_tf32(meta: Mapping[str, str], precision: str) -> bool:
+    """TF32 default of a build: the graph's `matchrt.tf32` if it says, else on for fp16/bf16 only.
+
+    A graph whose fp32 layers must be IEEE fp32 (roma_plus's strict coarse stage) says false.
+    """
+    raw = meta.get("matchrt.tf32")
+    if raw is not None:
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = None
+        if not isinstance(value, bool):
+            raise MatchrtError(f"ONNX metadata matchrt.tf32 must be true or false, got {raw!r}")
+        return value and precision != "fp32"
+    return precision != "fp32"
+
+
 def metadata_fp32_layers(meta: Mapping[str, str]) -> list[str]:
     raw = meta.get("matchrt.fp32_layers")
     if not raw:
@@ -413,7 +432,7 @@ def plan_build(
     return BuildPlan(
         onnx_path=onnx_path, output=out, precision=precision, strongly_typed=strongly,
         autocast=strongly and precision != "fp32",
-        tf32=bool(tf32) if tf32 is not None else precision != "fp32",
+        tf32=bool(tf32) if tf32 is not None else metadata_tf32(meta, precision),
         profiles=profiles, fp32_layers=patterns if precision != "fp32" else [],
         workspace_gb=float(workspace_gb), opt_level=int(opt_level),
         timing_cache=Path(timing_cache) if timing_cache else None,

@@ -53,6 +53,8 @@ def export_graph(graph: GraphSpec, path: Path, opset: int, metadata: dict[str, s
     meta = dict(metadata)
     meta["matchrt.stage"] = graph.name
     meta["matchrt.fp32_layers"] = json.dumps(graph.fp32_layers)
+    if graph.tf32 is not None:
+        meta["matchrt.tf32"] = json.dumps(bool(graph.tf32))
     del model.metadata_props[:]
     for k, v in meta.items():
         entry = model.metadata_props.add()
@@ -101,6 +103,7 @@ def export_plan(
                 "input_shapes": input_shapes(graph),
                 "outputs": graph.output_names,
                 "fp32_layers": graph.fp32_layers,
+                "tf32": graph.tf32,
                 "seconds": round(time.perf_counter() - start, 2),
                 "bytes": graph_size(path),
             }

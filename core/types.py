@@ -141,6 +141,8 @@ class GraphSpec:
     dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
     # ONNX node name patterns TensorRT should keep in fp32 when building reduced precision
     fp32_layers: list[str] = field(default_factory=list)
+    # whether those fp32 layers may use TF32 (None: the builder's default, on for fp16/bf16)
+    tf32: Optional[bool] = None
 
 
 @dataclass

@@ -16,6 +16,7 @@ import onnx
 import pytest
 import torch
 
+from matchrt.errors import MatchrtError
 from matchrt.export import export_plan, load_manifest
 from matchrt.host import create_host
 from matchrt.images import read_image
@@ -189,6 +190,24 @@ def test_every_fp32_pattern_pins_nodes(which, request) -> None:
             assert n.name in pinned, n.name
     meta = dict(_graphs(path)[0].metadata)
     assert json.loads(meta["matchrt.fp32_layers"])
+    # default coarse_precision=fp32: the coarse stage is pinned too, and engines keep TF32 off
+    assert any("/dinov2/" in n for n in pinned) and any("/embedding_decoder/" in n for n in pinned)
+    assert meta["matchrt.tf32"] == "false"
+
+
+def test_reduced_coarse_precision_leaves_the_coarse_stage_to_the_builder() -> None:
+    from matchrt.plugins.roma_plus import export as export_mod
+
+    strict = hooks.export_plan("roma_plus", loaded_model(), ExportOptions(SIDE, SIDE, extra={}))
+    reduced = hooks.export_plan("roma_plus", loaded_model(),
+                                ExportOptions(SIDE, SIDE, extra={"coarse_precision": "reduced"}))
+    assert strict.graphs[0].tf32 is False and reduced.graphs[0].tf32 is None
+    assert set(export_mod.COARSE_FP32_LAYERS) <= set(strict.graphs[0].fp32_layers)
+    assert reduced.graphs[0].fp32_layers == export_mod.FP32_LAYERS
+    assert reduced.graphs[0].module.model.coarse_precision == "reduced"
+    assert loaded_model().coarse_precision == "fp32"  # the plan's view leaves the model alone
+    with pytest.raises(MatchrtError, match="coarse_precision"):
+        hooks.export_plan("roma_plus", loaded_model(), ExportOptions(SIDE, SIDE, extra={"coarse_precision": "fp8"}))
 
 
 def test_runner_matches_from_original_images(exact) -> None:

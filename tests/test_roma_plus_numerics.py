@@ -110,6 +110,44 @@ def test_local_correlation_is_the_windowed_dot_product() -> None:
             k += 1
 
 
+def _coarse_stage(model, a, b):
+    """DINOv2 tokens, proj.16 features and decoder logits of the symmetric batch."""
+    pyr_q, pyr_s = model.pyramids(a, b)
+    coarse = model.coarse_prediction(pyr_q[16], pyr_s[16])
+    return pyr_q[16], coarse["feat_q16"], coarse["gm_cls"], coarse["flow"]
+
+
+def test_coarse_stage_stays_ieee_fp32_under_reduced_precision() -> None:
+    """coarse_precision=fp32 (default): under bf16 autocast DINOv2, proj.16, the GP and the
+    decoder compute what fp32 computes, so no coarse arg-max can flip; "reduced" runs them in bf16."""
+    import copy
+
+    model = loaded_model()
+    assert model.coarse_precision == "fp32"
+    reduced = copy.copy(model)
+    reduced.coarse_precision = "reduced"
+    a, b = inputs(112)
+    with torch.no_grad():
+        want = _coarse_stage(model, a, b)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            strict = _coarse_stage(model, a, b)
+            loose = _coarse_stage(reduced, a, b)
+    for got, ref in zip(strict, want):
+        assert got.dtype == torch.float32
+        assert rel(got, ref) <= 1e-6
+    assert strict[3].equal(want[3])  # the coarse flow: same arg-max anchors
+    assert loose[1].dtype == torch.bfloat16  # proj.16 ran in bf16
+    assert rel(loose[0].float(), want[0]) > 1e-3 and rel(loose[2].float(), want[2]) > 1e-3
+
+
+def test_unknown_coarse_precision_is_refused() -> None:
+    from matchrt.errors import MatchrtError
+    from matchrt.plugins.roma_plus import hooks
+
+    with pytest.raises(MatchrtError, match="coarse_precision"):
+        hooks.create_model("roma_plus", {"coarse_precision": "fp8"})
+
+
 @pytest.mark.slow
 def test_default_560_with_upsampling_to_864_matches_upstream() -> None:
     """Upstream's default setting (about 5 minutes and 9 GB on 2 CPU cores)."""

@@ -226,7 +226,7 @@ def test_layer_patterns_follow_the_parser_naming():
 
 
 # --- build plans ------------------------------------------------------------------------------------------------
-def _graph(tmp_path, dynamic=False, fp32_layers=("/head/*",)):
+def _graph(tmp_path, dynamic=False, fp32_layers=("/head/*",), extra_meta=None):
     dims = ["batch", 1, "height", "width"] if dynamic else [1, 1, 64, 96]
     nodes = [h.make_node("Conv", ["image0", "w"], ["f"], name="/backbone/Conv"),
              h.make_node("Softmax", ["f"], ["scores"], name="/head/Softmax", axis=1)]
@@ -236,7 +236,7 @@ def _graph(tmp_path, dynamic=False, fp32_layers=("/head/*",)):
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
     for k, v in {"matchrt.matcher": "toy", "matchrt.version": "3", "matchrt.stage": "main",
                  "matchrt.input_size": json.dumps([64, 96]),
-                 "matchrt.fp32_layers": json.dumps(list(fp32_layers))}.items():
+                 "matchrt.fp32_layers": json.dumps(list(fp32_layers)), **(extra_meta or {})}.items():
         model.metadata_props.add(key=k, value=v)
     path = tmp_path / "toy.onnx"
     onnx.save(model, str(path))
@@ -267,6 +267,18 @@ def test_plan_reads_metadata_and_chooses_flags(tmp_path):
         plan_build(path, opt_level=7)
     with pytest.raises(MatchrtError, match="does not exist"):
         plan_build(tmp_path / "missing.onnx")
+
+
+def test_graph_can_forbid_tf32_in_reduced_precision_engines(tmp_path):
+    """roma_plus's strict coarse stage: its fp32 layers must be IEEE fp32, also in fp16 engines."""
+    path = _graph(tmp_path, extra_meta={"matchrt.tf32": "false"})
+    plan = plan_build(path, precision="fp16")
+    assert plan.tf32 is False
+    assert "--noTF32" in eng.trtexec_command(plan)
+    assert plan_build(path, precision="fp16", tf32=True).tf32 is True  # the user's word wins
+    assert plan_build(_graph(tmp_path, extra_meta={"matchrt.tf32": "true"}), precision="fp32").tf32 is False
+    with pytest.raises(MatchrtError, match="matchrt.tf32"):
+        plan_build(_graph(tmp_path, extra_meta={"matchrt.tf32": "maybe"}), precision="fp16")
 
 
 def test_trtexec_command(tmp_path):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 
 
@@ -34,3 +37,24 @@ def swap_halves(x: torch.Tensor) -> torch.Tensor:
     """[A, B] -> [B, A] along the batch axis (the symmetric batch's support side)."""
     a, b = x.chunk(2, dim=0)
     return torch.cat((b, a), dim=0)
+
+
+@contextlib.contextmanager
+def strict_fp32(device_type: str) -> Iterator[None]:
+    """Autocast off and, on CUDA, no TF32 in matmuls or convolutions: IEEE fp32 for the region.
+
+    Autocast alone is not enough: PyTorch lets cuDNN convolutions use TF32 (10-bit mantissa) by
+    default, and the GP turns rounding of its inputs into arg-max flips of the coarse match.
+    The TF32 switches are process-wide, so they are restored on exit.
+    """
+    if device_type != "cuda":
+        with torch.autocast(device_type=device_type, enabled=False):
+            yield
+        return
+    matmul, conv = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.autocast(device_type=device_type, enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, conv

@@ -21,13 +21,14 @@ from matchrt.plugins.roma_full import export as coarse_export
 from matchrt.plugins.roma_full.encoder import COARSE_SCALE, check_input_size
 from matchrt.types import ExportOptions, ExportPlan, GraphSpec
 
-from .model import DEFAULT_UPSAMPLE, RomaPlus
+from .model import COARSE_PRECISIONS, DEFAULT_UPSAMPLE, RomaPlus
 
 NAME = "roma_plus"
 # gp_solve ("iterative" | "exact"), gp_method, gp_iters: as roma_full defines and validates them
 DEFAULTS: dict[str, Any] = {
     "upsample_res": DEFAULT_UPSAMPLE,
     "symmetric": True,
+    "coarse_precision": "fp32",
     **coarse_export.DEFAULTS,
 }
 
@@ -45,6 +46,13 @@ FP32_LAYERS: list[str] = [
     "*/resize*/*",  # bilinear upsampling of flow and certainty between scales
     "*/layout*/*",  # attenuation, sigmoid, clamp and the warp's coordinate grid
 ]
+# with coarse_precision=fp32 (default) also the coarse stage, and TF32 off in the engine
+COARSE_FP32_LAYERS: list[str] = ["*/dinov2/*", "*/proj16/*", "*/embedding_decoder/*"]
+
+
+def fp32_layers(options: dict[str, Any]) -> list[str]:
+    """The fp32 node patterns of a graph exported with ``options``."""
+    return FP32_LAYERS + (COARSE_FP32_LAYERS if options["coarse_precision"] == "fp32" else [])
 
 
 def truthy(value: Any) -> bool:
@@ -65,6 +73,12 @@ def resolve_options(extra: dict[str, Any]) -> dict[str, Any]:
         raise MatchrtError(f"roma_plus: upsample_res {r} must be 0 (no upsampling pass) or a positive multiple "
                            f"of 8 (the VGG pyramid's stride); nearest: {lo} or {hi}")
     opts["symmetric"] = truthy(opts["symmetric"])
+    opts["coarse_precision"] = str(opts["coarse_precision"]).strip().lower()
+    if opts["coarse_precision"] not in COARSE_PRECISIONS:
+        raise MatchrtError(f"roma_plus: coarse_precision={opts['coarse_precision']!r} is not one of "
+                           f"{', '.join(COARSE_PRECISIONS)}: 'fp32' keeps DINOv2, proj.16 and the decoder in "
+                           "IEEE fp32 under fp16/bf16 (exact coarse matches), 'reduced' runs them in the run's "
+                           "precision (faster, as upstream's AMP)")
     return opts
 
 
@@ -73,6 +87,7 @@ def configured(model: RomaPlus, options: dict[str, Any]) -> RomaPlus:
     view = copy.copy(model)
     view.upsample_res = options["upsample_res"]
     view.symmetric = options["symmetric"]
+    view.coarse_precision = options["coarse_precision"]
     view.set_gp(options["gp_solve"], options["gp_method"], options["gp_iters"])
     return view
 
@@ -147,6 +162,8 @@ def build_plan(model: RomaPlus, options: ExportOptions) -> ExportPlan:
     if b < 1:
         raise MatchrtError(f"roma_plus: batch must be >= 1, got {b}")
     view = configured(model, opts).eval()
+    pinned = fp32_layers(opts)
+    tf32 = False if opts["coarse_precision"] == "fp32" else None  # strict coarse stage: IEEE fp32 in TensorRT
     images = [torch.rand(b, 3, h, w), torch.rand(b, 3, h, w)]
     r = opts["upsample_res"]
     upsampled = [torch.rand(b, 3, r, r), torch.rand(b, 3, r, r)] if r else []
@@ -155,7 +172,7 @@ def build_plan(model: RomaPlus, options: ExportOptions) -> ExportPlan:
         graph = GraphSpec(
             name="main", module=SingleGraph(view).eval(), example_inputs=tuple(images + upsampled),
             input_names=["image0", "image1", *up_names], output_names=["warp", "certainty"],
-            fp32_layers=list(FP32_LAYERS),
+            fp32_layers=pinned, tf32=tf32,
         )
         return ExportPlan(matcher=NAME, graphs=[graph], options=opts, input_size=(h, w))
     encode = EncodeGraph(view).eval()
@@ -165,10 +182,10 @@ def build_plan(model: RomaPlus, options: ExportOptions) -> ExportPlan:
     mid.update(bridge("encode", mid) or {})
     graphs = [
         GraphSpec(name="encode", module=encode, example_inputs=tuple(images), input_names=["image0", "image1"],
-                  output_names=list(ENCODE_OUTPUTS), fp32_layers=list(FP32_LAYERS)),
+                  output_names=list(ENCODE_OUTPUTS), fp32_layers=pinned, tf32=tf32),
         GraphSpec(name="refine", module=RefineGraph(view).eval(),
                   example_inputs=tuple([mid[n] for n in REFINE_INPUTS] + upsampled),
                   input_names=[*REFINE_INPUTS, *up_names], output_names=["warp", "certainty"],
-                  fp32_layers=list(FP32_LAYERS)),
+                  fp32_layers=pinned, tf32=tf32),
     ]
     return ExportPlan(matcher=NAME, graphs=graphs, options=opts, input_size=(h, w))

@@ -45,6 +45,9 @@ INFO = MatcherInfo(
         "square inputs only (height = width, a multiple of 14); upstream default 560",
         "upsample_res (default 864, a multiple of 8; 0 = off) re-runs the fine scales on the images "
         "resized to R x R: extra graph inputs image0_upsampled/image1_upsampled, outputs at R x R",
+        "coarse_precision=fp32 (default) keeps DINOv2, proj.16 and the coordinate decoder in IEEE fp32 "
+        "(no TF32) in fp16/bf16 runs and engines, so the coarse matches equal fp32's; 'reduced' runs them "
+        "in the run's precision as upstream's AMP (faster; near-tie arg-maxes may flip)",
         "gp_solve=iterative (default): one graph, the GP solved in-graph (roma_full's gp_method, "
         "gp_iters); gp_solve=exact: two graphs with roma_full's Cholesky solve between them",
         "outputs warp (B x H x 2W x 4) and certainty (B x H x 2W) as upstream's symmetric match; "
@@ -81,7 +84,8 @@ def create_model(matcher: str, options: dict[str, Any]) -> Optional[RomaPlus]:
         return None
     opts = export_mod.resolve_options(dict(options))
     return RomaPlus(gp_solve=opts["gp_solve"], gp_method=opts["gp_method"], gp_iters=opts["gp_iters"],
-                    upsample_res=opts["upsample_res"], symmetric=opts["symmetric"]).eval()
+                    upsample_res=opts["upsample_res"], symmetric=opts["symmetric"],
+                    coarse_precision=opts["coarse_precision"]).eval()
 
 
 @matchrt.hookimpl

@@ -14,12 +14,24 @@ symmetric warp layout:
 
 H x W is the coarse resolution, or R x R with the upsampling pass. ``symmetric=False`` gives
 the A->B half only (B x H x W x 4, B x H x W).
+
+Precision policy under fp16/bf16 (autocast here, fp32 layer constraints in TensorRT): the GP,
+the anchor soft-argmax, correlation sums and all coordinate arithmetic always run in IEEE fp32.
+``coarse_precision="fp32"`` (default) also keeps DINOv2, proj.16 and the coordinate decoder in
+IEEE fp32 (no TF32): the GP amplifies any rounding of its input features into flips of the
+4096-way arg-max between near-tied anchors, which move a match by up to the whole image.
+Measured on the H100 at 560/864 with the deterministic test weights (scripts/roma_fp16_check.py):
+an fp16 coarse stage flips 2.75% of the coarse cells (warp max deviation 1.09, mean 3e-2), TF32
+in it 1.3%, and so does +-0.5/255 noise on the images in strict fp32 (1.6%); the strict coarse
+stage flips none and the fp16 warp stays within 5.8e-6 of fp32 (bf16: 5.1e-5). It costs time:
+eager fp16 242 ms instead of 187 per pair. ``coarse_precision="reduced"`` runs the coarse stage in
+the run's precision as upstream's AMP does.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -27,7 +39,8 @@ from torch import nn
 from matchrt.plugins.roma_full.decoder import classification_to_flow
 from matchrt.plugins.roma_full.encoder import COARSE_SCALE, normalize_images
 from matchrt.plugins.roma_full.model import RomaCoarse
-from matchrt.plugins.roma_full.ops import swap_halves
+from matchrt.errors import MatchrtError
+from matchrt.plugins.roma_full.ops import strict_fp32, swap_halves
 
 from .refiner import REFINER_SPECS, ConvRefiner, pixel_grid, upsample
 
@@ -38,16 +51,30 @@ REFINE_INIT = 4.0  # upstream divides refiner displacements by 4 * (finest width
 ATTENUATION = 0.5  # certainty -= 0.5 * min(coarse certainty logit, 0)
 DEFAULT_COARSE = 560
 DEFAULT_UPSAMPLE = 864
+COARSE_PRECISIONS = ("fp32", "reduced")
 
 Pyramid = dict[int, torch.Tensor]
 Corresps = dict[int, tuple[torch.Tensor, torch.Tensor]]  # scale -> (flow B x 2 x h x w, certainty B x 1 x h x w)
+
+
+@torch.compiler.disable
+def strict_eager(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in IEEE fp32 (float inputs cast up, autocast and TF32 off), never compiled.
+
+    Outside torch.compile: TF32 switches flipped inside compiled code do not act as in eager
+    mode. Measured on the H100 (560/864): compiled through this region, fp32 output strayed 0.48
+    (relative, flipped coarse arg-maxes) from eager fp32; with the region left eager, 2.5e-4.
+    """
+    args = tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+    with strict_fp32(args[0].device.type):
+        return fn(*args)
 
 
 class ClassificationToFlow(nn.Module):
     """roma_full's anchor softmax + arg-max neighbourhood mean, as a module (named fp32 region)."""
 
     def forward(self, gm_cls: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=gm_cls.device.type, enabled=False):
+        with strict_fp32(gm_cls.device.type):
             return classification_to_flow(gm_cls.float())
 
 
@@ -59,7 +86,7 @@ class GPKernels(nn.Module):
 
     def forward(self, gp: nn.Module, feat_q: torch.Tensor, feat_s: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        with torch.autocast(device_type=feat_q.device.type, enabled=False):
+        with strict_fp32(feat_q.device.type):
             return gp.kernel_matrices(feat_q.float(), feat_s.float())  # type: ignore[operator]
 
 
@@ -67,7 +94,7 @@ class GPPosterior(nn.Module):
     """K_xy alpha as a B x 512 x h x w map (roma_full's GP posterior), autocast off (fp32)."""
 
     def forward(self, gp: nn.Module, k_qs: torch.Tensor, alpha: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        with torch.autocast(device_type=k_qs.device.type, enabled=False):
+        with strict_fp32(k_qs.device.type):
             return gp.posterior(k_qs.float(), alpha.float(), h, w)  # type: ignore[operator]
 
 
@@ -129,12 +156,13 @@ class RomaPlus(nn.Module):
 
     Submodules: ``coarse`` (roma_full's RomaCoarse: ``encoder.cnn``, ``encoder.dinov2``,
     ``proj16``, ``gp``, ``embedding_decoder``), ``proj`` (scales 8, 4, 2, 1) and
-    ``conv_refiner`` (scales 16, 8, 4, 2, 1). ``upsample_res`` = 0 turns the second pass off.
+    ``conv_refiner`` (scales 16, 8, 4, 2, 1). ``upsample_res`` = 0 turns the second pass off;
+    ``coarse_precision`` is "fp32" or "reduced" (see the module docstring).
     """
 
     def __init__(self, gp_solve: str = "exact", gp_method: str = "newton_schulz",
                  gp_iters: Union[int, str, None] = None, upsample_res: int = DEFAULT_UPSAMPLE,
-                 symmetric: bool = True, attenuate: bool = True) -> None:
+                 symmetric: bool = True, attenuate: bool = True, coarse_precision: str = "fp32") -> None:
         super().__init__()
         self.coarse = RomaCoarse()
         self.proj = nn.ModuleDict({
@@ -154,6 +182,16 @@ class RomaPlus(nn.Module):
         self.upsample_res = int(upsample_res)
         self.symmetric = bool(symmetric)
         self.attenuate = bool(attenuate)
+        if coarse_precision not in COARSE_PRECISIONS:
+            raise MatchrtError(f"roma_plus: coarse_precision={coarse_precision!r} is not one of "
+                               f"{', '.join(COARSE_PRECISIONS)}")
+        self.coarse_precision = coarse_precision
+
+    def in_coarse_precision(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` as the run goes ("reduced") or in IEEE fp32 outside torch.compile ("fp32")."""
+        if self.coarse_precision != "fp32":
+            return fn(*args)
+        return strict_eager(fn, *args)
 
     def set_gp(self, solve: str, method: str = "newton_schulz", iters: Union[int, str, None] = None) -> None:
         """GP solve: "exact" (Cholesky; not exportable in-graph) or "iterative" with roma_full's
@@ -166,7 +204,10 @@ class RomaPlus(nn.Module):
     def encode(self, image0: torch.Tensor, image1: torch.Tensor, with_coarse: bool = True) -> Pyramid:
         """VGG levels 1..8 (and DINOv2 tokens "16") of [image0; image1], one encoder batch."""
         x = normalize_images(torch.cat((image0, image1), dim=0), self.coarse.imagenet_norm)
-        return self.coarse.encoder(x, with_cnn=True, with_coarse=with_coarse)
+        pyr = self.coarse.encoder(x, with_cnn=True, with_coarse=False)
+        if with_coarse:
+            pyr[COARSE_SCALE] = self.in_coarse_precision(self.coarse.encoder.dinov2, x)
+        return pyr
 
     def split(self, pyr: Pyramid) -> tuple[Pyramid, Pyramid]:
         """[A; B] encoder outputs -> (query, support) of the decoder's batch.
@@ -231,14 +272,21 @@ class RomaPlus(nn.Module):
         """roma_full's coarse stage (proj.16, GP, coordinate decoder) with the GP pinned to fp32.
 
         fp16 hazard: the GP's kernel exp((cos - 1) / 0.2) of fp16 dot products and its linear
-        solve lose several digits; autocast is switched off around it and its inputs cast up.
+        solve lose several digits; autocast and TF32 are switched off around it, inputs cast up.
         """
-        c = self.coarse
-        feat_q, feat_s = c.proj16(f_q16), c.proj16(f_s16)
-        with torch.autocast(device_type=feat_q.device.type, enabled=False):
+        return self.in_coarse_precision(self._coarse_prediction, f_q16, f_s16)
+
+    def _coarse_prediction(self, f_q16: torch.Tensor, f_s16: torch.Tensor) -> dict[str, torch.Tensor]:
+        feat_q, feat_s = self.project16(f_q16, f_s16)
+        with strict_fp32(feat_q.device.type):
             solve = "exact" if self.gp_solve == "exact" else self.gp_method
-            gp_feats = c.gp(feat_q.float(), feat_s.float(), solve, self.gp_iters)
+            gp_feats = self.coarse.gp(feat_q.float(), feat_s.float(), solve, self.gp_iters)
         return self.decode(gp_feats, feat_q, feat_s)
+
+    def project16(self, f_q16: torch.Tensor, f_s16: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """proj.16 (1x1 conv + BatchNorm) of query and support tokens, in the coarse precision."""
+        proj = self.coarse.proj16
+        return self.in_coarse_precision(lambda q, s: (proj(q), proj(s)), f_q16, f_s16)
 
     def gp_system(self, f_q16: torch.Tensor, f_s16: torch.Tensor) -> dict[str, torch.Tensor]:
         """The GP's linear system for the exact split export: proj.16 features and kernel matrices.
@@ -246,9 +294,8 @@ class RomaPlus(nn.Module):
         Returns feat_q16, feat_s16 (B x 512 x h x w), gp_kqs (B x hw x hw), gp_kss (K_yy + sigma I)
         and gp_basis (1 x hw x 512); ``gp_alpha = gp_kss^-1 gp_basis`` is solved outside the graph.
         """
-        c = self.coarse
-        feat_q, feat_s = c.proj16(f_q16), c.proj16(f_s16)
-        k_qs, k_ss, basis = self.gp_kernels(c.gp, feat_q, feat_s)
+        feat_q, feat_s = self.project16(f_q16, f_s16)
+        k_qs, k_ss, basis = self.gp_kernels(self.coarse.gp, feat_q, feat_s)
         return {"feat_q16": feat_q, "feat_s16": feat_s, "gp_kqs": k_qs, "gp_kss": k_ss, "gp_basis": basis}
 
     def coarse_from_alpha(self, feat_q: torch.Tensor, feat_s: torch.Tensor, k_qs: torch.Tensor,
@@ -258,8 +305,8 @@ class RomaPlus(nn.Module):
         return self.decode(gp_feats, feat_q, feat_s)
 
     def decode(self, gp_feats: torch.Tensor, feat_q: torch.Tensor, feat_s: torch.Tensor) -> dict[str, torch.Tensor]:
-        """roma_full's coordinate decoder, with the classification-to-flow step in fp32."""
-        gm_cls, gm_certainty = self.coarse.embedding_decoder(gp_feats, feat_q)
+        """roma_full's coordinate decoder (coarse precision), the classification-to-flow step in fp32."""
+        gm_cls, gm_certainty = self.in_coarse_precision(self.coarse.embedding_decoder, gp_feats, feat_q)
         return {"gm_cls": gm_cls, "gm_certainty": gm_certainty, "flow": self.cls_to_flow(gm_cls),
                 "certainty": gm_certainty, "feat_q16": feat_q, "feat_s16": feat_s}
 
@@ -313,4 +360,4 @@ class RomaPlus(nn.Module):
         return self.finish(first, second)
 
 
-__all__ = ["RomaPlus", "FINE_SCALES", "DEFAULT_COARSE", "DEFAULT_UPSAMPLE"]
+__all__ = ["RomaPlus", "FINE_SCALES", "DEFAULT_COARSE", "DEFAULT_UPSAMPLE", "COARSE_PRECISIONS"]
