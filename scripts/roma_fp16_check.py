@@ -103,7 +103,8 @@ def trace(model: nn.Module, inputs: list[torch.Tensor], variant: str,
 
     device = inputs[0].device.type
     dtype, coarse_precision, allow_tf32 = VARIANTS.get(variant, (None, "fp32", False))
-    amp = torch.autocast(device_type=device, dtype=dtype) if dtype else torch.autocast(device_type=device, enabled=False)
+    amp = (torch.autocast(device_type=device, dtype=dtype) if dtype
+           else torch.autocast(device_type=device, enabled=False))
     model.coarse_precision = coarse_precision
     if variant == "fp32-noise":  # the quantisation of an 8-bit image: +-0.5/255, fixed seed
         g = torch.Generator(device=inputs[0].device).manual_seed(0)

@@ -140,6 +140,30 @@ def test_non_square_dynamic_and_unknown_options_are_refused() -> None:
         export_mod.build_plan(model, ExportOptions(224, 224, extra={"gp_iters": 0}))
 
 
+def test_gp_and_warp_layout_stay_fp32_under_autocast() -> None:
+    """What the fp32 layer list promises TensorRT holds under torch autocast too: the GP's kernel,
+    solve and posterior and the soft-argmax are computed in fp32, not in bf16/fp16."""
+    from matchrt.plugins.roma_full.gp import GaussianProcess
+
+    torch.manual_seed(0)
+    feat = torch.randn(2, 512, 4, 4)
+    gm_cls, gm_cert = torch.randn(2, 4096, 4, 4), torch.randn(2, 1, 4, 4)
+    support, solver = export_mod.GPSupport(GaussianProcess()), export_mod.IterativeSolve("newton_schulz", None)
+    posterior, to_warp = export_mod.GPPosterior(), export_mod.ToWarp()
+
+    def run():
+        k_ss, basis = support(feat)
+        alpha = solver(k_ss, basis)
+        return (k_ss, basis, alpha, posterior(feat, alpha), *to_warp(gm_cls, gm_cert))
+
+    with torch.no_grad():
+        want = run()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = run()
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32 and max_rel(g, w) < 1e-6
+
+
 def test_registered_contract() -> None:
     info = create_host().matcher("roma_full")
     c = info.contract

@@ -33,7 +33,7 @@ from .decoder import classification_to_flow
 from .encoder import COARSE_SCALE, check_input_size, normalize_images
 from .gp import METHODS, GaussianProcess, at_least_fp32, cosine_kernel, flat_tokens, solve_exact, solve_iterative
 from .model import RomaCoarse
-from .ops import coarse_grid, swap_halves
+from .ops import coarse_grid, strict_fp32, swap_halves
 
 NAME = "roma_full"
 GP_SOLVES = ("iterative", "exact")
@@ -44,7 +44,8 @@ OUTPUTS = ["warp", "certainty"]
 FEATS, KSS, BASIS, ALPHA = "feat16", "gp_kss", "gp_basis", "gp_alpha"
 # nodes TensorRT must keep in fp32 for reduced-precision builds (ONNX names carry module scopes):
 # the GP (kernel, solve, posterior: cond(K_yy + sigma I) reaches ~1e4) and the anchor
-# soft-argmax that turns logits into coordinates. TF32 must be off for the solve as well.
+# soft-argmax that turns logits into coordinates. TF32 must be off for the solve as well. Under
+# torch (fp16/bf16 autocast) the same modules run with autocast and TF32 off.
 FP32_LAYERS = ["/gp_*", "*/gp_*", "*/to_warp/*"]
 
 
@@ -77,7 +78,8 @@ class ToWarp(nn.Module):
     """Coarse logits of the symmetric batch -> upstream's warp / certainty layout (per pair)."""
 
     def forward(self, gm_cls: torch.Tensor, gm_certainty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.layout(classification_to_flow(gm_cls), gm_certainty)
+        with strict_fp32(gm_cls.device.type):
+            return self.layout(classification_to_flow(gm_cls.float()), gm_certainty.float())
 
     @staticmethod
     def layout(flow: torch.Tensor, gm_certainty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +106,8 @@ class IterativeSolve(nn.Module):
         self.iters = iters
 
     def forward(self, k_ss: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-        return solve_iterative(k_ss, basis, self.method, self.iters)
+        with strict_fp32(k_ss.device.type):
+            return solve_iterative(k_ss.float(), basis.float(), self.method, self.iters)
 
 
 class GPSupport(nn.Module):
@@ -115,17 +118,19 @@ class GPSupport(nn.Module):
         self.gp = gp
 
     def forward(self, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k_ss = GaussianProcess.support_matrix(swap_halves(feat))
-        return k_ss, self.gp.basis(feat.shape[-2], feat.shape[-1], k_ss)
+        with strict_fp32(feat.device.type):
+            k_ss = GaussianProcess.support_matrix(swap_halves(feat.float()))
+            return k_ss, self.gp.basis(feat.shape[-2], feat.shape[-1], k_ss)
 
 
 class GPPosterior(nn.Module):
     """K_xy (query [A, B] vs support [B, A]) times the solve -> B x 512 x h x w."""
 
     def forward(self, feat: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-        feat = at_least_fp32(feat)
-        k_qs = cosine_kernel(flat_tokens(feat), flat_tokens(swap_halves(feat)))
-        return GaussianProcess.posterior(k_qs, alpha, feat.shape[-2], feat.shape[-1])
+        with strict_fp32(feat.device.type):
+            feat = at_least_fp32(feat)
+            k_qs = cosine_kernel(flat_tokens(feat), flat_tokens(swap_halves(feat)))
+            return GaussianProcess.posterior(k_qs, at_least_fp32(alpha), feat.shape[-2], feat.shape[-1])
 
 
 class Features(nn.Module):
@@ -225,16 +230,16 @@ def build_plan(model: RomaCoarse, options: ExportOptions) -> ExportPlan:
     iters = None if resolved["gp_iters"] == "auto" else int(resolved["gp_iters"])
     if resolved["gp_solve"] == "iterative":
         graph = CoarseGraph(model, resolved["gp_method"], iters)
-        specs = [GraphSpec("main", graph, example, list(INPUTS), list(OUTPUTS), {}, list(FP32_LAYERS))]
+        specs = [GraphSpec("main", graph, example, list(INPUTS), list(OUTPUTS), {}, list(FP32_LAYERS), tf32=False)]
     else:
         enc = EncodeGraph(model)
         with torch.no_grad():
             feat, k_ss, basis = enc(*example)
             alpha = solve_exact(k_ss, basis)
         specs = [
-            GraphSpec("encode", enc, example, list(INPUTS), [FEATS, KSS, BASIS], {}, list(FP32_LAYERS)),
+            GraphSpec("encode", enc, example, list(INPUTS), [FEATS, KSS, BASIS], {}, list(FP32_LAYERS), tf32=False),
             GraphSpec("decode", DecodeGraph(model), (feat, alpha), [FEATS, ALPHA], list(OUTPUTS), {},
-                      list(FP32_LAYERS)),
+                      list(FP32_LAYERS), tf32=False),
         ]
     return ExportPlan(NAME, specs, resolved, (h, w))
 
