@@ -230,14 +230,16 @@ def build_plan(model: RomaCoarse, options: ExportOptions) -> ExportPlan:
     iters = None if resolved["gp_iters"] == "auto" else int(resolved["gp_iters"])
     if resolved["gp_solve"] == "iterative":
         graph = CoarseGraph(model, resolved["gp_method"], iters)
-        specs = [GraphSpec("main", graph, example, list(INPUTS), list(OUTPUTS), {}, list(FP32_LAYERS), tf32=False)]
+        specs = [GraphSpec("main", graph, example, list(INPUTS), list(OUTPUTS), {}, list(FP32_LAYERS),
+                           tf32=False)]
     else:
         enc = EncodeGraph(model)
         with torch.no_grad():
             feat, k_ss, basis = enc(*example)
             alpha = solve_exact(k_ss, basis)
         specs = [
-            GraphSpec("encode", enc, example, list(INPUTS), [FEATS, KSS, BASIS], {}, list(FP32_LAYERS), tf32=False),
+            GraphSpec("encode", enc, example, list(INPUTS), [FEATS, KSS, BASIS], {}, list(FP32_LAYERS),
+                      tf32=False),
             GraphSpec("decode", DecodeGraph(model), (feat, alpha), [FEATS, ALPHA], list(OUTPUTS), {},
                       list(FP32_LAYERS), tf32=False),
         ]

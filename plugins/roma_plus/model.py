@@ -36,10 +36,10 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
+from matchrt.errors import MatchrtError
 from matchrt.plugins.roma_full.decoder import classification_to_flow
 from matchrt.plugins.roma_full.encoder import COARSE_SCALE, normalize_images
 from matchrt.plugins.roma_full.model import RomaCoarse
-from matchrt.errors import MatchrtError
 from matchrt.plugins.roma_full.ops import strict_fp32, swap_halves
 
 from .refiner import REFINER_SPECS, ConvRefiner, pixel_grid, upsample
