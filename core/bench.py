@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .compare import compare_outputs, match_set_agreement
+from .compare import compare_outputs, is_sparse, match_set_agreement
 from .errors import MatchrtError
 from .geometry import auc, corner_error, estimate
 from .host import Host, get_host
@@ -324,7 +324,7 @@ class Bench:
                 # sparse outputs: element-wise errors compare different matches once the ranking
                 # differs anywhere, so the match-set agreement is the fidelity figure
                 agree.append(a)
-            else:
+            elif not is_sparse(ref):  # a sparse pair without any match says nothing either way
                 diffs = [d for d in compare_outputs(ref, out, rtol) if d.mismatched is None]
                 if diffs:
                     errs.append(max(d.max_abs for d in diffs))

@@ -98,12 +98,17 @@ def format_rows(rows: list[OutputDiff], reference: str = "", test: str = "") -> 
     return "\n".join([head, *(str(r) for r in rows), tail])
 
 
+def is_sparse(outputs: Mapping[str, Any]) -> bool:
+    """Whether outputs are a sparse match set (keypoints0, keypoints1, valid)."""
+    return {"keypoints0", "keypoints1", "valid"} <= set(outputs)
+
+
 def match_set_agreement(reference: Mapping[str, Any], test: Mapping[str, Any], pixel: float = 0.5) -> Optional[float]:
     """Sparse outputs: intersection over union of the valid (keypoint0, keypoint1) pairs.
 
     None when the outputs are not sparse or neither side has a valid match.
     """
-    if not {"keypoints0", "keypoints1", "valid"} <= set(reference):
+    if not is_sparse(reference):
         return None
 
     def pairs(out: Mapping[str, Any]) -> set:

@@ -52,6 +52,20 @@ def test_bench_toy_side_by_side(toy, tmp_path, image_pair):
     assert "| toy (random weights) | onnxruntime | fp32 |" in md and "Random weights" in md
 
 
+def test_sparse_outputs_without_matches_claim_no_fidelity(toy, tmp_path, image_pair):
+    """No match on either side (random weights, high threshold): '-', not a perfect 0 error."""
+    out_json = tmp_path / "bench.json"
+    r = CliRunner().invoke(app, [
+        "bench", "--matcher", "toy", "--backend", "torch", "--precision", "fp32", "--synthetic", "1",
+        "--images", str(image_pair[0]), "--images", str(image_pair[1]), "--runs", "1", "--warmup", "0",
+        "--device", "cpu", "--random-weights", "--json", str(out_json), "--size", "64",
+        "-O", "threshold=1e9", "--workdir", str(tmp_path / "work")])
+    assert r.exit_code == 0, r.output
+    row = json.loads(out_json.read_text())["rows"][0]
+    assert row["status"] == "ok"
+    assert row["rel_err"] is None and row["max_abs_err"] is None and row["match_agreement"] is None
+
+
 def test_match_set_agreement_and_output_errors():
     import torch
 
