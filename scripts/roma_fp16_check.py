@@ -35,12 +35,11 @@ Usage (GPU):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -86,20 +85,11 @@ def images(side: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     return out[0].to(device), out[1].to(device)
 
 
-@contextlib.contextmanager
-def tf32(enabled: bool) -> Iterator[None]:
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
 def trace(model: nn.Module, inputs: list[torch.Tensor], variant: str,
           forced: Optional[dict[str, torch.Tensor]] = None) -> tuple[dict[str, torch.Tensor], float]:
     """Every stage's output of one run of ``variant`` ("fp32" = the reference)."""
     from matchrt.plugins.roma_full.encoder import COARSE_SCALE
+    from matchrt.plugins.roma_full.ops import tf32_switches
 
     device = inputs[0].device.type
     dtype, coarse_precision, allow_tf32 = VARIANTS.get(variant, (None, "fp32", False))
@@ -112,7 +102,7 @@ def trace(model: nn.Module, inputs: list[torch.Tensor], variant: str,
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    with torch.inference_mode(), tf32(allow_tf32), amp:
+    with torch.inference_mode(), tf32_switches(allow_tf32), amp:
         pyr_q, pyr_s = model.pyramids(inputs[0], inputs[1])
         coarse = model.coarse_prediction(pyr_q[COARSE_SCALE], pyr_s[COARSE_SCALE])
         if variant == "fp16-forced" and forced is not None:

@@ -40,21 +40,26 @@ def swap_halves(x: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
+def tf32_switches(enabled: bool) -> Iterator[None]:
+    """PyTorch's TF32 switches (cuBLAS matmuls, cuDNN convolutions) set for the region.
+
+    They are process-wide, so they are restored on exit.
+    """
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@contextlib.contextmanager
 def strict_fp32(device_type: str) -> Iterator[None]:
     """Autocast off and, on CUDA, no TF32 in matmuls or convolutions: IEEE fp32 for the region.
 
     Autocast alone is not enough: PyTorch lets cuDNN convolutions use TF32 (10-bit mantissa) by
     default, and the GP turns rounding of its inputs into arg-max flips of the coarse match.
-    The TF32 switches are process-wide, so they are restored on exit.
     """
-    if device_type != "cuda":
-        with torch.autocast(device_type=device_type, enabled=False):
-            yield
-        return
-    matmul, conv = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        with torch.autocast(device_type=device_type, enabled=False):
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, conv
+    switches = tf32_switches(False) if device_type == "cuda" else contextlib.nullcontext()
+    with switches, torch.autocast(device_type=device_type, enabled=False):
+        yield
