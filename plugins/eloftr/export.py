@@ -64,6 +64,30 @@ def resolve_options(extra: dict[str, Any]) -> dict[str, Any]:
     return resolved
 
 
+TOPK_GROUPS = 64  # first stage of the flat top-K: one TopK per 1/64 of the matrix
+
+
+def topk_flat(x: torch.Tensor, k: int, groups: int = TOPK_GROUPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest entries of each row of x (B x N) and their INT32 indices, sorted.
+
+    Exact two-stage selection: the top k of each of `groups` equal slices, then the top k of
+    those candidates (every global top-k entry is among its slice's top k). On an H200 at 832
+    (N = 117 M) this takes 1.6 ms instead of 2.3 ms in fp32 and 1.0 ms in fp16. A single TopK
+    when the slices would be too small to pay. TensorRT: both TopKs have K <= 3840.
+    """
+    b, n = int(x.shape[0]), int(x.shape[1])
+    if n % groups or n // groups < 16 * k:
+        value, flat = x.topk(k, dim=1)
+        return value, flat.to(torch.int32)
+    size = n // groups
+    part_value, part_index = x.reshape(b * groups, size).topk(k, dim=1)  # (B G) x k
+    value, pick = part_value.reshape(b, groups * k).topk(k, dim=1)  # B x k, into the candidates
+    pick = pick.to(torch.int32)
+    rows = torch.arange(b, dtype=torch.int32, device=x.device)[:, None] * (groups * k)
+    local = part_index.to(torch.int32).reshape(b * groups * k).index_select(0, (rows + pick).reshape(b * k))
+    return value, int_div(pick, k) * size + local.reshape(b, k)
+
+
 class CoarseSelect(nn.Module):
     """Dual-softmax confidence, border removal and the K most confident pairs above threshold."""
 
@@ -75,11 +99,9 @@ class CoarseSelect(nn.Module):
     def forward(self, feat0: torch.Tensor, feat1: torch.Tensor):
         h, w = int(feat0.shape[2]), int(feat0.shape[3])
         n = h * w
-        conf = ELoFTR.confidence(feat0, feat1)  # B x L x S, stable softmaxes inside
-        keep = border_mask(h, w, conf.device)
-        # two broadcasts of small constants: an L x S mask would be folded into a huge initializer
-        conf = conf * keep[None, :, None]
-        conf = conf * keep[None, None, :]
+        # border cells are zeroed inside the confidence pass (an L-vector, not an L x S mask that
+        # would be folded into a huge initializer)
+        conf = ELoFTR.confidence(feat0, feat1, border_mask(h, w, feat0.device))  # B x L x S
         # every pair above the threshold is a match (no mutual-nearest step): the top K of the
         # flattened matrix are exactly the K most confident of them.
         # TensorRT hazards: K is a constant (no data-dependent shape, K <= 3840); the flat index
@@ -87,8 +109,7 @@ class CoarseSelect(nn.Module):
         # (i, j) with integer ops only, never through floats (L*S exceeds fp16's 65504 and
         # fp32's exact 2^24).
         k = min(self.k, n * n)
-        value, flat = conf.reshape(-1, n * n).topk(k, dim=1)
-        flat = flat.to(torch.int32)
+        value, flat = topk_flat(conf.reshape(-1, n * n), k)
         i_ids = int_div(flat, n)
         j_ids = flat - i_ids * n
         valid = value > self.threshold
@@ -98,11 +119,15 @@ class CoarseSelect(nn.Module):
 class FineRefine(nn.Module):
     """Gathers the fine windows of the selected pairs and refines them to (sub-)pixels."""
 
+    def __init__(self, height: int, width: int):
+        super().__init__()
+        self.size = (height, width)
+
     def forward(self, fine0: torch.Tensor, fine1: torch.Tensor, i_ids: torch.Tensor, j_ids: torch.Tensor):
         b, k = int(i_ids.shape[0]), int(i_ids.shape[1])  # static: the graph has a fixed batch
-        wc = int(fine0.shape[-1]) // COARSE_STRIDE
+        wc = self.size[1] // COARSE_STRIDE
         b_ids = torch.arange(b, dtype=torch.int32, device=i_ids.device)[:, None].repeat(1, k).reshape(b * k)
-        win0, win1 = ELoFTR.windows(fine0, fine1, b_ids, i_ids.reshape(b * k), j_ids.reshape(b * k))
+        win0, win1 = ELoFTR.windows(fine0, fine1, b_ids, i_ids.reshape(b * k), j_ids.reshape(b * k), self.size)
         d0, d1, _ = refine(win0, win1)
         kp0 = ELoFTR.coarse_corner(i_ids.reshape(b * k), wc) + d0
         kp1 = ELoFTR.coarse_corner(j_ids.reshape(b * k), wc) + d1
@@ -121,7 +146,7 @@ class ELoFTRGraph(nn.Module):
         self.k = max_matches
         self.size = (height, width)
         self.coarse_matching = CoarseSelect(max_matches, threshold)
-        self.fine_matching = FineRefine()
+        self.fine_matching = FineRefine(height, width)
         # TensorRT hazard (RoPE): the tables come from Range/Sin/Cos (rope_tables) for this static
         # size and are stored once as buffers, so the graph holds two small initializers instead
         # of a sliced 256 x 256 table or one folded copy per layer.

@@ -42,6 +42,27 @@ SUBPIXEL_TEMPERATURE = 10.0
 DEFAULT_THRESHOLD = 0.1  # LOFTR.MATCH_COARSE.THR of configs/models/eloftr_model.py
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v over the last two dims.
+
+    Under torch: one fused kernel (flash / memory-efficient attention), no L x L matrix in
+    memory. In an ONNX export: MatMul, max-shifted Softmax, MatMul (fp16-safe in any runtime).
+    """
+    if torch.onnx.is_in_onnx_export():
+        return stable_softmax((q @ k.transpose(-1, -2)) * scale, -1) @ v
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def _logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """log(sum(exp(x))) over `dim` (kept), max-shifted, in fp32: ReduceMax/Exp/ReduceSum/Log.
+
+    (ONNX's ReduceLogSumExp is not max-shifted in every runtime: exp overflows.)
+    """
+    x = x.float()
+    top = x.amax(dim=dim, keepdim=True)
+    return top + torch.log(torch.exp(x - top).sum(dim=dim, keepdim=True))
+
+
 def stable_softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
     """Softmax with the maximum subtracted first.
 
@@ -71,6 +92,21 @@ def int_div(x: torch.Tensor, divisor: int) -> torch.Tensor:
     if x.dtype != torch.int32:
         return torch.div(x, divisor, rounding_mode="trunc")
     return _IntDiv.apply(x, int(divisor))
+
+
+def like(x: torch.Tensor, value: int) -> torch.Tensor:
+    """`value` as a 0-d tensor of x's dtype: comparisons with it export without an INT64 Cast."""
+    return torch.tensor(value, dtype=x.dtype, device=x.device)
+
+
+def int_max(x: torch.Tensor, value: int) -> torch.Tensor:
+    """max(x, value) for integer x as an elementwise Max (TensorRT's Clip takes no INT32)."""
+    return torch.maximum(x, like(x, value))
+
+
+def int_min(x: torch.Tensor, value: int) -> torch.Tensor:
+    """min(x, value) for integer x as an elementwise Min (TensorRT's Clip takes no INT32)."""
+    return torch.minimum(x, like(x, value))
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,8 +302,7 @@ class AggregatedAttentionLayer(nn.Module):
         q = q.reshape(-1, hq * wq, self.nhead, d).transpose(1, 2)  # N x heads x L x d
         k = k.reshape(-1, hq * wq, self.nhead, d).transpose(1, 2)
         v = v.reshape(-1, hq * wq, self.nhead, d).transpose(1, 2)
-        scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(d))
-        message = stable_softmax(scores, -1) @ v  # fp16-safe: max subtracted
+        message = attention(q, k, v, 1.0 / math.sqrt(d))
         message = self.merge(message.transpose(1, 2).reshape(-1, hq * wq, c))
         message = message.transpose(1, 2).reshape(-1, c, hq, wq)
         message = F.interpolate(message, scale_factor=float(POOL), mode="bilinear", align_corners=False)
@@ -316,7 +351,11 @@ def _up2(x: torch.Tensor) -> torch.Tensor:
 
 
 class FineFPN(nn.Module):
-    """Upsamples transformed coarse features through the 1/4 and 1/2 maps to full resolution."""
+    """Upsamples transformed coarse features through the 1/4 map to the 1/2 map (64 ch).
+
+    The last 2x bilinear upsampling to full resolution is not done here: only the fine windows
+    of the selected matches need it (`sample_up2`), a few percent of the pixels.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -332,8 +371,7 @@ class FineFPN(nn.Module):
 
     def forward(self, feat_c: torch.Tensor, x2: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
         y = self.layer2_outconv2(self.layer2_outconv(x2) + _up2(self.layer3_outconv(feat_c)))
-        y = self.layer1_outconv2(self.layer1_outconv(x1) + _up2(y))
-        return _up2(y)
+        return self.layer1_outconv2(self.layer1_outconv(x1) + _up2(y))
 
     @torch.no_grad()
     def fuse(self) -> None:
@@ -347,19 +385,45 @@ class FineFPN(nn.Module):
             seq[1] = nn.Identity()
 
 
-def window_offsets(size: int, row_stride: int, device: Optional[torch.device] = None) -> torch.Tensor:
-    """Flat offsets (size*size) of a size x size window in a row-major map of `row_stride` columns."""
-    r = torch.arange(size, dtype=torch.int32, device=device)
-    return (r[:, None] * row_stride + r[None, :]).reshape(-1)
+def _up2_taps(pos: torch.Tensor, half: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source taps of a 2x bilinear upsampling (align_corners=False) at full-resolution `pos`.
+
+    pos: non-negative integer positions (< 2 * half). Returns the two source indices and the
+    weight of the second: x2 = 2m -> (m - 1, m, 0.75), 2m + 1 -> (m, m + 1, 0.25), clamped to
+    the map as torch's upsampling clamps (position 0 takes source 0 alone). INT32 arithmetic.
+    """
+    lo = int_max(int_div(pos + 1, 2) - 1, 0)
+    hi = int_min(lo + 1, half - 1)
+    odd = (pos - int_div(pos, 2) * 2).to(torch.float32)
+    weight = (0.75 - 0.5 * odd) * (pos > like(pos, 0)).to(torch.float32)
+    return lo, hi, weight
 
 
-def _pad1(x: torch.Tensor) -> torch.Tensor:
-    """Zero-pad H and W by one pixel on each side (concatenation: no computed pads in the graph)."""
-    b, c, h, w = (int(v) for v in x.shape)
-    rows = torch.zeros(b, c, 1, w, dtype=x.dtype, device=x.device)
-    x = torch.cat([rows, x, rows], 2)
-    cols = torch.zeros(b, c, h + 2, 1, dtype=x.dtype, device=x.device)
-    return torch.cat([cols, x, cols], 3)
+def sample_up2(maps: torch.Tensor, b_ids: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor,
+               size: tuple[int, int]) -> torch.Tensor:
+    """Pixels of the 2x bilinear upsampling of `maps` at full-resolution (ys, xs), in fp32.
+
+    maps: B x C x h x w (half resolution); b_ids: M; ys, xs: M x P integer positions of the
+    full-resolution H x W map, where positions outside it give zeros (the zero padding of
+    image 1's windows). Returns M x P x C, equal to `F.interpolate(maps, scale_factor=2)` read
+    at those pixels, without building the full-resolution map (memory-bound: 4x the pixels).
+    """
+    c, h, w = int(maps.shape[1]), int(maps.shape[2]), int(maps.shape[3])
+    m, p = int(ys.shape[0]), int(ys.shape[1])
+    inside = ((ys >= like(ys, 0)) & (ys < like(ys, size[0])) & (xs >= like(xs, 0))
+              & (xs < like(xs, size[1]))).to(torch.float32)
+    y0, y1, wy = _up2_taps(int_min(int_max(ys, 0), size[0] - 1), h)
+    x0, x1, wx = _up2_taps(int_min(int_max(xs, 0), size[1] - 1), w)
+    flat = maps.permute(0, 2, 3, 1).reshape(-1, c)
+    base = (b_ids * (h * w))[:, None]
+
+    def tap(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return flat.index_select(0, (base + y * w + x).reshape(m * p)).reshape(m, p, c).float()
+
+    wy, wx = wy[..., None], wx[..., None]
+    top = tap(y0, x0) * (1 - wx) + tap(y0, x1) * wx
+    bottom = tap(y1, x0) * (1 - wx) + tap(y1, x1) * wx
+    return (top * (1 - wy) + bottom * wy) * inside[..., None]
 
 
 def refine(win0: torch.Tensor, win1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -456,17 +520,34 @@ class ELoFTR(nn.Module):
         return self.loftr_coarse(feat_c[:b], feat_c[b:], image_size, rope)
 
     @staticmethod
-    def confidence(feat0: torch.Tensor, feat1: torch.Tensor) -> torch.Tensor:
-        """Dual-softmax confidence (B x L x S) of the transformed coarse features (B x C x h x w)."""
+    def confidence(feat0: torch.Tensor, feat1: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Dual-softmax confidence (B x L x S) of the transformed coarse features (B x C x h x w).
+
+        softmax over L times softmax over S is computed as one exponent,
+        exp(2 sim - logsumexp_S(sim) - logsumexp_L(sim)): two reductions of `sim` and one
+        elementwise pass, instead of two softmaxes and a product (memory-bound at 832: the
+        matrix holds 117 M entries), and no softmax over a non-last dimension (torch's slow
+        strided kernel). `keep` (L floats, 1 = keep) zeroes the rows and columns of dropped
+        cells inside the same pass. The result has `sim`'s dtype (fp16 under autocast).
+        """
         c, n = int(feat0.shape[1]), int(feat0.shape[2]) * int(feat0.shape[3])
         f0 = feat0.reshape(-1, c, n).transpose(1, 2) / math.sqrt(c)
         f1 = feat1.reshape(-1, c, n).transpose(1, 2) / math.sqrt(c)
         sim = (f0 @ f1.transpose(1, 2)) / DUAL_SOFTMAX_TEMPERATURE
-        # fp16-safe: each softmax subtracts its max (sim reaches |1/T * |f|^2| easily)
-        return stable_softmax(sim, 1) * stable_softmax(sim, 2)
+        row = _logsumexp(sim, 2)  # B x L x 1, fp32
+        col = _logsumexp(sim, 1)  # B x 1 x S
+        if keep is not None:  # exp(-1e4) == 0: a dropped cell's row and column vanish
+            drop = (1.0 - keep) * 1e4
+            row = row + drop[None, :, None]
+            col = col + drop[None, None, :]
+        # every exponent is <= 0 (sim <= both log-sum-exps): no overflow in any precision
+        return torch.exp(2.0 * sim.float() - row - col).to(sim.dtype)
 
     def fine_maps(self, feat0: torch.Tensor, feat1: torch.Tensor, x2: torch.Tensor, x1: torch.Tensor):
-        """Full-resolution fine features of both images (B x 64 x H x W each)."""
+        """Half-resolution fine features of both images (B x 64 x H/2 x W/2 each).
+
+        The full-resolution map is their 2x bilinear upsampling, read per window by `windows`.
+        """
         b, c = int(feat0.shape[0]), int(feat0.shape[1])
         feat_c = torch.cat([feat0, feat1], 0) / math.sqrt(c)
         fine = self.fine_preprocess(feat_c, x2, x1)
@@ -474,31 +555,29 @@ class ELoFTR(nn.Module):
 
     @staticmethod
     def windows(fine0: torch.Tensor, fine1: torch.Tensor, b_ids: torch.Tensor, i_ids: torch.Tensor,
-                j_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """8 x 8 windows of image 0 at cells i, 10 x 10 (1 px margin) of image 1 at cells j.
+                j_ids: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """8 x 8 windows of image 0 at cells i, 10 x 10 (1 px zero margin) of image 1 at cells j.
 
-        Indices may be int32 (export) or int64; windows are gathered from channel-last maps by
-        flat pixel index (INT32 arithmetic: the largest index, B*(H+2)*(W+2), fits easily).
+        fine0/fine1 are the half-resolution maps of `fine_maps`; size is the (H, W) input. The
+        window pixels are sampled from the 2x upsampling (`sample_up2`). Indices may be int32
+        (export) or int64; INT32 arithmetic suffices (the largest flat index is B*H*W/4).
         """
-        c, hh, ww = int(fine0.shape[1]), int(fine0.shape[2]), int(fine0.shape[3])
-        wc = ww // COARSE_STRIDE
-        dt = i_ids.dtype
-        maps0 = fine0.permute(0, 2, 3, 1).reshape(-1, c)
-        maps1 = _pad1(fine1).permute(0, 2, 3, 1).reshape(-1, c)
+        wc = size[1] // COARSE_STRIDE
         row0 = int_div(i_ids, wc)
         col0 = i_ids - row0 * wc
         row1 = int_div(j_ids, wc)
         col1 = j_ids - row1 * wc
-        base0 = b_ids * (hh * ww) + row0 * (COARSE_STRIDE * ww) + col0 * COARSE_STRIDE
-        base1 = b_ids * ((hh + 2) * (ww + 2)) + row1 * (COARSE_STRIDE * (ww + 2)) + col1 * COARSE_STRIDE
-        off0 = window_offsets(WINDOW, ww, fine0.device).to(dt)
-        off1 = window_offsets(WINDOW + 2, ww + 2, fine0.device).to(dt)
-        m = int(i_ids.shape[0])
-        idx0 = (base0[:, None] + off0[None, :]).reshape(m * WINDOW * WINDOW)
-        idx1 = (base1[:, None] + off1[None, :]).reshape(m * (WINDOW + 2) ** 2)
-        win0 = maps0.index_select(0, idx0).reshape(m, WINDOW * WINDOW, c)
-        win1 = maps1.index_select(0, idx1).reshape(m, (WINDOW + 2) ** 2, c)
-        return win0, win1
+
+        def grid(row: torch.Tensor, col: torch.Tensor, n: int, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+            m, r = int(row.shape[0]), torch.arange(n, dtype=row.dtype, device=row.device) - shift
+            zero = torch.zeros(n, dtype=row.dtype, device=row.device)  # broadcast, no INT64 Expand
+            ys = ((row * COARSE_STRIDE)[:, None] + r[None, :])[:, :, None] + zero[None, None, :]
+            xs = ((col * COARSE_STRIDE)[:, None] + r[None, :])[:, None, :] + zero[None, :, None]
+            return ys.reshape(m, n * n), xs.reshape(m, n * n)  # row-major window pixels
+
+        ys0, xs0 = grid(row0, col0, WINDOW, 0)
+        ys1, xs1 = grid(row1, col1, WINDOW + 2, 1)
+        return sample_up2(fine0, b_ids, ys0, xs0, size), sample_up2(fine1, b_ids, ys1, xs1, size)
 
     @staticmethod
     def coarse_corner(ids: torch.Tensor, wc: int) -> torch.Tensor:
@@ -531,7 +610,7 @@ class ELoFTR(nn.Module):
         out = {"feats_c": feats_c, "feat_c0": feat0, "feat_c1": feat1, "conf_matrix": conf,
                "b_ids": b_ids, "i_ids": i_ids, "j_ids": j_ids, "mconf": conf[b_ids, i_ids, j_ids]}
         fine0, fine1 = self.fine_maps(feat0, feat1, x2, x1)
-        win0, win1 = self.windows(fine0, fine1, b_ids, i_ids, j_ids)
+        win0, win1 = self.windows(fine0, fine1, b_ids, i_ids, j_ids, size)
         d0, d1, conf_f = refine(win0, win1)
         out.update(fine0=win0, fine1=win1, conf_matrix_f=conf_f,
                    mkpts0_f=self.coarse_corner(i_ids, w) + d0,

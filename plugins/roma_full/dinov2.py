@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import stable_softmax
+from .ops import attention
 
 EMBED_DIM = 1024
 DEPTH = 24
@@ -45,9 +45,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
-        attn = stable_softmax(q @ k.transpose(-2, -1), -1)  # fp16-safe: max subtracted
-        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+        out = attention(qkv[0], qkv[1], qkv[2], self.scale)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
 class Mlp(nn.Module):

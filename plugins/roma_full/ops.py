@@ -17,6 +17,17 @@ def stable_softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.softmax(x - x.amax(dim=dim, keepdim=True), dim=dim)
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v over the last two dims.
+
+    Under torch: one fused kernel (flash / memory-efficient attention), no n x n matrix in
+    memory. In an ONNX export: MatMul, max-shifted Softmax, MatMul (fp16-safe in any runtime).
+    """
+    if torch.onnx.is_in_onnx_export():
+        return stable_softmax((q * scale) @ k.transpose(-2, -1), -1) @ v
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
 def centre_coords(n: int, like: torch.Tensor) -> torch.Tensor:
     """Normalised centres of n cells along one side: -1 + (2k + 1) / n for k = 0..n-1.
 
