@@ -19,6 +19,8 @@ Variants (the model's own precision policy, ``coarse_precision``):
                              IEEE fp32, the VGG encoder and the refiners in half precision
     fp16-reduced, bf16-reduced   coarse_precision=reduced: the coarse stage in half precision
                              too, as upstream's AMP
+    fp16-tf32                coarse_precision=tf32: the coarse stage in fp32 with TF32 matrix
+                             products, the encoder and refiners in fp16
     tf32-reduced             fp32 with TF32 in the coarse stage (TensorRT's fp32 default)
     fp32-noise               strict fp32 with +-0.5/255 noise on the images (8-bit quantisation):
                              how much the weights themselves move under a negligible input change
@@ -52,6 +54,7 @@ PAIR = ("02928139_3448003521.jpg", "17295357_9106075285.jpg")
 VARIANTS: dict[str, tuple[Optional[torch.dtype], str, bool]] = {
     "fp16": (torch.float16, "fp32", False),
     "bf16": (torch.bfloat16, "fp32", False),
+    "fp16-tf32": (torch.float16, "tf32", False),
     "fp16-reduced": (torch.float16, "reduced", False),
     "bf16-reduced": (torch.bfloat16, "reduced", False),
     "tf32-reduced": (None, "reduced", True),

@@ -65,12 +65,13 @@ def tf32_switches(enabled: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def strict_fp32(device_type: str) -> Iterator[None]:
+def strict_fp32(device_type: str, tf32: bool = False) -> Iterator[None]:
     """Autocast off and, on CUDA, no TF32 in matmuls or convolutions: IEEE fp32 for the region.
 
     Autocast alone is not enough: PyTorch lets cuDNN convolutions use TF32 (10-bit mantissa) by
     default, and the GP turns rounding of its inputs into arg-max flips of the coarse match.
+    ``tf32=True`` switches TF32 on instead (fp32 tensors, TF32 matrix products).
     """
-    switches = tf32_switches(False) if device_type == "cuda" else contextlib.nullcontext()
+    switches = tf32_switches(tf32) if device_type == "cuda" else contextlib.nullcontext()
     with switches, torch.autocast(device_type=device_type, enabled=False):
         yield

@@ -10,13 +10,13 @@ gives B x H' x W' (x 4).
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from matchrt.errors import MatchrtError
+from matchrt.fold import folded_copy, shallow_module_copy
 from matchrt.plugins.roma_full import export as coarse_export
 from matchrt.plugins.roma_full.encoder import COARSE_SCALE, check_input_size
 from matchrt.types import ExportOptions, ExportPlan, GraphSpec
@@ -29,6 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "upsample_res": DEFAULT_UPSAMPLE,
     "symmetric": True,
     "coarse_precision": "fp32",
+    "fuse": True,
     **coarse_export.DEFAULTS,
 }
 
@@ -52,7 +53,7 @@ COARSE_FP32_LAYERS: list[str] = ["*/dinov2/*", "*/proj16/*", "*/embedding_decode
 
 def fp32_layers(options: dict[str, Any]) -> list[str]:
     """The fp32 node patterns of a graph exported with ``options``."""
-    return FP32_LAYERS + (COARSE_FP32_LAYERS if options["coarse_precision"] == "fp32" else [])
+    return FP32_LAYERS + (COARSE_FP32_LAYERS if options["coarse_precision"] in ("fp32", "tf32") else [])
 
 
 def truthy(value: Any) -> bool:
@@ -73,18 +74,30 @@ def resolve_options(extra: dict[str, Any]) -> dict[str, Any]:
         raise MatchrtError(f"roma_plus: upsample_res {r} must be 0 (no upsampling pass) or a positive multiple "
                            f"of 8 (the VGG pyramid's stride); nearest: {lo} or {hi}")
     opts["symmetric"] = truthy(opts["symmetric"])
+    opts["fuse"] = truthy(opts["fuse"])
     opts["coarse_precision"] = str(opts["coarse_precision"]).strip().lower()
     if opts["coarse_precision"] not in COARSE_PRECISIONS:
         raise MatchrtError(f"roma_plus: coarse_precision={opts['coarse_precision']!r} is not one of "
                            f"{', '.join(COARSE_PRECISIONS)}: 'fp32' keeps DINOv2, proj.16 and the decoder in "
-                           "IEEE fp32 under fp16/bf16 (exact coarse matches), 'reduced' runs them in the run's "
-                           "precision (faster, as upstream's AMP)")
+                           "IEEE fp32 under fp16/bf16 (exact coarse matches), 'tf32' in fp32 with TF32 matrix "
+                           "products, 'reduced' runs them in the run's precision (fastest, as upstream's AMP)")
     return opts
 
 
 def configured(model: RomaPlus, options: dict[str, Any]) -> RomaPlus:
-    """A shallow copy of ``model`` (shared weights) with the export options applied."""
-    view = copy.copy(model)
+    """A shallow copy of ``model`` (shared weights) with the export options applied.
+
+    With ``fuse`` (default) the BatchNorms of the VGG encoder, the projections and the refiners
+    are folded into their convolutions, in copies of those parts (the model keeps its keys).
+    """
+    view = shallow_module_copy(model)
+    if options["fuse"]:
+        view.proj = folded_copy(model.proj)
+        view.conv_refiner = folded_copy(model.conv_refiner)
+        coarse = shallow_module_copy(model.coarse)
+        coarse.encoder = shallow_module_copy(model.coarse.encoder)
+        coarse.encoder.cnn = folded_copy(model.coarse.encoder.cnn)
+        view.coarse = coarse
     view.upsample_res = options["upsample_res"]
     view.symmetric = options["symmetric"]
     view.coarse_precision = options["coarse_precision"]
@@ -163,7 +176,8 @@ def build_plan(model: RomaPlus, options: ExportOptions) -> ExportPlan:
         raise MatchrtError(f"roma_plus: batch must be >= 1, got {b}")
     view = configured(model, opts).eval()
     pinned = fp32_layers(opts)
-    tf32 = False if opts["coarse_precision"] == "fp32" else None  # strict coarse stage: IEEE fp32 in TensorRT
+    # strict coarse stage: IEEE fp32 in TensorRT; "tf32": fp32 layers with TF32 allowed
+    tf32 = {"fp32": False, "tf32": True}.get(opts["coarse_precision"])
     images = [torch.rand(b, 3, h, w), torch.rand(b, 3, h, w)]
     r = opts["upsample_res"]
     upsampled = [torch.rand(b, 3, r, r), torch.rand(b, 3, r, r)] if r else []

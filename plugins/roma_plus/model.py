@@ -51,22 +51,24 @@ REFINE_INIT = 4.0  # upstream divides refiner displacements by 4 * (finest width
 ATTENUATION = 0.5  # certainty -= 0.5 * min(coarse certainty logit, 0)
 DEFAULT_COARSE = 560
 DEFAULT_UPSAMPLE = 864
-COARSE_PRECISIONS = ("fp32", "reduced")
+# "fp32": IEEE fp32; "tf32": fp32 tensors with TF32 matrix products (10-bit mantissa inputs,
+# fp32 accumulation); "reduced": the run's precision (fp16/bf16 autocast), as upstream's AMP
+COARSE_PRECISIONS = ("fp32", "tf32", "reduced")
 
 Pyramid = dict[int, torch.Tensor]
 Corresps = dict[int, tuple[torch.Tensor, torch.Tensor]]  # scale -> (flow B x 2 x h x w, certainty B x 1 x h x w)
 
 
 @torch.compiler.disable
-def strict_eager(fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` in IEEE fp32 (float inputs cast up, autocast and TF32 off), never compiled.
+def strict_eager(fn: Callable[..., Any], *args: Any, tf32: bool = False) -> Any:
+    """``fn(*args)`` in fp32 (float inputs cast up, autocast off; TF32 only if asked), never compiled.
 
     Outside torch.compile: TF32 switches flipped inside compiled code do not act as in eager
     mode. Measured on the H100 (560/864): compiled through this region, fp32 output strayed 0.48
     (relative, flipped coarse arg-maxes) from eager fp32; with the region left eager, 2.5e-4.
     """
     args = tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
-    with strict_fp32(args[0].device.type):
+    with strict_fp32(args[0].device.type, tf32=tf32):
         return fn(*args)
 
 
@@ -188,10 +190,11 @@ class RomaPlus(nn.Module):
         self.coarse_precision = coarse_precision
 
     def in_coarse_precision(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(*args)`` as the run goes ("reduced") or in IEEE fp32 outside torch.compile ("fp32")."""
-        if self.coarse_precision != "fp32":
+        """``fn(*args)`` as the run goes ("reduced"), or in fp32 outside torch.compile: IEEE
+        ("fp32") or with TF32 matrix products ("tf32")."""
+        if self.coarse_precision == "reduced":
             return fn(*args)
-        return strict_eager(fn, *args)
+        return strict_eager(fn, *args, tf32=self.coarse_precision == "tf32")
 
     def set_gp(self, solve: str, method: str = "newton_schulz", iters: Union[int, str, None] = None) -> None:
         """GP solve: "exact" (Cholesky; not exportable in-graph) or "iterative" with roma_full's
@@ -199,6 +202,15 @@ class RomaPlus(nn.Module):
         self.gp_solve = solve
         self.gp_method = method
         self.gp_iters = None if iters in (None, "", "auto") else int(iters)  # type: ignore[arg-type]
+
+    def in_graph_solve(self) -> str:
+        """The GP solve of this run: "exact" as asked; in an ONNX export the iterative
+        ``gp_method`` (plain ops); under torch (eager, compile, torch.export) a Cholesky solve in
+        the graph: same result (the iterative solve converges to it), 2 x 1600^3 flops instead
+        of ~40 IEEE-fp32 matrix products of that size (15 ms per pair on an H200 at 560)."""
+        if self.gp_solve == "exact":
+            return "exact"
+        return self.gp_method if torch.onnx.is_in_onnx_export() else "cholesky"
 
     # -- pieces -----------------------------------------------------------------------------
     def encode(self, image0: torch.Tensor, image1: torch.Tensor, with_coarse: bool = True) -> Pyramid:
@@ -279,7 +291,7 @@ class RomaPlus(nn.Module):
     def _coarse_prediction(self, f_q16: torch.Tensor, f_s16: torch.Tensor) -> dict[str, torch.Tensor]:
         feat_q, feat_s = self.project16(f_q16, f_s16)
         with strict_fp32(feat_q.device.type):
-            solve = "exact" if self.gp_solve == "exact" else self.gp_method
+            solve = self.in_graph_solve()
             gp_feats = self.coarse.gp(feat_q.float(), feat_s.float(), solve, self.gp_iters)
         return self.decode(gp_feats, feat_q, feat_s)
 

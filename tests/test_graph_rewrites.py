@@ -1,0 +1,85 @@
+"""The speed rewrites of the graphs compute what the plain formulation computes."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from matchrt.fold import fold_batchnorm, folded_copy, shallow_module_copy
+from matchrt.plugins.eloftr.export import topk_flat
+from matchrt.plugins.eloftr.model import ELoFTR, sample_up2, stable_softmax
+
+
+def _random_bn(c: int) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(c)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    return bn.eval()
+
+
+def test_fold_batchnorm_keeps_outputs_of_plain_and_depthwise_convs() -> None:
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Conv2d(6, 6, 5, padding=2, groups=6), _random_bn(6), nn.ReLU(),
+                        nn.Conv2d(6, 4, 1, bias=False), _random_bn(4)).eval()
+    pyramid = nn.ModuleList([nn.Conv2d(4, 8, 3, padding=1), _random_bn(8), nn.ReLU()]).eval()
+    x = torch.randn(2, 6, 9, 11)
+    with torch.no_grad():
+        ref = seq(x)
+        ref_list = pyramid[2](pyramid[1](pyramid[0](ref)))
+        folded, folded_list = folded_copy(seq), folded_copy(pyramid)
+        out = folded(x)
+        out_list = folded_list[2](folded_list[1](folded_list[0](out)))
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) == 0
+    assert isinstance(folded_list[1], nn.Identity) and len(folded_list) == 3  # indices stay
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_list, ref_list, rtol=1e-5, atol=1e-5)
+    # the originals keep their BatchNorms (and state-dict keys); a training-mode BN is left alone
+    assert isinstance(seq[1], nn.BatchNorm2d) and isinstance(pyramid[1], nn.BatchNorm2d)
+    assert fold_batchnorm(nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2).train())) == 0
+
+
+def test_shallow_module_copy_replaces_children_without_touching_the_original() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    view = shallow_module_copy(model)
+    view[1] = nn.Identity()
+    assert isinstance(model[1], nn.ReLU) and view[0] is model[0]
+
+
+def test_sample_up2_equals_the_full_resolution_upsampling() -> None:
+    torch.manual_seed(0)
+    maps = torch.randn(2, 5, 8, 6)
+    up = nn.functional.interpolate(maps, scale_factor=2.0, mode="bilinear", align_corners=False)
+    ys = torch.randint(-1, 17, (7, 9), dtype=torch.int32)
+    xs = torch.randint(-1, 13, (7, 9), dtype=torch.int32)
+    b = torch.randint(0, 2, (7,), dtype=torch.int32)
+    out = sample_up2(maps, b, ys, xs, (16, 12))
+    inside = (ys >= 0) & (ys < 16) & (xs >= 0) & (xs < 12)
+    ref = up[b.long()[:, None], :, ys.clamp(0, 15).long(), xs.clamp(0, 11).long()] * inside[..., None]
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_two_stage_topk_selects_what_one_topk_selects() -> None:
+    torch.manual_seed(0)
+    x = torch.rand(2, 64 * 16 * 40)
+    value, index = topk_flat(x, 40, groups=64)
+    ref_value, ref_index = x.topk(40, dim=1)
+    assert index.dtype == torch.int32
+    torch.testing.assert_close(value, ref_value)
+    assert torch.equal(index.long(), ref_index)  # distinct random values: one order
+
+
+def test_dual_softmax_exponent_equals_the_product_of_softmaxes() -> None:
+    torch.manual_seed(0)
+    f0, f1 = torch.randn(1, 8, 4, 6) * 3, torch.randn(1, 8, 4, 6) * 3
+    c = 8
+    sim = (f0.reshape(1, c, -1).transpose(1, 2) @ f1.reshape(1, c, -1)) / c / 0.1
+    ref = stable_softmax(sim, 1) * stable_softmax(sim, 2)
+    torch.testing.assert_close(ELoFTR.confidence(f0, f1), ref, rtol=1e-5, atol=1e-7)
+    keep = torch.ones(24)
+    keep[:3] = 0
+    masked = ELoFTR.confidence(f0, f1, keep)
+    assert masked[0, :3].abs().max() == 0 and masked[0, :, :3].abs().max() == 0
+    torch.testing.assert_close(masked[0, 3:, 3:], ref[0, 3:, 3:], rtol=1e-5, atol=1e-7)
