@@ -53,7 +53,7 @@ COARSE_FP32_LAYERS: list[str] = ["*/dinov2/*", "*/proj16/*", "*/embedding_decode
 
 def fp32_layers(options: dict[str, Any]) -> list[str]:
     """The fp32 node patterns of a graph exported with ``options``."""
-    return FP32_LAYERS + (COARSE_FP32_LAYERS if options["coarse_precision"] in ("fp32", "tf32") else [])
+    return FP32_LAYERS + (COARSE_FP32_LAYERS if options["coarse_precision"] != "reduced" else [])
 
 
 def truthy(value: Any) -> bool:
@@ -177,7 +177,7 @@ def build_plan(model: RomaPlus, options: ExportOptions) -> ExportPlan:
     view = configured(model, opts).eval()
     pinned = fp32_layers(opts)
     # strict coarse stage: IEEE fp32 in TensorRT; "tf32": fp32 layers with TF32 allowed
-    tf32 = {"fp32": False, "tf32": True}.get(opts["coarse_precision"])
+    tf32 = {"fp32": False, "tf32x3": False, "tf32": True}.get(opts["coarse_precision"])
     images = [torch.rand(b, 3, h, w), torch.rand(b, 3, h, w)]
     r = opts["upsample_res"]
     upsampled = [torch.rand(b, 3, r, r), torch.rand(b, 3, r, r)] if r else []
