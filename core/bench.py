@@ -499,3 +499,16 @@ def write_json(bench: Bench, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(bench.to_json(), indent=1, default=str))
     return path
+
+
+def open_backend(host: Host, matcher: str, backend: str, precision: str, model: Any,
+                 export: ExportOptions, device: str, workdir: Path,
+                 progress: Optional[Callable[[str], None]] = None) -> Pipeline:
+    """One `--backend` variant opened exactly as the bench opens it (ONNX export and engine
+    build included, files under `workdir`), or a MatchrtError saying why it cannot run here."""
+    bench = Bench(BenchConfig([matcher], [backend], [precision], [], device=device, workdir=workdir),
+                  host, progress)
+    reason = bench._unsupported(backend, precision)
+    if reason:
+        raise MatchrtError(f"{matcher} / {backend} / {precision}: {reason}")
+    return bench._open(BenchRow(matcher, backend, precision), model, export)

@@ -557,6 +557,61 @@ def bench(
         typer.echo(f"wrote {markdown_out}", err=True)
 
 
+@app.command()
+@clean_errors
+def profile(
+    images: Optional[List[Path]] = typer.Argument(None, help="Two images, or a folder holding two "
+                                                  "(default: the bundled pair)."),
+    matcher: Optional[str] = MatcherOpt,
+    backend: str = typer.Option("torch", help="One bench backend: torch, torch-compile, "
+                                "torch-compile-cudagraph, onnxruntime, tensorrt..."),
+    precision: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
+    size: Optional[int] = typer.Option(None, help="Square input side (default: the matcher's)."),
+    height: Optional[int] = typer.Option(None, help="Input height."),
+    width: Optional[int] = typer.Option(None, help="Input width."),
+    option: Optional[List[str]] = OptionOpt,
+    checkpoint: Optional[Path] = CheckpointOpt,
+    dinov2: Optional[Path] = Dinov2Opt,
+    weights: Optional[List[str]] = WeightsOpt,
+    random_weights: bool = RandomOpt,
+    allow_partial: bool = PartialOpt,
+    device: Optional[str] = typer.Option(None, help="cuda or cpu (default: cuda when present)."),
+    runs: int = typer.Option(5, help="Profiled pairs (the tables are per pair, their mean)."),
+    warmup: int = typer.Option(3, help="Pairs run before profiling (compilation, caches)."),
+    top: int = typer.Option(15, help="Kernels (GPU) or ops (CPU) listed."),
+    workdir: Optional[Path] = typer.Option(None, help="Keep exported graphs and engines here."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the stage and kernel tables as JSON."),
+    trace: Optional[Path] = typer.Option(None, "--trace", help="Write a Chrome trace (chrome://tracing, Perfetto)."),
+) -> None:
+    """Time per named stage (encoder, GP, refiners, postprocess...) and the top kernels, on one pair."""
+    from .images import read_image
+    from .profiler import ProfileConfig, render, run_profile, write_json
+
+    name = _need_matcher(matcher)
+    if size is not None and (height is not None or width is not None):
+        raise typer.BadParameter("give --size, or --height/--width, not both")
+    pair = None
+    if images:
+        p0, p1 = _image_paths(images)
+        pair = (read_image(p0), read_image(p1))
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = ProfileConfig(
+        name, backend, precision, device, height or size, width or size, _extra(option),
+        _weights(checkpoint, dinov2, weights), random_weights, allow_partial, pair, runs, warmup,
+        top, trace, workdir)
+    console = _console(stderr=True)
+    with console.status("profiling") as status:
+        report, _ = run_profile(config, progress=lambda m: status.update(m))
+    _console().print(render(report))
+    if json_out:
+        typer.echo(f"wrote {write_json(report, json_out)}", err=True)
+    if trace:
+        typer.echo(f"wrote {trace}", err=True)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
