@@ -98,15 +98,20 @@ def _resolve(root: Any, target: Target) -> Any:
                            f"(its children: {children})") from None
 
 
-def mark_stages(root: Any, stages: Mapping[str, Union[Target, Sequence[Target]]]) -> Any:
+def mark_stages(root: Any, stages: Mapping[str, Union[Target, Sequence[Target]]],
+                strict: bool = True) -> Any:
     """Name submodules of `root` as stages; several modules may share one name. Returns `root`.
 
     Targets are dotted paths from `root` (`"model.backbone"`, `""` for `root` itself) or modules.
+    A path `root` lacks is an error, unless `strict` is False (one mapping for several graphs).
     """
+    present = None if strict else dict(root.named_modules())
     for name, targets in stages.items():
         if isinstance(targets, str) or not isinstance(targets, Sequence):
             targets = [targets]
         for target in targets:
+            if present is not None and isinstance(target, str) and target not in present:
+                continue
             module = _resolve(root, target)
             setattr(module, ATTRIBUTE, name)
     return root
