@@ -26,7 +26,8 @@ from .profiling import PREFIX, range_name, recording
 ROOT = "matchrt.pair"  # profiler range around one pair (graph run + postprocess)
 POSTPROCESS = "postprocess"
 UNMARKED = "(not in a stage)"
-DEVICE_ACTIVITIES = {"kernel", "gpu_memcpy", "gpu_memset"}  # device work; not annotations or syncs
+# device-side events that are not work: the GPU copy of a profiler range, waits, counters
+NOT_DEVICE_WORK = {"gpu_user_annotation", "cuda_sync", "gpu_pm_counter", "overhead"}
 
 
 @dataclass
@@ -120,8 +121,7 @@ def _device_items(events: list[Any]) -> list[tuple[str, float, Any]]:
     for e in events:
         if _is_cpu(e) or _is_marker(e) or e.name == "Context Sync":
             continue
-        kind = getattr(e, "activity_type", None)
-        if kind and kind not in DEVICE_ACTIVITIES:
+        if getattr(e, "activity_type", None) in NOT_DEVICE_WORK:
             continue
         duration = e.time_range.end - e.time_range.start
         items.append((e.name, float(duration), launchers.get(getattr(e, "linked_correlation_id", 0))))
@@ -212,7 +212,7 @@ def analyse(events: Iterable[Any], runs: int, on_gpu: bool, top: int = 15
 
 
 def _tree_order(paths: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
-    """Paths in first-seen order, each followed by its descendants (parents added if absent)."""
+    """Paths in first-seen order, each followed by its descendants."""
     children: dict[tuple[str, ...], list[tuple[str, ...]]] = {}
     for p in paths:
         children.setdefault(p[:-1], []).append(p)
@@ -366,6 +366,8 @@ def _profile_pipeline(pipe: Any, config: ProfileConfig, images: tuple[Any, Any],
         notes.append(f"{config.matcher} marks no stages (see matchrt.profiling.mark_stages)")
     say("analysing the profile")
     total, stages, kernels = analyse(prof.events(), config.runs, on_gpu, config.top)
+    if on_gpu and not total:
+        notes.append("no CUDA kernel was recorded: is CUPTI available to torch.profiler here?")
     prov = provenance(BenchConfig([config.matcher], [config.backend], [config.precision], [],
                                   device=config.device, random_weights=config.random_weights))
     report = ProfileReport(
