@@ -77,7 +77,7 @@ def test_profile_refuses_what_the_bench_refuses(toy):
     assert r.exit_code == 2 and "use --device cuda" in r.output
 
 
-def test_profile_xfeat_small(tmp_path):
+def test_profile_xfeat_small(tmp_path, one_thread):
     pytest.importorskip("matchrt_xfeat")
     with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
