@@ -19,6 +19,7 @@ Under torch.compile the ranges are not recorded (compiled graphs have no stage b
 from __future__ import annotations
 
 import functools
+import warnings
 from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, ContextManager, Iterator, Mapping, Sequence, TypeVar, Union
 
@@ -68,16 +69,21 @@ def staged(name: str) -> Callable[[F], F]:
     return wrap
 
 
-def mark_methods(cls: type, stages: Mapping[str, str]) -> type:
+def mark_methods(cls: type, stages: Mapping[str, str], strict: bool = True) -> type:
     """Make methods of `cls` stages: `{"upsample pass": "upsampling_pass"}` (idempotent).
 
     Class-level, so copies of a model (deepcopy, shallow views) keep their markers; static and
-    class methods are handled.
+    class methods are handled. A method `cls` lacks is an error, or with `strict=False` a warning
+    (a stale marker must not stop a plugin from loading).
     """
     for name, attr in stages.items():
         raw = cls.__dict__.get(attr)
         if raw is None:
-            raise MatchrtError(f"mark_methods: {cls.__name__} defines no method {attr!r}")
+            message = f"mark_methods: {cls.__name__} defines no method {attr!r} (stage {name!r})"
+            if strict:
+                raise MatchrtError(message)
+            warnings.warn(message, stacklevel=2)
+            continue
         kind = type(raw) if isinstance(raw, (staticmethod, classmethod)) else None
         fn = raw.__func__ if kind else raw
         if getattr(fn, "__matchrt_stage__", None) == name:
@@ -103,7 +109,8 @@ def mark_stages(root: Any, stages: Mapping[str, Union[Target, Sequence[Target]]]
     """Name submodules of `root` as stages; several modules may share one name. Returns `root`.
 
     Targets are dotted paths from `root` (`"model.backbone"`, `""` for `root` itself) or modules.
-    A path `root` lacks is an error, unless `strict` is False (one mapping for several graphs).
+    A path `root` lacks is an error, unless `strict` is False: then it is skipped (one mapping
+    for several graph shapes; a stale path never breaks an export, the plugin's tests catch it).
     """
     present = None if strict else dict(root.named_modules())
     for name, targets in stages.items():

@@ -203,5 +203,15 @@ def test_builtin_plugins_mark_their_stages():
             plan = plugin.export_plan(plugin.NAME, model, ExportOptions(size, size))
         names = set()
         for graph in plan.graphs:
-            names |= set(marked(graph.module))
+            found = marked(graph.module)
+            names |= set(found)
+            if plugin is eloftr:  # 4 x (self, cross) layers
+                assert len(found["self-attention"]) == len(found["cross-attention"]) == 4
         assert names == expected[plugin.NAME], plugin.NAME
+    # the stages that are methods
+    from matchrt.plugins.eloftr.model import ELoFTR
+    from matchrt.plugins.roma_plus.model import RomaPlus
+
+    methods = {ELoFTR.confidence: "dual softmax", RomaPlus.after_coarse: "first pass",
+               RomaPlus.upsampling_pass: "upsample pass"}
+    assert {getattr(m, "__matchrt_stage__", None) for m in methods} == set(methods.values())

@@ -18,23 +18,25 @@ from .model import DEFAULT_THRESHOLD, SIDE_MULTIPLE, TRAIN_SIZE, ELoFTR
 
 NAME = "eloftr"
 
-# stage names for `matchrt profile` (no effect outside it; see matchrt.profiling)
-mark_methods(ELoFTR, {"dual softmax": "confidence"})
+# stage names for `matchrt profile` (no effect outside it; see matchrt.profiling). Stale names
+# never break loading or export (strict=False); tests/test_core_profile.py checks they resolve.
+mark_methods(ELoFTR, {"dual softmax": "confidence"}, strict=False)
+LAYERS = "model.loftr_coarse.layers."
 
 
 def mark_graph_stages(graph: Any) -> Any:
     """Name the stages of an ELoFTRGraph: backbone, coarse transformer (self/cross layers),
     coarse matching (dual softmax + border + threshold + top-K), fine preprocess, fine matching."""
-    layers = graph.model.loftr_coarse.layers
+    layers = [n for n, _ in graph.named_modules() if n.startswith(LAYERS) and n[len(LAYERS):].isdigit()]
     return mark_stages(graph, {
         "backbone": "model.backbone",
         "coarse transformer": "model.loftr_coarse",
-        "self-attention": [layer for k, layer in enumerate(layers) if k % 2 == 0],
-        "cross-attention": [layer for k, layer in enumerate(layers) if k % 2 == 1],
+        "self-attention": [n for n in layers if int(n[len(LAYERS):]) % 2 == 0],
+        "cross-attention": [n for n in layers if int(n[len(LAYERS):]) % 2 == 1],
         "coarse matching": "coarse_matching",
         "fine preprocess": "model.fine_preprocess",
         "fine matching": "fine_matching",
-    })
+    }, strict=False)
 
 INFO = MatcherInfo(
     name=NAME,
