@@ -251,8 +251,8 @@ class Bench:
             "weight_report": report.summary(), "shapes": []}
         self.meta["matchers"][matcher] = meta
         for (side_h, side_w), swept in itertools.product(shapes, cfg.sweep_points(matcher)):
-            self._run_shape(matcher, model, meta, ExportOptions(side_h, side_w, extra=dict(extra, **swept)),
-                            swept)
+            export = ExportOptions(side_h, side_w, extra=dict(extra, **swept))
+            self._run_shape(matcher, model, meta, export, swept)
 
     def _run_shape(self, matcher: str, model: Any, meta: dict[str, Any], export: ExportOptions,
                    swept: dict[str, Any]) -> None:
@@ -260,8 +260,9 @@ class Bench:
         cfg = self.config
         ref_pipe = torch_pipeline(self.host, matcher, model, export, {"device": cfg.device})
         prepared = [ref_pipe.prepare(x.image0, x.image1) for x in cfg.inputs]
-        label = f"{matcher} {export.height}x{export.width}" + "".join(f" {k}={v}" for k, v in swept.items())
-        self.progress(f"{label}: reference outputs (torch fp32)")
+        label = f"{matcher} {export.height}x{export.width}"
+        self.progress(label + "".join(f" {k}={v}" for k, v in swept.items())
+                      + ": reference outputs (torch fp32)")
         references = [_to_cpu(ref_pipe.run(inp)) for inp, _ in prepared]
         shape = {"input_size": [export.height, export.width], "sweep": dict(swept),
                  "megapixels": sum(h * w for h, w in ref_pipe.input_sizes.values()) / 1e6}
@@ -513,7 +514,8 @@ def render_table(rows: list[BenchRow], random_weights: bool, title: str = "match
     for col in ("matcher", "backend", "prec", "input", "B", "model ms p50 (p10-p90)", "ms/pair",
                 "ms/MP", "e2e ms", "pairs/s", "peak MB", "setup s", "rel err", "agree", "corner px",
                 "AUC@3/5/10"):
-        table.add_column(col, justify="left" if col in ("matcher", "backend", "prec", "input") else "right")
+        left = col in ("matcher", "backend", "prec", "input")
+        table.add_column(col, justify="left" if left else "right")
     notes = []
     for r in rows:
         if r.status != "ok":
