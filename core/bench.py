@@ -594,6 +594,8 @@ def plot(rows: list[BenchRow], path: Path, random_weights: bool) -> Path:
     ok = [r for r in rows if r.status == "ok"]
     matchers = list(dict.fromkeys(r.matcher for r in rows))
     bar_h, gap, left, width = 26, 40, 330, 1100
+    if len({(_shape(r), r.batch) for r in ok}) > 1:
+        left, width = 470, 1240  # room for the size and batch in the labels
     height = 70 + sum(gap + bar_h * max(1, sum(r.matcher == m for r in ok)) for m in matchers)
     img = np.full((height, width, 3), 255, np.uint8)
     title = "matchrt bench: model ms per pair, median (bar) and p10-p90 (whisker)"
