@@ -232,6 +232,8 @@ def _tree_order(paths: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
 
 @dataclass
 class ProfileConfig:
+    """What `matchrt profile` runs: one matcher on one backend, precision, device and size."""
+
     matcher: str
     backend: str = "torch"
     precision: str = "fp32"
@@ -257,7 +259,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _default_images(channels: int) -> tuple[Any, Any]:
+def _default_images() -> tuple[Any, Any]:
     """The bundled MegaDepth pair when run from a checkout, else a fixed random pair."""
     from .images import read_image
     from .synthetic import bundled_images
@@ -306,7 +308,7 @@ def run_profile(config: ProfileConfig, host: Any = None,
     say(f"{config.matcher}: loading weights")
     model, _ = load_model(host, config.matcher, paths, config.allow_partial, dict(config.options))
     export = ExportOptions(h, w, extra=dict(config.options))
-    images = config.images or _default_images(info.contract.channels)
+    images = config.images or _default_images()
     with tempfile.TemporaryDirectory(prefix="matchrt-profile-") as tmp:
         pipe = open_backend(host, config.matcher, config.backend, config.precision, model, export,
                             config.device, config.workdir or Path(tmp), say)
