@@ -3,16 +3,22 @@
 Eager fp32 torch is the reference every other column is compared with. Timing excludes warm-up,
 synchronises the GPU before reading clocks, rotates inputs, and reports set-up (export, engine
 build, compilation) separately from per-pair time.
+
+How cost grows: every combination runs at each input size (`sizes`), each value of a swept
+option (`sweeps`, e.g. roma_plus's upsample_res) and each batch (`batches`: the graph takes B
+pairs at once; time per pair = batch time / B). Rows report milliseconds per pair and per
+megapixel: per pair divided by the pixels of all image inputs the graph takes for one pair.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import platform
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -67,6 +73,12 @@ class BenchRow:
     tflop_per_pair: Optional[float] = None
     random_weights: bool = False
     onnx_sha256: list[str] = field(default_factory=list)
+    input_size: list[int] = field(default_factory=list)  # [height, width] of the main inputs
+    batch: int = 1  # pairs per graph call; model_ms and e2e_ms are per call
+    sweep: dict[str, Any] = field(default_factory=dict)  # swept option values of this row
+    megapixels: Optional[float] = None  # all image inputs of one pair
+    ms_per_pair: dict[str, float] = field(default_factory=dict)  # model_ms / batch
+    ms_per_mpix: Optional[float] = None  # median ms per pair / megapixels
 
 
 @dataclass
@@ -87,6 +99,26 @@ class BenchConfig:
     # stop timing a combination after this many seconds (at least 3 timed runs), so one slow CPU
     # column does not hold the whole table hostage; None = always `runs`
     time_budget: Optional[float] = None
+    # (height, width) per matcher; key "" for every matcher without its own; else `size` / default
+    sizes: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    batches: list[int] = field(default_factory=lambda: [1])
+    # option -> values, each its own rows ("key" for every matcher, "matcher.key" for one)
+    sweeps: dict[str, list[Any]] = field(default_factory=dict)
+
+    def shapes(self, matcher: str, default: tuple[int, int]) -> list[tuple[int, int]]:
+        """The (height, width) sizes `matcher` runs at."""
+        if matcher in self.sizes:
+            return list(self.sizes[matcher])
+        if "" in self.sizes:
+            return list(self.sizes[""])
+        return [(self.size, self.size)] if self.size else [default]
+
+    def sweep_points(self, matcher: str) -> list[dict[str, Any]]:
+        """Every combination of the swept options that apply to `matcher` ([{}] without sweeps)."""
+        keys = [(k, k.split(".", 1)[1] if "." in k else k) for k in self.sweeps
+                if "." not in k or k.startswith(matcher + ".")]
+        values = [self.sweeps[k] for k, _ in keys]
+        return [dict(zip([name for _, name in keys], combo)) for combo in itertools.product(*values)]
 
 
 def _sync(device: str) -> None:
@@ -205,8 +237,6 @@ class Bench:
     def _run_matcher(self, matcher: str) -> None:
         cfg = self.config
         info = self.host.matcher(matcher)
-        side_h = cfg.size or info.contract.default_height
-        side_w = cfg.size or info.contract.default_width
         # `-O key=value` applies to every matcher, `-O matcher.key=value` to that matcher only
         extra = {k: v for k, v in cfg.options.items() if "." not in k}
         extra.update({k.split(".", 1)[1]: v for k, v in cfg.options.items()
@@ -214,36 +244,68 @@ class Bench:
         paths = resolve_weights(info, cfg.weights.get(matcher, {}), cfg.random_weights)
         self.progress(f"{matcher}: loading weights")
         model, report = load_model(self.host, matcher, paths, options=extra)
-        export = ExportOptions(side_h, side_w, extra=extra)
-        meta = {"input_size": [side_h, side_w], "weights": {
+        shapes = cfg.shapes(matcher, (info.contract.default_height, info.contract.default_width))
+        meta = {"input_size": list(shapes[0]), "weights": {
             k: ("random (deterministic layout fill)" if is_random(p) else sha256_file(p))
             for k, p in paths.items()}, "random_weights": any(is_random(p) for p in paths.values()),
-            "weight_report": report.summary()}
+            "weight_report": report.summary(), "shapes": []}
         self.meta["matchers"][matcher] = meta
+        for (side_h, side_w), swept in itertools.product(shapes, cfg.sweep_points(matcher)):
+            export = ExportOptions(side_h, side_w, extra=dict(extra, **swept))
+            self._run_shape(matcher, model, meta, export, swept)
+
+    def _run_shape(self, matcher: str, model: Any, meta: dict[str, Any], export: ExportOptions,
+                   swept: dict[str, Any]) -> None:
+        """Every batch x backend x precision at one input size and one point of the sweep."""
+        cfg = self.config
         ref_pipe = torch_pipeline(self.host, matcher, model, export, {"device": cfg.device})
         prepared = [ref_pipe.prepare(x.image0, x.image1) for x in cfg.inputs]
-        self.progress(f"{matcher}: reference outputs (torch fp32)")
+        label = f"{matcher} {export.height}x{export.width}"
+        self.progress(label + "".join(f" {k}={v}" for k, v in swept.items())
+                      + ": reference outputs (torch fp32)")
         references = [_to_cpu(ref_pipe.run(inp)) for inp, _ in prepared]
+        shape = {"input_size": [export.height, export.width], "sweep": dict(swept),
+                 "megapixels": sum(h * w for h, w in ref_pipe.input_sizes.values()) / 1e6}
         try:
-            meta["tflop_per_pair"] = count_flops(ref_pipe, prepared[0][0])
+            shape["tflop_per_pair"] = count_flops(ref_pipe, prepared[0][0])
         except Exception as exc:  # noqa: BLE001 - the count is informative only
-            meta["tflop_per_pair"] = None
-            meta["flop_error"] = str(exc)
-        for name in cfg.backends:
-            for precision in cfg.precisions:
-                row = BenchRow(matcher, name, precision, tflop_per_pair=meta.get("tflop_per_pair"),
-                               random_weights=meta["random_weights"])
-                self.rows.append(row)
-                reason = self._unsupported(name, precision)
-                if reason:
-                    row.status, row.reason = "skipped", reason
-                    continue
-                try:
-                    self._run_combination(row, model, export, prepared, references)
-                except MatchrtError as exc:
-                    row.status, row.reason = "skipped", str(exc).splitlines()[0]
-                except Exception as exc:  # noqa: BLE001 - one failing column must not end the run
-                    row.status, row.reason = "failed", f"{type(exc).__name__}: {exc}"[:300]
+            shape["tflop_per_pair"] = None
+            shape["flop_error"] = str(exc)
+        meta["shapes"].append(shape)
+        if len(meta["shapes"]) == 1:  # the first shape's figures, as before sizes could vary
+            meta["tflop_per_pair"] = shape["tflop_per_pair"]
+            if "flop_error" in shape:
+                meta["flop_error"] = shape["flop_error"]
+        for batch in cfg.batches:
+            for name in cfg.backends:
+                for precision in cfg.precisions:
+                    row = BenchRow(matcher, name, precision, tflop_per_pair=shape["tflop_per_pair"],
+                                   random_weights=meta["random_weights"],
+                                   input_size=[export.height, export.width], batch=batch,
+                                   sweep=dict(swept), megapixels=shape["megapixels"])
+                    self.rows.append(row)
+                    reason = self._unsupported(name, precision)
+                    if reason:
+                        row.status, row.reason = "skipped", reason
+                        continue
+                    try:
+                        self._run_combination(row, model, replace(export, batch=batch), prepared,
+                                              references)
+                    except Exception as exc:  # noqa: BLE001 - one failing column must not end the run
+                        self._record_failure(row, exc)
+
+    @staticmethod
+    def _record_failure(row: BenchRow, exc: Exception) -> None:
+        """A MatchrtError skips the row with its message; so does any error of a batch > 1 (the
+        plugin's graph or postprocess takes one pair only), unless the GPU ran out of memory."""
+        oom = "out of memory" in str(exc).lower()
+        if row.batch > 1 and not oom:
+            row.status = "skipped"
+            row.reason = f"batch>1 unsupported by {row.matcher}: {type(exc).__name__}: {exc}"[:300]
+        elif isinstance(exc, MatchrtError):
+            row.status, row.reason = "skipped", str(exc).splitlines()[0]
+        else:
+            row.status, row.reason = "failed", f"{type(exc).__name__}: {exc}"[:300]
 
     def _unsupported(self, name: str, precision: str) -> Optional[str]:
         if name not in VARIANTS:
@@ -275,7 +337,7 @@ class Bench:
             return torch_pipeline(self.host, row.matcher, model, export, options)
         from .export import export_plan, load_manifest
 
-        out = self.workdir() / f"{row.matcher}-{export.height}x{export.width}.onnx"
+        out = self.workdir() / f"{_artifact_stem(row, export)}.onnx"
         mpath = out.with_name(out.name + ".matchrt.json")
         if not mpath.exists():
             self.progress(f"{row.matcher}: exporting ONNX")
@@ -286,7 +348,7 @@ class Bench:
         row.onnx_sha256 = [sha256_file(Path(manifest["dir"]) / s["file"]) for s in manifest["stages"]]
         if backend == "onnxruntime":
             return artifact_pipeline(self.host, out, "onnxruntime", options)
-        engine = out.with_name(f"{row.matcher}-{export.height}x{export.width}-{row.precision}.engine")
+        engine = out.with_name(f"{_artifact_stem(row, export)}-{row.precision}.engine")
         self.progress(f"{row.matcher}: building TensorRT engine ({row.precision})")
         stages = []
         for st in manifest["stages"]:
@@ -307,33 +369,41 @@ class Bench:
         import torch
 
         cfg = self.config
-        self.progress(f"{row.matcher} / {row.backend} / {row.precision}: setting up")
+        b, n = row.batch, len(prepared)
+        self.progress(f"{row.matcher} / {row.backend} / {row.precision}"
+                      + (f" / batch {b}" if b > 1 else "") + ": setting up")
         start = time.perf_counter()
         pipe = self._open(row, model, export)
-        first = pipe.run(prepared[0][0])  # compilation and lazy initialisation count as set-up
-        _sync(cfg.device)
+        # B pairs per call, rotating over the inputs; the first calls together cover every input
+        groups = [[(g + j) % n for j in range(b)] for g in range(0, n, b)]
+        first = pipe.run(_batch([prepared[i][0] for i in groups[0]]))  # compilation and lazy
+        _sync(cfg.device)  # initialisation count as set-up
         row.setup_s = time.perf_counter() - start
+        _check_batch(first, b)
         del first
-        # fidelity and accuracy on every input, before timing
+        # fidelity and accuracy on every input, before timing; batched outputs are compared item
+        # by item with the batch-1 reference of the same pair
         errs, rels, agree, corners = [], [], [], []
-        for (inp, ctx), ref, src in zip(prepared, references, cfg.inputs):
-            out = _to_cpu(pipe.run(inp))
-            rtol = pipe.info.tolerances.get(row.precision, 1e-2)
-            a = match_set_agreement(ref, out)
-            if a is not None:
-                # sparse outputs: element-wise errors compare different matches once the ranking
-                # differs anywhere, so the match-set agreement is the fidelity figure
-                agree.append(a)
-            elif not is_sparse(ref):  # a sparse pair without any match says nothing either way
-                diffs = [d for d in compare_outputs(ref, out, rtol) if d.mismatched is None]
-                if diffs:
-                    errs.append(max(d.max_abs for d in diffs))
-                    rels.append(max(d.rel for d in diffs))
-            if src.homography is not None:
-                matches = pipe.postprocess(out, ctx)
-                geo = estimate(matches, "H", cfg.ransac_threshold)
-                h, w = src.image0.shape[:2]
-                corners.append(corner_error(geo.model, src.homography, w, h))
+        rtol = pipe.info.tolerances.get(row.precision, 1e-2)
+        for items in groups:
+            outs = _to_cpu(pipe.run(_batch([prepared[i][0] for i in items])))
+            for j, i in enumerate(items):
+                out, ref, src = _item(outs, j, b), references[i], cfg.inputs[i]
+                a = match_set_agreement(ref, out)
+                if a is not None:
+                    # sparse outputs: element-wise errors compare different matches once the
+                    # ranking differs anywhere, so the match-set agreement is the fidelity figure
+                    agree.append(a)
+                elif not is_sparse(ref):  # a sparse pair without any match says nothing either way
+                    diffs = [d for d in compare_outputs(ref, out, rtol) if d.mismatched is None]
+                    if diffs:
+                        errs.append(max(d.max_abs for d in diffs))
+                        rels.append(max(d.rel for d in diffs))
+                if src.homography is not None:
+                    matches = pipe.postprocess(out, prepared[i][1])
+                    geo = estimate(matches, "H", cfg.ransac_threshold)
+                    h, w = src.image0.shape[:2]
+                    corners.append(corner_error(geo.model, src.homography, w, h))
         row.max_abs_err = max(errs) if errs else None
         row.rel_err = max(rels) if rels else None
         row.match_agreement = float(np.mean(agree)) if agree else None
@@ -344,31 +414,36 @@ class Bench:
         # timing
         if cfg.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        n = len(prepared)
         model_t, e2e_t = [], []
-        self.progress(f"{row.matcher} / {row.backend} / {row.precision}: timing")
+        self.progress(f"{row.matcher} / {row.backend} / {row.precision}"
+                      + (f" / batch {b}" if b > 1 else "") + ": timing")
         began = time.perf_counter()
-        for i in range(cfg.warmup + cfg.runs):
+        for k in range(cfg.warmup + cfg.runs):
             if (cfg.time_budget is not None and len(model_t) >= 3
                     and time.perf_counter() - began > cfg.time_budget):
                 break
-            src = cfg.inputs[i % n]  # rotate inputs so caches do not flatter results
+            srcs = [cfg.inputs[(k * b + j) % n] for j in range(b)]  # rotate so caches do not flatter
             _sync(cfg.device)
             t0 = time.perf_counter()
-            inp, ctx = pipe.prepare(src.image0, src.image1)
+            pairs = [pipe.prepare(src.image0, src.image1) for src in srcs]
+            inp = _batch([p[0] for p in pairs])
             _sync(cfg.device)
             t1 = time.perf_counter()
             out = pipe.run(inp)
             _sync(cfg.device)
             t2 = time.perf_counter()
-            pipe.postprocess(out, ctx)
+            for j, (_, ctx) in enumerate(pairs):
+                pipe.postprocess(_item(out, j, b), ctx)
             _sync(cfg.device)
             t3 = time.perf_counter()
-            if i >= cfg.warmup:
+            if k >= cfg.warmup:
                 model_t.append(t2 - t1)
                 e2e_t.append(t3 - t0)
         row.model_ms, row.e2e_ms = _stats(model_t), _stats(e2e_t)
-        row.pairs_per_s = 1000.0 / row.e2e_ms["median"]
+        row.pairs_per_s = 1000.0 * b / row.e2e_ms["median"]
+        row.ms_per_pair = {k: (v / b if k != "n" else v) for k, v in row.model_ms.items()}
+        if row.megapixels:
+            row.ms_per_mpix = row.ms_per_pair["median"] / row.megapixels
         if cfg.device.startswith("cuda"):
             row.peak_mem_mb = torch.cuda.max_memory_allocated() / 2**20
 
@@ -378,9 +453,45 @@ class Bench:
                 "config": {"matchers": self.config.matchers, "backends": self.config.backends,
                            "precisions": self.config.precisions, "runs": self.config.runs,
                            "warmup": self.config.warmup, "size": self.config.size,
+                           "sizes": {k: [list(x) for x in v] for k, v in self.config.sizes.items()},
+                           "batches": self.config.batches, "sweeps": self.config.sweeps,
                            "inputs": [x.name for x in self.config.inputs],
                            "options": self.config.options},
                 "rows": [asdict(r) for r in self.rows]}
+
+
+def _artifact_stem(row: BenchRow, export: ExportOptions) -> str:
+    """File name stem of an exported graph: matcher, size, batch (> 1) and swept options."""
+    stem = f"{row.matcher}-{export.height}x{export.width}"
+    if export.batch > 1:
+        stem += f"-b{export.batch}"
+    return stem + "".join(f"-{k}{v}" for k, v in sorted(row.sweep.items()))
+
+
+def _batch(inputs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Prepared pairs (each 1 x ...) -> one batch of B pairs (B x ...)."""
+    if len(inputs) == 1:
+        return inputs[0]
+    import torch
+
+    return {k: torch.cat([torch.as_tensor(x[k]) for x in inputs], 0) for k in inputs[0]}
+
+
+def _item(outputs: dict[str, Any], j: int, batch: int) -> dict[str, Any]:
+    """Pair j of batched outputs, still with a leading batch axis of 1 (what postprocess takes)."""
+    if batch == 1:
+        return outputs
+    return {k: v[j:j + 1] for k, v in outputs.items()}
+
+
+def _check_batch(outputs: dict[str, Any], batch: int) -> None:
+    """A graph run on B pairs must give B results along the first axis of every output."""
+    if batch == 1:
+        return
+    wrong = {k: tuple(v.shape) for k, v in outputs.items()
+             if not hasattr(v, "shape") or len(v.shape) == 0 or v.shape[0] != batch}
+    if wrong:
+        raise MatchrtError(f"outputs {wrong} do not lead with the batch of {batch} pairs")
 
 
 def _to_cpu(outputs: dict[str, Any]) -> dict[str, Any]:
@@ -400,19 +511,22 @@ def render_table(rows: list[BenchRow], random_weights: bool, title: str = "match
     if random_weights:
         title += "\nRANDOM WEIGHTS: accuracy columns are meaningless"
     table = Table(title=title, title_style="bold", show_lines=False)
-    for col in ("matcher", "backend", "prec", "model ms p50 (p10-p90)", "e2e ms", "pairs/s",
-                "peak MB", "setup s", "rel err", "agree", "corner px", "AUC@3/5/10"):
-        table.add_column(col, justify="left" if col in ("matcher", "backend", "prec") else "right")
+    for col in ("matcher", "backend", "prec", "input", "B", "model ms p50 (p10-p90)", "ms/pair",
+                "ms/MP", "e2e ms", "pairs/s", "peak MB", "setup s", "rel err", "agree", "corner px",
+                "AUC@3/5/10"):
+        left = col in ("matcher", "backend", "prec", "input")
+        table.add_column(col, justify="left" if left else "right")
     notes = []
     for r in rows:
         if r.status != "ok":
-            notes.append(Text(f"{r.status}: {_label(r)} / {r.backend} / {r.precision}: {r.reason}",
-                              style="yellow"))
+            notes.append(Text(f"{r.status}: {_label(r)} / {r.backend} / {r.precision} / "
+                              f"{_shape(r)} / batch {r.batch}: {r.reason}", style="yellow"))
             continue
         m = r.model_ms
         table.add_row(
-            _label(r), r.backend, r.precision,
-            f"{m['median']:.1f} ({m['p10']:.1f}-{m['p90']:.1f})", f"{r.e2e_ms['median']:.1f}",
+            _label(r), r.backend, r.precision, _shape(r), str(r.batch),
+            f"{m['median']:.1f} ({m['p10']:.1f}-{m['p90']:.1f})", f"{_per_pair(r):.1f}",
+            _fmt_mpix(r), f"{r.e2e_ms['median']:.1f}",
             f"{r.pairs_per_s:.1f}", "-" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.0f}",
             f"{r.setup_s:.1f}", _fmt(r.rel_err),
             "-" if r.match_agreement is None else f"{r.match_agreement:.3f}",
@@ -426,23 +540,42 @@ def _label(r: BenchRow) -> str:
     return f"{r.matcher} (random weights)" if r.random_weights else r.matcher
 
 
+def _shape(r: BenchRow) -> str:
+    """The row's main input size and swept options: `560x560 upsample_res=864`."""
+    size = "x".join(str(v) for v in r.input_size) or "-"
+    return size + "".join(f" {k}={v}" for k, v in r.sweep.items())
+
+
+def _per_pair(r: BenchRow) -> float:
+    """Median model milliseconds per pair (a batch's time / its pairs)."""
+    return r.ms_per_pair.get("median", r.model_ms["median"] / max(1, r.batch))
+
+
+def _fmt_mpix(r: BenchRow) -> str:
+    return "-" if r.ms_per_mpix is None else f"{r.ms_per_mpix:.1f}"
+
+
 def markdown_table(rows: list[BenchRow], random_weights: bool) -> str:
     """The same table as Markdown, for READMEs and reports."""
-    head = ["matcher", "backend", "precision", "model ms p50 (p10-p90)", "e2e ms", "pairs/s",
-            "peak MB", "rel err vs torch fp32", "match agreement", "TFLOP/s"]
+    head = ["matcher", "backend", "precision", "input", "batch", "model ms p50 (p10-p90), per call",
+            "ms per pair", "ms per MP", "e2e ms", "pairs/s", "peak MB", "rel err vs torch fp32",
+            "match agreement", "TFLOP/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r.status != "ok":
-            lines.append(f"| {_label(r)} | {r.backend} | {r.precision} | {r.status}: {r.reason} |"
-                         + " |" * (len(head) - 4))
+            lines.append(f"| {_label(r)} | {r.backend} | {r.precision} | {_shape(r)} | {r.batch} | "
+                         f"{r.status}: {r.reason} |" + " |" * (len(head) - 6))
             continue
         m = r.model_ms
-        tfs = f"{r.tflop_per_pair / (m['median'] / 1000):.1f}" if r.tflop_per_pair else "-"
+        tfs = f"{r.tflop_per_pair / (_per_pair(r) / 1000):.1f}" if r.tflop_per_pair else "-"
         lines.append(
-            f"| {_label(r)} | {r.backend} | {r.precision} | {m['median']:.1f} ({m['p10']:.1f}-"
-            f"{m['p90']:.1f}) | {r.e2e_ms['median']:.1f} | {r.pairs_per_s:.1f} | "
+            f"| {_label(r)} | {r.backend} | {r.precision} | {_shape(r)} | {r.batch} | "
+            f"{m['median']:.1f} ({m['p10']:.1f}-{m['p90']:.1f}) | {_per_pair(r):.1f} | "
+            f"{_fmt_mpix(r)} | {r.e2e_ms['median']:.1f} | {r.pairs_per_s:.1f} | "
             f"{'-' if r.peak_mem_mb is None else f'{r.peak_mem_mb:.0f}'} | {_fmt(r.rel_err)} | "
             f"{'-' if r.match_agreement is None else f'{r.match_agreement:.3f}'} | {tfs} |")
+    lines.append("\nms per MP: model milliseconds per pair divided by the megapixels of all image "
+                 "inputs the graph takes for one pair; a batch's time is divided by its pairs.")
     if random_weights:
         lines.append("\n**Random weights**: accuracy figures are meaningless; timings are not.")
     return "\n".join(lines) + "\n"
@@ -461,9 +594,11 @@ def plot(rows: list[BenchRow], path: Path, random_weights: bool) -> Path:
     ok = [r for r in rows if r.status == "ok"]
     matchers = list(dict.fromkeys(r.matcher for r in rows))
     bar_h, gap, left, width = 26, 40, 330, 1100
+    if len({(_shape(r), r.batch) for r in ok}) > 1:
+        left, width = 470, 1240  # room for the size and batch in the labels
     height = 70 + sum(gap + bar_h * max(1, sum(r.matcher == m for r in ok)) for m in matchers)
     img = np.full((height, width, 3), 255, np.uint8)
-    title = "matchrt bench: model latency, median (bar) and p10-p90 (whisker)"
+    title = "matchrt bench: model ms per pair, median (bar) and p10-p90 (whisker)"
     if random_weights:
         title += " - random weights"
     cv2.putText(img, title, (10, 28), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
@@ -474,20 +609,23 @@ def plot(rows: list[BenchRow], path: Path, random_weights: bool) -> Path:
         sub = [r for r in ok if r.matcher == m]
         cv2.putText(img, m, (10, y + 18), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 2, cv2.LINE_AA)
         y += gap - 10
-        top = max([r.model_ms["p90"] for r in sub] or [1.0])
+        top = max([r.model_ms["p90"] / r.batch for r in sub] or [1.0])
+        varied = len({(_shape(r), r.batch) for r in sub}) > 1
         scale = (width - left - 90) / top
         for k, r in enumerate(sub):
             color = palette[k % len(palette)][::-1]
-            x1 = left + int(r.model_ms["median"] * scale)
+            x1 = left + int(_per_pair(r) * scale)
             cv2.rectangle(img, (left, y + 3), (x1, y + bar_h - 3), color, -1)
-            lo, hi = left + int(r.model_ms["p10"] * scale), left + int(r.model_ms["p90"] * scale)
+            lo = left + int(r.model_ms["p10"] / r.batch * scale)
+            hi = left + int(r.model_ms["p90"] / r.batch * scale)
             mid = y + bar_h // 2
             cv2.line(img, (lo, mid), (hi, mid), (0, 0, 0), 1)
             cv2.line(img, (lo, mid - 5), (lo, mid + 5), (0, 0, 0), 1)
             cv2.line(img, (hi, mid - 5), (hi, mid + 5), (0, 0, 0), 1)
-            cv2.putText(img, f"{r.backend} {r.precision}", (10, y + 18), cv2.FONT_HERSHEY_SIMPLEX,
+            text = f"{r.backend} {r.precision}" + (f" {_shape(r)} B{r.batch}" if varied else "")
+            cv2.putText(img, text[:48], (10, y + 18), cv2.FONT_HERSHEY_SIMPLEX,
                         0.5, (0, 0, 0), 1, cv2.LINE_AA)
-            cv2.putText(img, f"{r.model_ms['median']:.1f} ms", (hi + 6, y + 18),
+            cv2.putText(img, f"{_per_pair(r):.1f} ms", (hi + 6, y + 18),
                         cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
             y += bar_h
         y += 10
@@ -499,3 +637,16 @@ def write_json(bench: Bench, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(bench.to_json(), indent=1, default=str))
     return path
+
+
+def open_backend(host: Host, matcher: str, backend: str, precision: str, model: Any,
+                 export: ExportOptions, device: str, workdir: Path,
+                 progress: Optional[Callable[[str], None]] = None) -> Pipeline:
+    """One `--backend` variant opened exactly as the bench opens it (ONNX export and engine
+    build included, files under `workdir`), or a MatchrtError saying why it cannot run here."""
+    bench = Bench(BenchConfig([matcher], [backend], [precision], [], device=device, workdir=workdir),
+                  host, progress)
+    reason = bench._unsupported(backend, precision)
+    if reason:
+        raise MatchrtError(f"{matcher} / {backend} / {precision}: {reason}")
+    return bench._open(BenchRow(matcher, backend, precision), model, export)

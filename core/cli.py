@@ -474,6 +474,51 @@ def _per_matcher(values: Optional[List[str]], matchers: list[str], flag: str) ->
     return out
 
 
+def _size(text: str) -> tuple[int, int]:
+    """`832` -> (832, 832); `480x640` -> (480, 640)."""
+    try:
+        parts = [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) <= 0:
+        raise typer.BadParameter(f"--size takes S or HxW (positive integers), got {text!r}")
+    return parts[0], parts[1]
+
+
+def _bench_sizes(values: Optional[List[str]], matchers: list[str]) -> dict[str, list[tuple[int, int]]]:
+    """`--size 640,832` (every matcher) and `--size eloftr=640,832` (one matcher)."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    for value in values or []:
+        key, _, sizes = value.rpartition("=")
+        if key and key not in matchers:
+            raise typer.BadParameter(f"--size {value}: {key!r} is not one of the benchmarked "
+                                     f"matchers ({', '.join(matchers)})")
+        out.setdefault(key, []).extend(_size(v) for v in _split(sizes))
+    return out
+
+
+def _batches(value: str) -> list[int]:
+    try:
+        batches = [int(v) for v in _split(value)]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        raise typer.BadParameter(f"--batch takes positive integers, comma-separated; got {value!r}")
+    return batches
+
+
+def _sweeps(values: Optional[List[str]]) -> dict[str, list[Any]]:
+    """`--sweep roma_plus.upsample_res=672,864` -> {"roma_plus.upsample_res": [672, 864]}."""
+    out: dict[str, list[Any]] = {}
+    for key, text in _pairs(values, "--sweep").items():
+        out[key] = [_parse_value(v) for v in _split(text)]
+        if not out[key]:
+            raise typer.BadParameter(f"--sweep {key}= needs at least one value")
+    return out
+
+
 @app.command()
 @clean_errors
 def bench(
@@ -481,7 +526,13 @@ def bench(
     backend: str = typer.Option("torch,onnxruntime,tensorrt", help="Comma-separated: torch, "
                                 "torch-compile, torch-compile-cudagraph, onnxruntime, tensorrt."),
     precision: str = typer.Option("fp32,fp16", help="Comma-separated: fp32, fp16, bf16."),
-    size: Optional[int] = typer.Option(None, help="Square input side (default: each matcher's)."),
+    size: Optional[List[str]] = typer.Option(None, help="Input sizes, comma-separated, each S (square) "
+                                             "or HxW; MATCHER=SIZES for one matcher (repeatable). "
+                                             "Default: each matcher's."),
+    batch: str = typer.Option("1", help="Comma-separated batch sizes: pairs per graph call."),
+    sweep: Optional[List[str]] = typer.Option(None, help="[MATCHER.]KEY=V1,V2: a matcher option "
+                                              "whose values each get their rows, e.g. "
+                                              "roma_plus.upsample_res=672,864 (repeatable)."),
     pairs: Optional[Path] = typer.Option(None, help="Folder of images, matched in consecutive pairs."),
     synthetic: int = typer.Option(4, help="Synthetic homography pairs from --images (if no --pairs)."),
     images: Optional[List[Path]] = typer.Option(None, "--images", help="Real images for synthetic pairs."),
@@ -499,7 +550,7 @@ def bench(
     plot_out: Optional[Path] = typer.Option(None, "--plot", help="Write a latency chart as PNG."),
     markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="Write the table as Markdown."),
 ) -> None:
-    """Benchmark matchers x backends x precisions side by side on the same inputs."""
+    """Benchmark matchers x backends x precisions (x sizes x batches) side by side on the same inputs."""
     from .bench import Bench, BenchConfig, BenchInput, markdown_table, plot, render_table, write_json
     from .images import read_image
     from .synthetic import bundled_images, homography_pairs
@@ -528,8 +579,9 @@ def bench(
     weights_by = {m: {k: v for k, v in (("checkpoint", ckpts.get(m)), ("dinov2", dinos.get(m)))
                       if v is not None} for m in matchers}
     config = BenchConfig(matchers, _split(backend), _split(precision), inputs, runs, warmup, device,
-                         size, weights_by, random_weights, _extra(option), workdir,
-                         time_budget=time_budget)
+                         None, weights_by, random_weights, _extra(option), workdir,
+                         time_budget=time_budget, sizes=_bench_sizes(size, matchers),
+                         batches=_batches(batch), sweeps=_sweeps(sweep))
     console = _console(stderr=True)
     with console.status("benchmarking") as status:
         b = Bench(config, progress=lambda m: status.update(m))
@@ -540,14 +592,19 @@ def bench(
     if peak:
         typer.echo(f"measured fp16 matrix-product peak: {peak:.0f} TFLOP/s")
     for m, d in b.meta["matchers"].items():
-        if not d.get("tflop_per_pair"):
-            continue
-        typer.echo(f"{m}: {d['tflop_per_pair']:.3f} TFLOP per pair (torch FLOP counter)")
-        for r in rows:
-            if r.matcher == m and r.status == "ok" and peak:
-                achieved = d["tflop_per_pair"] / (r.model_ms["median"] / 1000)
-                typer.echo(f"  {r.backend} {r.precision}: {achieved:.1f} TFLOP/s = "
-                           f"{100 * achieved / peak:.1f}% of the measured peak")
+        for shape in d.get("shapes", []):
+            if not shape.get("tflop_per_pair"):
+                continue
+            label = "x".join(map(str, shape["input_size"])) + "".join(
+                f" {k}={v}" for k, v in shape["sweep"].items())
+            typer.echo(f"{m} {label}: {shape['tflop_per_pair']:.3f} TFLOP per pair (torch FLOP "
+                       f"counter), {shape['megapixels']:.2f} MP per pair")
+            for r in rows:
+                if (r.matcher == m and r.status == "ok" and peak and r.input_size == shape["input_size"]
+                        and r.sweep == shape["sweep"]):
+                    achieved = shape["tflop_per_pair"] / (r.ms_per_pair["median"] / 1000)
+                    typer.echo(f"  {r.backend} {r.precision} batch {r.batch}: {achieved:.1f} TFLOP/s "
+                               f"= {100 * achieved / peak:.1f}% of the measured peak")
     if json_out:
         typer.echo(f"wrote {write_json(b, json_out)}", err=True)
     if plot_out:
@@ -555,6 +612,61 @@ def bench(
     if markdown_out:
         markdown_out.write_text(markdown_table(rows, any_random))
         typer.echo(f"wrote {markdown_out}", err=True)
+
+
+@app.command()
+@clean_errors
+def profile(
+    images: Optional[List[Path]] = typer.Argument(None, help="Two images, or a folder holding two "
+                                                  "(default: the bundled pair)."),
+    matcher: Optional[str] = MatcherOpt,
+    backend: str = typer.Option("torch", help="One bench backend: torch, torch-compile, "
+                                "torch-compile-cudagraph, onnxruntime, tensorrt..."),
+    precision: str = typer.Option("fp32", help="fp32, fp16 or bf16."),
+    size: Optional[int] = typer.Option(None, help="Square input side (default: the matcher's)."),
+    height: Optional[int] = typer.Option(None, help="Input height."),
+    width: Optional[int] = typer.Option(None, help="Input width."),
+    option: Optional[List[str]] = OptionOpt,
+    checkpoint: Optional[Path] = CheckpointOpt,
+    dinov2: Optional[Path] = Dinov2Opt,
+    weights: Optional[List[str]] = WeightsOpt,
+    random_weights: bool = RandomOpt,
+    allow_partial: bool = PartialOpt,
+    device: Optional[str] = typer.Option(None, help="cuda or cpu (default: cuda when present)."),
+    runs: int = typer.Option(5, help="Profiled pairs (the tables are per pair, their mean)."),
+    warmup: int = typer.Option(3, help="Pairs run before profiling (compilation, caches)."),
+    top: int = typer.Option(15, help="Kernels (GPU) or ops (CPU) listed."),
+    workdir: Optional[Path] = typer.Option(None, help="Keep exported graphs and engines here."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the stage and kernel tables as JSON."),
+    trace: Optional[Path] = typer.Option(None, "--trace", help="Write a Chrome trace (chrome://tracing, Perfetto)."),
+) -> None:
+    """Time per named stage (encoder, GP, refiners, postprocess...) and the top kernels, on one pair."""
+    from .images import read_image
+    from .profiler import ProfileConfig, render, run_profile, write_json
+
+    name = _need_matcher(matcher)
+    if size is not None and (height is not None or width is not None):
+        raise typer.BadParameter("give --size, or --height/--width, not both")
+    pair = None
+    if images:
+        p0, p1 = _image_paths(images)
+        pair = (read_image(p0), read_image(p1))
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = ProfileConfig(
+        name, backend, precision, device, height or size, width or size, _extra(option),
+        _weights(checkpoint, dinov2, weights), random_weights, allow_partial, pair, runs, warmup,
+        top, trace, workdir)
+    console = _console(stderr=True)
+    with console.status("profiling") as status:
+        report, _ = run_profile(config, progress=lambda m: status.update(m))
+    _console().print(render(report))
+    if json_out:
+        typer.echo(f"wrote {write_json(report, json_out)}", err=True)
+    if trace:
+        typer.echo(f"wrote {trace}", err=True)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -24,3 +24,14 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def image_pair() -> tuple[Path, Path]:
     return DATA / "images" / "02928139_3448003521.jpg", DATA / "images" / "17295357_9106075285.jpg"
+
+
+@pytest.fixture()
+def one_thread():
+    """Torch on one thread for the test: small graphs run faster so (much faster on a busy machine)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -8,6 +8,7 @@ import cv2
 import pytest
 from typer.testing import CliRunner
 
+import matchrt
 from matchrt.cli import app
 from matchrt.host import get_host
 
@@ -84,3 +85,95 @@ def test_match_set_agreement_and_output_errors():
                            {"x": torch.ones(4) * 1.001, "m": torch.tensor([True, True])}, 1e-2)
     x, m = rows
     assert x.ok and abs(x.rel - 1e-3) < 1e-6 and not m.ok and m.mismatched == 0.5
+
+
+# -- sizes, sweeps and batches (how cost grows) ----------------------------------------------------
+
+class OnePairToy(ToyPlugin):
+    """The toy matcher with a graph that takes one pair only, as some plugins do."""
+
+    @matchrt.hookimpl
+    def export_plan(self, matcher, model, options):
+        if matcher == "toy" and options.batch > 1:
+            raise matchrt.MatchrtError("toy: this graph takes one pair (batch 1)")
+        return ToyPlugin.export_plan(self, matcher, model, options)
+
+
+def test_bench_sizes_sweeps_and_batches(toy, tmp_path, image_pair):
+    out_json, md = tmp_path / "bench.json", tmp_path / "b.md"
+    r = CliRunner().invoke(app, [
+        "bench", "--matcher", "toy", "--backend", "torch,onnxruntime", "--precision", "fp32",
+        "--synthetic", "3", "--images", str(image_pair[0]), "--runs", "2", "--warmup", "1",
+        "--device", "cpu", "--random-weights", "--json", str(out_json), "--markdown", str(md),
+        "--workdir", str(tmp_path / "work"), "--size", "toy=64,48x96", "--batch", "1,2",
+        "--sweep", "toy.max_matches=8,16"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(out_json.read_text())
+    rows = data["rows"]
+    assert len(rows) == 2 * 2 * 2 * 2  # sizes x sweep values x batches x backends
+    assert {tuple(x["input_size"]) for x in rows} == {(64, 64), (48, 96)}
+    assert {x["sweep"]["max_matches"] for x in rows} == {8, 16} and {x["batch"] for x in rows} == {1, 2}
+    for x in rows:
+        assert x["status"] == "ok", x
+        h, w = x["input_size"]
+        assert x["megapixels"] == pytest.approx(2 * h * w / 1e6)  # both images of the pair
+        assert x["ms_per_pair"]["median"] == pytest.approx(x["model_ms"]["median"] / x["batch"])
+        assert x["ms_per_mpix"] == pytest.approx(x["ms_per_pair"]["median"] / x["megapixels"])
+        # batched outputs, split per pair, equal the batch-1 reference of the same pair
+        assert x["match_agreement"] == 1.0
+    # each size, sweep value and batch exported its own graph
+    assert len(list((tmp_path / "work").glob("*.onnx"))) == 8
+    assert (tmp_path / "work" / "toy-48x96-b2-max_matches16.onnx").exists()
+    text = md.read_text()
+    assert "| toy (random weights) | onnxruntime | fp32 | 48x96 max_matches=16 | 2 |" in text
+    assert "ms per MP" in text
+
+
+def test_batch_unsupported_is_a_skipped_row(tmp_path, image_pair):
+    with get_host().plugin(OnePairToy(), "toy"):
+        r = CliRunner().invoke(app, [
+            "bench", "--matcher", "toy", "--backend", "torch", "--precision", "fp32",
+            "--synthetic", "1", "--images", str(image_pair[0]), "--runs", "1", "--warmup", "0",
+            "--device", "cpu", "--random-weights", "--json", str(tmp_path / "b.json"),
+            "--size", "64", "--batch", "1,2"])
+    assert r.exit_code == 0, r.output
+    one, two = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert one["status"] == "ok" and one["batch"] == 1
+    assert two["status"] == "skipped" and two["reason"].startswith("batch>1 unsupported by toy")
+
+
+@pytest.mark.parametrize("value", ["--size=0", "--size=eloftr=64", "--size=6x", "--batch=0",
+                                   "--sweep=max_matches"])
+def test_bad_size_batch_and_sweep_are_refused(toy, value):
+    r = CliRunner().invoke(app, ["bench", "--matcher", "toy", "--random-weights", value])
+    assert r.exit_code == 2 and ("--size" in r.output or "--batch" in r.output
+                                 or "--sweep" in r.output), r.output
+
+
+def test_builtin_and_example_matchers_run_batches(tmp_path, image_pair, one_thread):
+    """eloftr and xfeat graphs take B pairs and postprocess each (roma_plus: see the README)."""
+    pytest.importorskip("matchrt_xfeat")
+    import warnings
+
+    from matchrt.bench import Bench, BenchConfig, BenchInput
+    from matchrt.host import create_host
+
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mp.setenv("MATCHRT_PLUGINS", "xfeat")
+        host = create_host()
+    from matchrt.images import read_image
+
+    a, b = (read_image(p) for p in image_pair)
+    inputs = [BenchInput("ab", a, b), BenchInput("ba", b, a)]  # one batch of two different pairs
+    config = BenchConfig(["eloftr", "xfeat"], ["torch"], ["fp32"], inputs, runs=1, warmup=0,
+                         random_weights=True, sizes={"eloftr": [(64, 96)], "xfeat": [(128, 160)]},
+                         batches=[1, 2],
+                         options={"eloftr.max_matches": 16, "xfeat.top_k": 256})
+    rows = Bench(config, host).run()
+    assert [(r.matcher, r.batch, r.status) for r in rows] == [
+        ("eloftr", 1, "ok"), ("eloftr", 2, "ok"), ("xfeat", 1, "ok"), ("xfeat", 2, "ok")], \
+        [r.reason for r in rows]
+    assert all(r.ms_per_pair["median"] > 0 for r in rows)
+    # xfeat's real weights match the real pair: each pair of a batch of two equals its batch-1 run
+    assert rows[3].match_agreement == 1.0

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import matchrt
+from matchrt.profiling import mark_stages
 from matchrt.weights import map_state_dict
 
 NAME = "toy"
@@ -121,15 +122,17 @@ class ToyPlugin:
         images = (torch.rand(options.batch, 1, h, w), torch.rand(options.batch, 1, h, w))
         resolved = {"max_matches": k, "threshold": thr, "stages": int(options.extra.get("stages", 1))}
         if resolved["stages"] == 1:
-            graphs = [matchrt.GraphSpec("main", ToySingle(model, match), images, ["image0", "image1"],
-                                        OUTPUTS)]
+            single = mark_stages(ToySingle(model, match),
+                                 {"encode": "encode", "conv": "encode.net.conv", "match": "match"})
+            graphs = [matchrt.GraphSpec("main", single, images, ["image0", "image1"], OUTPUTS)]
         else:
             n = (h // STRIDE) * (w // STRIDE)
             descs = (torch.rand(options.batch, n, 16), torch.rand(options.batch, n, 16))
             graphs = [
-                matchrt.GraphSpec("encode", ToyEncode(model), images, ["image0", "image1"],
-                                  ["raw0", "raw1"]),
-                matchrt.GraphSpec("match", match, descs, ["desc0", "desc1"], OUTPUTS),
+                matchrt.GraphSpec("encode", mark_stages(ToyEncode(model), {"encode": ""}), images,
+                                  ["image0", "image1"], ["raw0", "raw1"]),
+                matchrt.GraphSpec("match", mark_stages(match, {"match": ""}), descs,
+                                  ["desc0", "desc1"], OUTPUTS),
             ]
         return matchrt.ExportPlan(NAME, graphs, resolved, (h, w))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import matchrt
+from matchrt.profiling import mark_methods, mark_stages
 from matchrt.types import (
     ExportOptions, ExportPlan, InputContract, MappedWeights, Matches, MatcherInfo, PairContext,
     WeightSource,
@@ -16,6 +17,26 @@ from . import weights as weights_mod
 from .model import DEFAULT_THRESHOLD, SIDE_MULTIPLE, TRAIN_SIZE, ELoFTR
 
 NAME = "eloftr"
+
+# stage names for `matchrt profile` (no effect outside it; see matchrt.profiling). Stale names
+# never break loading or export (strict=False); tests/test_core_profile.py checks they resolve.
+mark_methods(ELoFTR, {"dual softmax": "confidence"}, strict=False)
+LAYERS = "model.loftr_coarse.layers."
+
+
+def mark_graph_stages(graph: Any) -> Any:
+    """Name the stages of an ELoFTRGraph: backbone, coarse transformer (self/cross layers),
+    coarse matching (dual softmax + border + threshold + top-K), fine preprocess, fine matching."""
+    layers = [n for n, _ in graph.named_modules() if n.startswith(LAYERS) and n[len(LAYERS):].isdigit()]
+    return mark_stages(graph, {
+        "backbone": "model.backbone",
+        "coarse transformer": "model.loftr_coarse",
+        "self-attention": [n for n in layers if int(n[len(LAYERS):]) % 2 == 0],
+        "cross-attention": [n for n in layers if int(n[len(LAYERS):]) % 2 == 1],
+        "coarse matching": "coarse_matching",
+        "fine preprocess": "model.fine_preprocess",
+        "fine matching": "fine_matching",
+    }, strict=False)
 
 INFO = MatcherInfo(
     name=NAME,
@@ -87,7 +108,10 @@ def export_plan(matcher: str, model: Any, options: ExportOptions) -> Optional[Ex
     """One graph; RepVGG fused unless extra["fuse"] is false."""
     if matcher != NAME:
         return None
-    return export_mod.build_plan(model, options)
+    plan = export_mod.build_plan(model, options)
+    for graph in plan.graphs:
+        mark_graph_stages(graph.module)
+    return plan
 
 
 @matchrt.hookimpl

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import matchrt
+from matchrt.profiling import mark_stages
 from matchrt.types import (
     ExportOptions, ExportPlan, InputContract, MappedWeights, Matches, MatcherInfo, PairContext,
     WeightSource,
@@ -17,6 +18,16 @@ from .dinov2 import PATCH
 from .model import RomaCoarse
 
 NAME = "roma_full"
+
+# stage names for `matchrt profile` (no effect outside it; see matchrt.profiling); paths of the
+# one-graph plan and of the exact split's "encode" and "decode" graphs (absent ones skipped)
+STAGES = {
+    "dinov2": "features.dinov2",
+    "proj": "features.proj16",
+    "gp": ["gp_support", "gp_solver", "head.gp_posterior"],
+    "decoder": "head.embedding_decoder",
+    "anchor soft-argmax + warp layout": "head.to_warp",
+}
 DEFAULT_SIZE = 560  # MatchAnything ROMA.TEST_TIME.COARSE_RES
 
 INFO = MatcherInfo(
@@ -85,7 +96,10 @@ def export_plan(matcher: str, model: Any, options: ExportOptions) -> Optional[Ex
     """One graph (gp_solve=iterative) or encode -> bridge -> decode (gp_solve=exact)."""
     if matcher != NAME:
         return None
-    return export_mod.build_plan(model, options)
+    plan = export_mod.build_plan(model, options)
+    for graph in plan.graphs:
+        mark_stages(graph.module, STAGES, strict=False)
+    return plan
 
 
 @matchrt.hookimpl

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import matchrt
+from matchrt.profiling import mark_methods, mark_stages
 from matchrt.types import (
     ExportOptions, ExportPlan, InputContract, MappedWeights, Matches, MatcherInfo, PairContext, WeightSource,
 )
@@ -12,9 +13,28 @@ from matchrt.types import (
 from . import export as export_mod
 from . import postprocess as post_mod
 from . import weights as weights_mod
-from .model import DEFAULT_COARSE, RomaPlus
+from .model import DEFAULT_COARSE, FINE_SCALES, RomaPlus
+from .refiner import REFINER_SPECS
 
 NAME = "roma_plus"
+
+# stage names for `matchrt profile` (no effect outside it; see matchrt.profiling). Paths below
+# RomaPlus; the two passes are methods, so a refiner's row says which pass ran it. Stale names
+# never break loading or export (strict=False); tests/test_core_profile.py checks they resolve.
+STAGES: dict[str, Any] = {
+    "encoder.vgg": "coarse.encoder.cnn",
+    "dinov2": "coarse.encoder.dinov2",
+    "proj": ["coarse.proj16", *(f"proj.{s}" for s in FINE_SCALES)],
+    "gp": ["coarse.gp", "gp_kernels", "gp_posterior"],
+    "decoder": "coarse.embedding_decoder",
+    "anchor soft-argmax": "cls_to_flow",
+    **{f"refiner.{s}": f"conv_refiner.{s}" for s in REFINER_SPECS},
+    "flow resize": "resize",
+    "flow update": "update",
+    "certainty + warp layout": "layout",
+}
+mark_methods(RomaPlus, {"first pass": "after_coarse", "upsample pass": "upsampling_pass"},
+             strict=False)
 
 INFO = MatcherInfo(
     name=NAME,
@@ -93,7 +113,10 @@ def export_plan(matcher: str, model: Any, options: ExportOptions) -> Optional[Ex
     """One graph (in-graph GP solve) or two (exact GP solved between them by bridge_stages)."""
     if matcher != NAME:
         return None
-    return export_mod.build_plan(model, options)
+    plan = export_mod.build_plan(model, options)
+    for graph in plan.graphs:  # every graph wraps the configured RomaPlus as `.model`
+        mark_stages(graph.module.model, STAGES, strict=False)
+    return plan
 
 
 @matchrt.hookimpl

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import matchrt
+from matchrt.profiling import mark_stages
 from matchrt.types import ExportOptions, ExportPlan, MappedWeights, Matches, PairContext
 
 from . import __version__
@@ -57,7 +58,11 @@ def export_plan(matcher: str, model: Any, options: ExportOptions) -> Optional[Ex
     """The fixed-size graph (detection + description + mutual NN) the runner and exporter use."""
     if matcher != NAME:
         return None
-    return build_plan(model, options)
+    plan = build_plan(model, options)
+    # stage names for `matchrt profile` (free outside it): network, keypoint selection, matching
+    for graph in plan.graphs:
+        mark_stages(graph.module, {"backbone": "net", "keypoints": "detector", "matching": "matcher"})
+    return plan
 
 
 @matchrt.hookimpl

@@ -1,0 +1,440 @@
+"""`matchrt profile`: where one pair's time goes, per named stage and per kernel (torch.profiler).
+
+The pipeline runs a few warm-up pairs, then `runs` pairs under torch.profiler with the stage
+markers of `matchrt.profiling` on (eager torch only). Every kernel (GPU) or op (CPU) is charged
+to the stages enclosing the CPU call that launched it; a stage's time is the device time of its
+kernels (GPU) or its wall time on the CPU (CPU runs), per pair (averaged over the profiled runs).
+Postprocess is a stage of its own around the plugin's postprocess hook.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import numpy as np
+
+from .errors import MatchrtError
+from .profiling import PREFIX, range_name, recording
+
+ROOT = "matchrt.pair"  # profiler range around one pair (graph run + postprocess)
+POSTPROCESS = "postprocess"
+UNMARKED = "(not in a stage)"
+# device-side events that are not work: the GPU copy of a profiler range, waits, counters
+NOT_DEVICE_WORK = {"gpu_user_annotation", "cuda_sync", "gpu_pm_counter", "overhead"}
+
+
+@dataclass
+class StageRow:
+    """One stage path, per profiled pair."""
+
+    name: str  # path of nested stages, "coarse transformer/self-attention"
+    depth: int
+    ms: float  # device time of its kernels (GPU) or wall time (CPU)
+    cpu_ms: float  # wall time of the stage's ranges on the CPU
+    calls: float
+    share: float  # of the total
+
+
+@dataclass
+class KernelRow:
+    """One kernel (GPU) or op (CPU) name, per profiled pair."""
+
+    name: str
+    ms: float  # self device time (GPU kernels) or self CPU time (CPU ops)
+    calls: float
+    share: float  # of the total
+    stage: str  # the stage path holding most of its time ("-" outside every stage)
+
+
+@dataclass
+class ProfileReport:
+    """What `matchrt profile` prints and writes (`--json`)."""
+
+    matcher: str
+    backend: str
+    precision: str
+    device: str
+    time_kind: str  # "GPU kernel time" or "CPU time"
+    input_size: list[int]
+    runs: int
+    total_ms: float
+    stages: list[StageRow]
+    kernels: list[KernelRow]
+    wall_ms: dict[str, Optional[float]] = field(default_factory=dict)
+    stage_markers: bool = True
+    notes: list[str] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# -- analysis of profiler events (pure: works on any objects shaped like FunctionEvent) --------
+
+def _is_cpu(event: Any) -> bool:
+    return str(getattr(event, "device_type", "")).endswith("CPU")
+
+
+def _stage_name(event: Any) -> Optional[str]:
+    name = event.name
+    return name[len(PREFIX):] if name.startswith(PREFIX) else None
+
+
+def _is_marker(event: Any) -> bool:
+    return event.name.startswith(PREFIX) or event.name == ROOT
+
+
+def _path(event: Any, cache: dict[int, tuple[str, ...]]) -> tuple[str, ...]:
+    """Stage names enclosing `event` (itself included), outermost first; repeats collapsed."""
+    key = id(event)
+    if key in cache:
+        return cache[key]
+    parent = getattr(event, "cpu_parent", None)
+    path = _path(parent, cache) if parent is not None else ()
+    name = _stage_name(event)
+    if name is not None and (not path or path[-1] != name):
+        path = path + (name,)
+    cache[key] = path
+    return path
+
+
+def _within_root(event: Any) -> bool:
+    while event is not None:
+        if event.name == ROOT:
+            return True
+        event = getattr(event, "cpu_parent", None)
+    return False
+
+
+def _device_items(events: list[Any]) -> list[tuple[str, float, Any]]:
+    """(kernel name, microseconds, launching CPU event or None) for every device activity."""
+    launchers = {e.id: e for e in events if _is_cpu(e) and not getattr(e, "linked_correlation_id", 0)}
+    items = []
+    for e in events:
+        if _is_cpu(e) or _is_marker(e) or e.name == "Context Sync":
+            continue
+        if getattr(e, "activity_type", None) in NOT_DEVICE_WORK:
+            continue
+        duration = e.time_range.end - e.time_range.start
+        items.append((e.name, float(duration), launchers.get(getattr(e, "linked_correlation_id", 0))))
+    return items
+
+
+def _cpu_items(events: list[Any]) -> list[tuple[str, float, Any]]:
+    """(op name, self CPU microseconds, the op) for every op inside a profiled pair."""
+    items = []
+    for e in events:
+        if not _is_cpu(e) or _is_marker(e) or getattr(e, "is_async", False):
+            continue
+        if getattr(e, "is_user_annotation", False) or getattr(e, "is_python_function", False):
+            continue
+        if not _within_root(e):
+            continue
+        self_us = e.time_range.end - e.time_range.start - sum(
+            c.time_range.end - c.time_range.start for c in getattr(e, "cpu_children", []))
+        if self_us > 0:
+            items.append((e.name, float(self_us), e))
+    return items
+
+
+def analyse(events: Iterable[Any], runs: int, on_gpu: bool, top: int = 15
+            ) -> tuple[float, list[StageRow], list[KernelRow]]:
+    """Total time per pair (ms), the stage rows (tree order) and the top kernels/ops.
+
+    GPU: kernel time; a kernel counts for every stage enclosing the CPU op that launched it, and
+    the total is all kernel time in the profiled window. CPU: a stage's time is the wall time of
+    its ranges; the total the wall time of the profiled pairs; ops ranked by self CPU time.
+    """
+    events = list(events)
+    runs = max(1, runs)
+    cache: dict[int, tuple[str, ...]] = {}
+    ranges = [e for e in events if _is_cpu(e) and _stage_name(e) is not None]
+    ranges.sort(key=lambda e: e.time_range.start)
+    order: list[tuple[str, ...]] = []
+    wall: dict[tuple[str, ...], float] = {}
+    calls: dict[tuple[str, ...], int] = {}
+    for r in ranges:
+        path = _path(r, cache)
+        parent = getattr(r, "cpu_parent", None)
+        if parent is not None and _path(parent, cache) == path:
+            continue  # a stage inside itself: counted once, at the outer range
+        if path not in wall:
+            order.append(path)
+            wall[path] = 0.0
+            calls[path] = 0
+        wall[path] += r.time_range.end - r.time_range.start
+        calls[path] += 1
+    items = _device_items(events) if on_gpu else _cpu_items(events)
+    item_time: dict[tuple[str, ...], float] = {}
+    per_kernel: dict[str, dict[tuple[str, ...], float]] = {}
+    kernel_calls: dict[str, int] = {}
+    for name, us, launcher in items:
+        path = _path(launcher, cache) if launcher is not None else ()
+        for k in range(1, len(path) + 1):
+            item_time[path[:k]] = item_time.get(path[:k], 0.0) + us
+        per_kernel.setdefault(name, {})
+        per_kernel[name][path] = per_kernel[name].get(path, 0.0) + us
+        kernel_calls[name] = kernel_calls.get(name, 0) + 1
+    if on_gpu:
+        total_us = sum(us for _, us, _ in items)
+        stage_us = {p: item_time.get(p, 0.0) for p in order}
+    else:
+        total_us = sum(e.time_range.end - e.time_range.start for e in events
+                       if _is_cpu(e) and e.name == ROOT)
+        stage_us = dict(wall)
+    total_ms = total_us / 1000.0 / runs
+
+    def share(us: float) -> float:
+        return us / total_us if total_us > 0 else 0.0
+
+    rows = [StageRow("/".join(p), len(p) - 1, stage_us[p] / 1000.0 / runs,
+                     wall[p] / 1000.0 / runs, calls[p] / runs, share(stage_us[p]))
+            for p in _tree_order(order)]
+    outside = total_us - sum(stage_us[p] for p in order if len(p) == 1)
+    if outside > 0 and total_us > 0:
+        rows.append(StageRow(UNMARKED, 0, outside / 1000.0 / runs, 0.0, 0.0, share(outside)))
+    kernels = []
+    for name, by_path in per_kernel.items():
+        us = sum(by_path.values())
+        main = max(by_path.items(), key=lambda kv: kv[1])[0]
+        kernels.append(KernelRow(name, us / 1000.0 / runs, kernel_calls[name] / runs, share(us),
+                                 "/".join(main) or "-"))
+    kernels.sort(key=lambda k: -k.ms)
+    return total_ms, rows, kernels[:top]
+
+
+def _tree_order(paths: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
+    """Paths in first-seen order, each followed by its descendants."""
+    children: dict[tuple[str, ...], list[tuple[str, ...]]] = {}
+    for p in paths:
+        children.setdefault(p[:-1], []).append(p)
+    out: list[tuple[str, ...]] = []
+
+    def walk(parent: tuple[str, ...]) -> None:
+        for child in children.get(parent, []):
+            out.append(child)
+            walk(child)
+
+    walk(())
+    listed = set(out)
+    return out + [p for p in paths if p not in listed]  # (a parent always precedes; kept safe)
+
+
+# -- running a pipeline under the profiler -----------------------------------------------------
+
+@dataclass
+class ProfileConfig:
+    """What `matchrt profile` runs: one matcher on one backend, precision, device and size."""
+
+    matcher: str
+    backend: str = "torch"
+    precision: str = "fp32"
+    device: str = "cpu"
+    height: Optional[int] = None
+    width: Optional[int] = None
+    options: dict[str, Any] = field(default_factory=dict)
+    weights: dict[str, Any] = field(default_factory=dict)
+    random_weights: bool = False
+    allow_partial: bool = False
+    images: Optional[tuple[Any, Any]] = None  # two images as read_image gives them
+    runs: int = 5
+    warmup: int = 3
+    top: int = 15
+    trace: Optional[Path] = None
+    workdir: Optional[Path] = None
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _default_images() -> tuple[Any, Any]:
+    """The bundled MegaDepth pair when run from a checkout, else a fixed random pair."""
+    from .images import read_image
+    from .synthetic import bundled_images
+
+    found = bundled_images()
+    if len(found) >= 2:
+        return read_image(found[0]), read_image(found[1])
+    rng = np.random.default_rng(0)
+    image = rng.random((480, 640, 3), dtype=np.float32)
+    return image, np.ascontiguousarray(image[::-1])
+
+
+def _eager_roots(pipe: Any, backend: str) -> Optional[list[Any]]:
+    """The torch modules that run eagerly in this pipeline, or None when markers cannot show."""
+    from .bench import VARIANTS
+
+    plugin, opts = VARIANTS.get(backend, (backend, {}))
+    if plugin != "torch" or opts.get("compile"):
+        return None
+    roots = [getattr(st.session, "module", None) for st in pipe.stages]
+    if any(r is None or not hasattr(r, "modules") or hasattr(r, "_orig_mod") for r in roots):
+        return None
+    return roots
+
+
+def run_profile(config: ProfileConfig, host: Any = None,
+                progress: Optional[Callable[[str], None]] = None) -> tuple[ProfileReport, Any]:
+    """Profile one pair through `config`'s pipeline; returns the report and the torch profiler."""
+    import tempfile
+
+    from .bench import open_backend
+    from .host import get_host
+    from .images import check_size
+    from .runner import is_random, load_model, resolve_weights
+    from .types import ExportOptions
+
+    host = host or get_host()
+    say = progress or (lambda msg: None)
+    info = host.matcher(config.matcher)
+    h = config.height or info.contract.default_height
+    w = config.width or info.contract.default_width
+    check_size(h, w, info.contract, config.matcher)
+    if config.runs < 1:
+        raise MatchrtError(f"--runs must be at least 1, got {config.runs}")
+    paths = resolve_weights(info, config.weights, config.random_weights)
+    say(f"{config.matcher}: loading weights")
+    model, _ = load_model(host, config.matcher, paths, config.allow_partial, dict(config.options))
+    export = ExportOptions(h, w, extra=dict(config.options))
+    images = config.images or _default_images()
+    with tempfile.TemporaryDirectory(prefix="matchrt-profile-") as tmp:
+        pipe = open_backend(host, config.matcher, config.backend, config.precision, model, export,
+                            config.device, config.workdir or Path(tmp), say)
+        report, prof = _profile_pipeline(pipe, config, images, say)
+    report.input_size = [h, w]
+    report.provenance["random_weights"] = any(is_random(p) for p in paths.values())
+    if report.provenance["random_weights"]:
+        report.notes.append("random weights: timings are real; data-dependent work (e.g. how many "
+                            "matches pass a threshold) may differ with trained weights")
+    return report, prof
+
+
+def _profile_pipeline(pipe: Any, config: ProfileConfig, images: tuple[Any, Any],
+                      say: Callable[[str], None]) -> tuple[ProfileReport, Any]:
+    """Warm up, then profile `config.runs` pairs (graph run + postprocess) and analyse them."""
+    import torch
+
+    from .bench import BenchConfig, provenance
+
+    inputs, ctx = pipe.prepare(*images)
+    say(f"{config.matcher}: warming up ({max(1, config.warmup)} pairs)")
+    warm: list[float] = []
+    for _ in range(max(1, config.warmup)):  # the first run compiles and initialises
+        _sync(config.device)
+        start = time.perf_counter()
+        pipe.postprocess(pipe.run(inputs), ctx)
+        _sync(config.device)
+        warm.append(time.perf_counter() - start)
+    roots = _eager_roots(pipe, config.backend)
+    notes = []
+    if roots is None:
+        notes.append(f"stages: not available with --backend {config.backend} (compiled graphs, "
+                     "ONNX and engines carry no stage markers); the kernel table and the total are "
+                     "complete. Run --backend torch for the eager per-stage profile.")
+    on_gpu = config.device.startswith("cuda")
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if on_gpu:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    elif pipe.backend == "onnxruntime":
+        notes.append("onnxruntime runs outside torch's profiler: its time shows as one block")
+    say(f"{config.matcher}: profiling {config.runs} pairs")
+    timed: list[float] = []
+    # markers on for eager torch only: elsewhere the flag would just make torch.compile re-trace
+    markers = recording(*roots) if roots is not None else nullcontext([])
+    with markers as names, torch.profiler.profile(activities=activities) as prof:
+        for _ in range(config.runs):
+            _sync(config.device)
+            start = time.perf_counter()
+            with torch.profiler.record_function(ROOT):
+                out = pipe.run(inputs)
+                _sync(config.device)
+                with torch.profiler.record_function(range_name(POSTPROCESS)):
+                    pipe.postprocess(out, ctx)
+                    _sync(config.device)
+            timed.append(time.perf_counter() - start)
+    if roots is not None and not names:
+        notes.append(f"{config.matcher} marks no stages (see matchrt.profiling.mark_stages)")
+    say("analysing the profile")
+    total, stages, kernels = analyse(prof.events(), config.runs, on_gpu, config.top)
+    if on_gpu and not total:
+        notes.append("no CUDA kernel was recorded: is CUPTI available to torch.profiler here?")
+    prov = provenance(BenchConfig([config.matcher], [config.backend], [config.precision], [],
+                                  device=config.device, random_weights=config.random_weights))
+    report = ProfileReport(
+        matcher=config.matcher, backend=config.backend, precision=config.precision,
+        device=config.device, time_kind="GPU kernel time" if on_gpu else "CPU time",
+        input_size=[], runs=config.runs, total_ms=total, stages=stages, kernels=kernels,
+        wall_ms={"profiled": 1000 * statistics.median(timed),
+                 "unprofiled": 1000 * statistics.median(warm[1:]) if len(warm) > 1 else None},
+        stage_markers=roots is not None, notes=notes, options=dict(pipe.options), provenance=prov)
+    if config.trace:
+        write_atomic(Path(config.trace), lambda tmp: prof.export_chrome_trace(str(tmp)))
+    return report, prof
+
+
+def write_atomic(path: Path, write: Callable[[Path], Any]) -> Path:
+    """Write through `write(tmp)` to a temporary name beside `path`, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_json(report: ProfileReport, path: Path) -> Path:
+    """The report as JSON (stage and kernel tables, totals, provenance), written atomically."""
+    text = json.dumps(report.to_json(), indent=1, default=str)
+    return write_atomic(Path(path), lambda tmp: tmp.write_text(text))
+
+
+def render(report: ProfileReport):
+    """Rich tables: stages (indented by nesting) and the top kernels or ops."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    unit = "GPU ms" if report.time_kind.startswith("GPU") else "CPU ms"
+    h, w = report.input_size
+    title = (f"matchrt profile: {report.matcher} / {report.backend} / {report.precision} on "
+             f"{report.device}, {h}x{w}, per pair (mean of {report.runs})")
+    stages = Table(title=title, title_style="bold")
+    for col in ("stage", unit, "share", "CPU wall ms", "calls"):
+        stages.add_column(col, justify="left" if col == "stage" else "right")
+    for r in report.stages:
+        label = "  " * r.depth + r.name.rsplit("/", 1)[-1]
+        stages.add_row(label, f"{r.ms:.3f}", f"{100 * r.share:.1f}%",
+                       f"{r.cpu_ms:.3f}" if r.cpu_ms else "-", f"{r.calls:g}" if r.calls else "-")
+    stages.add_row(Text("total", style="bold"), Text(f"{report.total_ms:.3f}", style="bold"), "100%",
+                   "", "")
+    what = "kernels" if report.time_kind.startswith("GPU") else "ops"
+    kernels = Table(title=f"top {len(report.kernels)} {what} by self time", title_style="bold")
+    for col in (what[:-1], f"self {unit}", "share", "calls", "stage"):
+        kernels.add_column(col, justify="left" if col in (what[:-1], "stage") else "right",
+                           overflow="fold")
+    for k in report.kernels:
+        kernels.add_row(k.name[:100], f"{k.ms:.3f}", f"{100 * k.share:.1f}%", f"{k.calls:g}", k.stage)
+    wall = report.wall_ms
+    lines = [f"wall time per pair: {wall['profiled']:.2f} ms profiled"
+             + (f", {wall['unprofiled']:.2f} ms without the profiler" if wall.get("unprofiled") else "")]
+    lines += report.notes
+    return Group(stages, kernels, *(Text(line, style="yellow" if i else "") for i, line in enumerate(lines)))
+
+
+__all__ = ["KernelRow", "ProfileConfig", "ProfileReport", "StageRow", "analyse", "render",
+           "run_profile", "write_json"]

@@ -1,0 +1,217 @@
+"""`matchrt profile`: per-stage and per-kernel time, and stage markers that cost nothing outside it."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from types import SimpleNamespace
+
+import onnx
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from matchrt.cli import app
+from matchrt.host import create_host, get_host
+from matchrt.profiler import POSTPROCESS, ROOT, UNMARKED, ProfileConfig, analyse, run_profile
+from matchrt.profiling import (
+    PREFIX, is_recording, mark_methods, mark_stages, marked, recording, stage,
+)
+
+from toy_plugin import ToyPlugin
+
+
+@pytest.fixture()
+def toy():
+    with get_host().plugin(ToyPlugin(), "toy"):
+        yield
+
+
+def _stage_checks(stages: list[dict], total: float, expected: set[str]) -> dict[str, dict]:
+    rows = {r["name"]: r for r in stages}
+    assert expected <= set(rows), rows.keys()
+    for name in expected:
+        assert rows[name]["ms"] > 0 and rows[name]["calls"] > 0, rows[name]
+    top = sum(r["ms"] for r in stages if r["depth"] == 0)
+    assert top == pytest.approx(total, rel=1e-6) or top <= total  # the unmarked row closes the sum
+    assert all(r["ms"] <= total * (1 + 1e-9) for r in stages)
+    return rows
+
+
+def test_profile_toy_stages_json_and_trace(toy, tmp_path):
+    out, trace = tmp_path / "p.json", tmp_path / "trace.json"
+    r = CliRunner().invoke(app, ["profile", "-m", "toy", "--random-weights", "--device", "cpu",
+                                 "--runs", "2", "--warmup", "1", "--json", str(out),
+                                 "--trace", str(trace)])
+    assert r.exit_code == 0, r.output
+    assert "encode" in r.output and "top" in r.output
+    data = json.loads(out.read_text())
+    assert data["time_kind"] == "CPU time" and data["runs"] == 2 and data["stage_markers"]
+    rows = _stage_checks(data["stages"], data["total_ms"], {"encode", "encode/conv", "match", POSTPROCESS})
+    # nested stage: inside its parent, counted per call (the backbone runs once per image)
+    assert rows["encode/conv"]["depth"] == 1 and rows["encode/conv"]["calls"] == 2
+    assert rows["encode/conv"]["ms"] <= rows["encode"]["ms"]
+    kernels = data["kernels"]
+    assert kernels and all(k["ms"] >= 0 for k in kernels)
+    conv = [k for k in kernels if "conv" in k["name"]]
+    assert conv and conv[0]["stage"] == "encode/conv"
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert any(e.get("name") == PREFIX + "encode" for e in events)
+
+
+def test_profile_graph_sequence_and_onnxruntime(toy, tmp_path):
+    """Stages of a two-graph plan; an ONNX backend profiles the total without stage markers."""
+    torch_run, _ = run_profile(ProfileConfig("toy", random_weights=True, runs=1, warmup=1,
+                                             options={"stages": 2}))
+    names = {r.name for r in torch_run.stages}
+    assert {"encode", "match", POSTPROCESS} <= names
+    ort, _ = run_profile(ProfileConfig("toy", backend="onnxruntime", random_weights=True, runs=1,
+                                       warmup=1, workdir=tmp_path))
+    assert not ort.stage_markers and any("not available" in n for n in ort.notes)
+    assert {r.name for r in ort.stages} <= {POSTPROCESS, UNMARKED} and ort.total_ms > 0
+
+
+def test_profile_refuses_what_the_bench_refuses(toy):
+    r = CliRunner().invoke(app, ["profile", "-m", "toy", "--random-weights", "--device", "cpu",
+                                 "--precision", "fp16"])
+    assert r.exit_code == 2 and "use --device cuda" in r.output
+
+
+def test_profile_xfeat_small(tmp_path, one_thread):
+    pytest.importorskip("matchrt_xfeat")
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mp.setenv("MATCHRT_PLUGINS", "xfeat")
+        host = create_host()
+    report, _ = run_profile(ProfileConfig("xfeat", height=64, width=96, runs=1, warmup=1,
+                                          options={"top_k": 128}), host=host)
+    data = report.to_json()
+    _stage_checks(data["stages"], data["total_ms"], {"backbone", "keypoints", "matching", POSTPROCESS})
+
+
+class Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.b = torch.nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.b(torch.relu(self.a(x))))
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        with stage("inline"):
+            return x.softmax(1)
+
+
+def _hooks(module: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+
+
+def test_markers_are_free_outside_profiling(tmp_path):
+    mark_methods(Net, {"head": "head"})
+    mark_methods(Net, {"head": "head"})  # idempotent: a plugin module imported twice
+    net = mark_stages(Net().eval(), {"first": "a", "second": ["b"]})
+    assert set(marked(net)) == {"first", "second"}
+    x = torch.rand(1, 1, 8, 8)
+    before = net(x)
+    assert _hooks(net) == 0 and not is_recording()  # marking registers nothing
+    with recording(net) as names, torch.profiler.profile() as prof:
+        assert names == ["first", "second"] and _hooks(net) == 4 and is_recording()
+        during = net(x)
+    seen = {e.name for e in prof.events()}
+    assert {PREFIX + n for n in ("first", "second", "head", "inline")} <= seen
+    assert _hooks(net) == 0 and not is_recording()  # removed again
+    assert torch.equal(before, during) and torch.equal(before, net(x))
+    # exported graphs carry no trace of the markers
+    path = tmp_path / "net.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(net, (x,), str(path), dynamo=False)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert ops == {"Conv", "Relu", "Softmax"}
+    # torch.compile traces through the method marker without a graph break
+    explained = torch._dynamo.explain(net)(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    with pytest.raises(Exception, match="no submodule 'c'"):
+        mark_stages(net, {"x": "c"})
+    assert mark_stages(net, {"x": "c"}, strict=False) is net
+
+
+def _event(name, start, end, *, cpu=True, id_=0, linked=0, kind=None, parent=None):
+    e = SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end),
+                        device_type="DeviceType.CPU" if cpu else "DeviceType.CUDA", id=id_,
+                        linked_correlation_id=linked, activity_type=kind, cpu_parent=parent,
+                        cpu_children=[], is_async=False, is_user_annotation=False,
+                        is_python_function=False)
+    if parent is not None:
+        parent.cpu_children.append(e)
+    return e
+
+
+def test_gpu_kernels_are_charged_to_the_stages_that_launched_them():
+    root = _event(ROOT, 0, 100, id_=1)
+    outer = _event(PREFIX + "refiners", 0, 60, id_=2, parent=root)
+    inner = _event(PREFIX + "refiner.8", 10, 40, id_=3, parent=outer)
+    conv = _event("aten::conv2d", 12, 30, id_=4, parent=inner)
+    add = _event("aten::add", 45, 50, id_=5, parent=outer)
+    post = _event(PREFIX + POSTPROCESS, 70, 90, id_=6, parent=root)
+    copy = _event("aten::copy_", 71, 80, id_=7, parent=post)
+    bare = _event("aten::mm", 95, 99, id_=8, parent=root)
+    device = [
+        _event("sm90_conv_kernel", 20, 28, cpu=False, id_=4, linked=4, kind="kernel"),
+        _event("sm90_conv_kernel", 28, 31, cpu=False, id_=9, linked=4, kind="kernel"),
+        _event("add_kernel", 50, 51, cpu=False, id_=5, linked=5, kind="kernel"),
+        _event("Memcpy DtoH", 75, 77, cpu=False, id_=7, linked=7, kind="gpu_memcpy"),
+        _event("gemm", 96, 100, cpu=False, id_=8, linked=8, kind="kernel"),
+        # the GPU side of a range and a sync are not work
+        _event(PREFIX + "refiners", 20, 51, cpu=False, id_=2, linked=2, kind="gpu_user_annotation"),
+        _event("Context Sync", 60, 70, cpu=False, kind="cuda_sync"),
+    ]
+    events = [root, outer, inner, conv, add, post, copy, bare, *device]
+    total, stages, kernels = analyse(events, runs=2, on_gpu=True)
+    assert total == pytest.approx((8 + 3 + 1 + 2 + 4) / 1000 / 2)
+    rows = {r.name: r for r in stages}
+    assert [r.name for r in stages] == ["refiners", "refiners/refiner.8", POSTPROCESS, UNMARKED]
+    assert rows["refiners"].ms == pytest.approx(12 / 2000)  # conv (11) + add (1), nested included
+    assert rows["refiners/refiner.8"].ms == pytest.approx(11 / 2000)
+    assert rows["refiners"].cpu_ms == pytest.approx(60 / 2000)
+    assert rows[POSTPROCESS].ms == pytest.approx(2 / 2000)
+    assert rows[UNMARKED].ms == pytest.approx(4 / 2000)  # the gemm outside every stage
+    assert kernels[0].name == "sm90_conv_kernel" and kernels[0].calls == 1
+    assert kernels[0].stage == "refiners/refiner.8"
+    assert kernels[0].share == pytest.approx(11 / 18)
+
+
+def test_builtin_plugins_mark_their_stages():
+    """Every stage path resolves on the current models (a renamed module fails here, by name)."""
+    from matchrt.plugins.eloftr import hooks as eloftr
+    from matchrt.plugins.roma_full import hooks as roma_full
+    from matchrt.plugins.roma_plus import hooks as roma_plus
+    from matchrt.types import ExportOptions
+
+    expected = {
+        "eloftr": {"backbone", "coarse transformer", "self-attention", "cross-attention",
+                   "coarse matching", "fine preprocess", "fine matching"},
+        "roma_full": {"dinov2", "proj", "gp", "decoder", "anchor soft-argmax + warp layout"},
+        "roma_plus": {"encoder.vgg", "dinov2", "proj", "gp", "decoder", "anchor soft-argmax",
+                      "refiner.16", "refiner.8", "refiner.4", "refiner.2", "refiner.1",
+                      "flow resize", "flow update", "certainty + warp layout"},
+    }
+    for plugin, size in ((eloftr, 64), (roma_full, 56), (roma_plus, 56)):
+        with torch.device("meta"):  # structure only: no weights, no compute
+            model = plugin.create_model(plugin.NAME, {})
+            plan = plugin.export_plan(plugin.NAME, model, ExportOptions(size, size))
+        names = set()
+        for graph in plan.graphs:
+            found = marked(graph.module)
+            names |= set(found)
+            if plugin is eloftr:  # 4 x (self, cross) layers
+                assert len(found["self-attention"]) == len(found["cross-attention"]) == 4
+        assert names == expected[plugin.NAME], plugin.NAME
+    # the stages that are methods
+    from matchrt.plugins.eloftr.model import ELoFTR
+    from matchrt.plugins.roma_plus.model import RomaPlus
+
+    methods = {ELoFTR.confidence: "dual softmax", RomaPlus.after_coarse: "first pass",
+               RomaPlus.upsampling_pass: "upsample pass"}
+    assert {getattr(m, "__matchrt_stage__", None) for m in methods} == set(methods.values())
