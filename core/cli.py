@@ -274,7 +274,8 @@ def build(
     backend: Optional[str] = typer.Option(None, help="tensorrt (engine) or onnxruntime (optimised graph) "
                                           "from --onnx; inductor (AOTInductor .pt2) from -m/-c. Default: "
                                           "inductor with -m and no --onnx, else tensorrt."),
-    precision: str = typer.Option("fp16", help="fp32, fp16 or bf16."),
+    precision: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 (default fp16; inductor on "
+                                            "CPU: fp32)."),
     strongly_typed: bool = typer.Option(False, "--strongly-typed", help="TensorRT strongly typed network."),
     workspace: float = typer.Option(8.0, help="Builder workspace limit in GiB."),
     opt_level: int = typer.Option(3, help="TensorRT builder optimisation level (0-5)."),
@@ -323,6 +324,7 @@ def build(
             + (f"{', '.join(given)} belong to --backend inductor; " if given else "")
             + "run `matchrt export -m MATCHER -o M.onnx`, then `matchrt build --onnx M.onnx`, or build an "
             "AOTInductor package from the checkpoint with `matchrt build -m MATCHER -c CKPT --backend inductor`")
+    precision = precision or "fp16"
     host = get_host()
     host.backend(backend)
     manifest = load_manifest(onnx)
@@ -355,13 +357,14 @@ def build(
 
 
 def _build_package(matcher: str, weights: dict[str, Path], random_weights: bool, allow_partial: bool,
-                   extra: dict[str, Any], height: Optional[int], width: Optional[int], precision: str,
+                   extra: dict[str, Any], height: Optional[int], width: Optional[int],
+                   precision: Optional[str],
                    device: Optional[str], output: Optional[Path], force: bool,
                    inductor_configs: dict[str, str]) -> None:
     """`matchrt build --backend inductor`: the matcher's export plan compiled into .pt2 packages."""
     from .host import get_host
     from .images import check_size
-    from .package import build_packages, package_context
+    from .package import build_packages, check_request, package_context
     from .runner import load_model, resolve_weights
     from .types import ExportOptions
 
@@ -374,6 +377,12 @@ def _build_package(matcher: str, weights: dict[str, Path], random_weights: bool,
     output = output or Path(f"{matcher}.pt2")
     if not output.name.endswith(".pt2"):
         raise typer.BadParameter(f"--output must end in .pt2 for the inductor backend, got {output}")
+    if precision is None:
+        import torch
+
+        cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        precision = "fp16" if cuda else "fp32"
+    check_request(precision, device)  # before the weights load
     console = _console(stderr=True)
     with console.status(f"loading {matcher} weights") as status:
         paths = resolve_weights(info_, weights, random_weights)

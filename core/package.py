@@ -26,6 +26,7 @@ API:
     package_rebuild_command(record, package) -> str
     stage_package_path(output, stage, stages) -> Path
     tf32_policy(precision, graph_tf32) -> bool      whether fp32 math may use TF32 in this package
+    check_request(precision, device) -> torch.device    refuses what cannot be built, before any work
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ Progress = Callable[[str], None]
 # --- the running machine ----------------------------------------------------------------------------------
 def _cpu_info() -> dict[str, Optional[str]]:
     """CPU model and the widest vector instruction set Inductor may use (from /proc/cpuinfo)."""
-    model, flags = None, set()
+    model: Optional[str] = None
+    flags: set[str] = set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -235,6 +237,19 @@ class PackageContext:
     command: dict[str, Any] = field(default_factory=dict)
 
 
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, remembered for this process while its size and mtime stay the same
+    (a bench builds several packages from one 1.6 GB checkpoint)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = sha256_file(path)
+    return _DIGESTS[key]
+
+
 def _torch_dirs() -> list[Path]:
     import torch
 
@@ -282,7 +297,7 @@ def package_context(host: "Host", matcher: str, paths: Mapping[str, Path],
     weights = {}
     for name, path in paths.items():
         random = is_random(Path(path))
-        weights[name] = {"path": str(Path(path).resolve()), "sha256": sha256_file(path),
+        weights[name] = {"path": str(Path(path).resolve()), "sha256": file_sha256(Path(path)),
                          "random": random}
     return PackageContext(
         matcher=matcher, matcher_version=info.version,
@@ -309,6 +324,17 @@ def tf32_allowed(enabled: bool) -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def check_request(precision: str, device: Optional[str]) -> "torch.device":
+    """The device a package is built for, after refusing what cannot be built (before any work)."""
+    if precision not in PRECISIONS:
+        raise MatchrtError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    dev = _resolve_device(device)
+    if precision == "fp16" and dev.type == "cpu":
+        raise MatchrtError("fp16 packages are for CUDA GPUs (fp16 autocast on CPU is not a deployment "
+                           "target); build fp32 or bf16 for --device cpu")
+    return dev
 
 
 def _resolve_device(device: Optional[str]) -> "torch.device":
@@ -431,12 +457,7 @@ def build_package(
     output = Path(output)
     if not output.name.endswith(SUFFIX):
         raise MatchrtError(f"an AOTInductor package must end in {SUFFIX}, got {output}")
-    if precision not in PRECISIONS:
-        raise MatchrtError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    dev = _resolve_device(device)
-    if precision == "fp16" and dev.type == "cpu":
-        raise MatchrtError("fp16 packages are for CUDA GPUs (fp16 autocast on CPU is not a deployment "
-                           "target); build fp32 or bf16 for --device cpu")
+    dev = check_request(precision, device)
     configs = dict(inductor_configs or {})
     tf32 = tf32_policy(precision, graph.tf32)
     record = _record(graph, output, context, precision, dev, tf32, plan_options or {}, configs)

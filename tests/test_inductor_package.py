@@ -58,8 +58,8 @@ def built(toy, tmp_path_factory):
     ckpt = write_random_checkpoint(LAYOUT, work / "toy.ckpt", lightning=True)
     path = work / "toy-64x96-fp32-cpu.pt2"
     start = time.perf_counter()
-    # no --backend: -m without --onnx builds an inductor package
-    r = invoke("build", "-m", "toy", "-c", ckpt, "--precision", "fp32", "--device", "cpu", "-o", path)
+    # no --backend: -m without --onnx builds an inductor package; on CPU the default precision is fp32
+    r = invoke("build", "-m", "toy", "-c", ckpt, "--device", "cpu", "-o", path)
     assert r.exit_code == 0, r.output
     return SimpleNamespace(dir=work, ckpt=ckpt, path=path, seconds=time.perf_counter() - start,
                            output=r.output)
