@@ -592,7 +592,8 @@ def _per_matcher(values: Optional[List[str]], matchers: list[str], flag: str) ->
 def bench(
     matcher: str = typer.Option(..., "--matcher", "-m", help="Comma-separated matchers."),
     backend: str = typer.Option("torch,onnxruntime,tensorrt", help="Comma-separated: torch, "
-                                "torch-compile, torch-compile-cudagraph, onnxruntime, tensorrt."),
+                                "torch-compile, torch-compile-cudagraph, onnxruntime, tensorrt, "
+                                "tensorrt-cudagraph, inductor, inductor-cudagraph."),
     precision: str = typer.Option("fp32,fp16", help="Comma-separated: fp32, fp16, bf16."),
     size: Optional[int] = typer.Option(None, help="Square input side (default: each matcher's)."),
     pairs: Optional[Path] = typer.Option(None, help="Folder of images, matched in consecutive pairs."),
