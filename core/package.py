@@ -437,6 +437,21 @@ def write_json_atomic(path: Path, data: Mapping[str, Any]) -> Path:
     return path
 
 
+def _remove_stale_partials(output: Path) -> None:
+    """Delete what builds of `output` killed half-way left (their process is gone)."""
+    stem = output.name[:-len(SUFFIX)]
+    for partial in output.parent.glob(f".{stem}.*.partial{SUFFIX}"):
+        pid = partial.name[len(stem) + 2:-len(".partial" + SUFFIX)]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            partial.unlink(missing_ok=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
 def build_package(
     graph: "GraphSpec",
     output: Path,
@@ -452,6 +467,7 @@ def build_package(
     """Compile one graph into `output` (a `.pt2`) with `<output>.json` beside it; reuse an
     identical package unless `force`. Returns the package's path."""
     import torch
+    import torch._inductor.config
 
     say = progress or (lambda message: None)
     output = Path(output)
@@ -467,6 +483,7 @@ def build_package(
         return output
     say(f"building {output.name}: {reason if reason else 'forced'}")
     output.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(output)
     start = time.perf_counter()
     switches = tf32_allowed(tf32) if dev.type == "cuda" else contextlib.nullcontext()
     partial = output.with_name(f".{output.name[:-len(SUFFIX)]}.{os.getpid()}.partial{SUFFIX}")
@@ -480,8 +497,11 @@ def build_package(
                     "matchrt.inputs": json.dumps(list(graph.input_names)),
                     "matchrt.outputs": json.dumps(list(graph.output_names)),
                     "matchrt.precision": precision}
-            # a copy: inductor writes into the dict it is given
-            compile_configs = dict(configs, **{"aot_inductor.metadata": meta})
+            # a copy: inductor writes into the dict it is given; the names live in the record too,
+            # for a torch whose AOTInductor keeps no metadata
+            compile_configs = dict(configs)
+            if hasattr(torch._inductor.config.aot_inductor, "metadata"):
+                compile_configs["aot_inductor.metadata"] = meta
             torch._inductor.aoti_compile_and_package(program, package_path=str(partial),
                                                      inductor_configs=compile_configs)
         provenance_path(output).unlink(missing_ok=True)  # never a new package beside an old record

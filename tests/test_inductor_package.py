@@ -137,6 +137,11 @@ def test_second_build_is_a_no_op_and_force_rebuilds(built, monkeypatch):
         return package_path
 
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", fake_compile)
+    # what a build killed half-way left (its process is gone) is cleaned up by the next build
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = built.dir / f".{built.path.stem}.{dead}.partial.pt2"
+    stale.write_bytes(b"half a package")
     r = invoke("build", "-m", "toy", "-c", built.ckpt, "--backend", "inductor", "--precision", "fp32",
                "--device", "cpu", "-o", built.path, "--force")
     assert r.exit_code == 0, r.output
@@ -144,7 +149,7 @@ def test_second_build_is_a_no_op_and_force_rebuilds(built, monkeypatch):
     assert json.loads(calls[0]["aot_inductor.metadata"]["matchrt.outputs"]) == list(OUTPUTS)
     after = read_provenance(built.path)
     assert after["built_at"] >= before["built_at"] and after["package_sha256"] == before["package_sha256"]
-    assert not list(built.dir.glob(".*partial*"))
+    assert not stale.exists() and not list(built.dir.glob(".*partial*"))
 
 
 def test_package_from_another_torch_or_device_is_refused_before_loading(built, tmp_path, monkeypatch):
