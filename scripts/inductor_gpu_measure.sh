@@ -98,7 +98,8 @@ if [[ "$STEP" == all || "$STEP" == bench ]]; then
   COMMON=(-m "$M" --random-weights --workdir "$WORK" --device cuda --synthetic 4)
   # the eager fp32 reference row (the bench compares every row with eager fp32 internally as well)
   run_step bench_fp32 150 "${MATCHRT[@]}" bench "${COMMON[@]}" --backend torch --precision fp32 --runs 30 \
-    --warmup 5 --json "$OUT/$M.bench_fp32.json" --markdown "$OUT/$M.bench_fp32.md"
+    --warmup 5 --json "$OUT/$M.bench_fp32.json" --markdown "$OUT/$M.bench_fp32.md" \
+    --plot "$OUT/$M.bench_fp32.png"
   # the compiled rows in fp16; the inductor rows reuse the package built above (else build it)
   run_step bench_fp16 480 "${MATCHRT[@]}" bench "${COMMON[@]}" \
     --backend torch-compile-cudagraph,inductor,inductor-cudagraph --precision fp16 --runs 30 --warmup 10 \

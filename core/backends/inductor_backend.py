@@ -18,6 +18,7 @@ API:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import time
@@ -146,7 +147,9 @@ class InductorSession:
             raise MatchrtError(f"{self.path.name} needs inputs {missing}")
         args = [torch.as_tensor(inputs[n]).to(device=self.device, dtype=self.input_dtypes[n]).contiguous()
                 for n in self.input_names]
-        with tf32_allowed(self.tf32 or self.device.type != "cuda"), torch.inference_mode():
+        # the package runs on the current stream of the current device: make that its GPU
+        device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        with device, tf32_allowed(self.tf32 or self.device.type != "cuda"), torch.inference_mode():
             outs = self._run_graph(args) if self.cuda_graph else self._call(args)
         return {n: (o.float() if o.is_floating_point() else o) for n, o in zip(self.output_names, outs)}
 
