@@ -267,10 +267,15 @@ def lint_cmd(onnx_files: List[Path] = typer.Argument(..., help="ONNX graphs to c
 @app.command()
 @clean_errors
 def build(
-    onnx: Path = typer.Option(..., "--onnx", help="Graph from `matchrt export` (its manifest beside it)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Engine file (default: <onnx>.engine)."),
-    backend: str = typer.Option("tensorrt", help="tensorrt (engine) or onnxruntime (optimised graph)."),
-    precision: str = typer.Option("fp16", help="fp32, fp16 or bf16."),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="Graph from `matchrt export` (its manifest "
+                                        "beside it); tensorrt and onnxruntime build from it."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Engine file (default: <onnx>.engine; "
+                                          "inductor: <matcher>.pt2)."),
+    backend: Optional[str] = typer.Option(None, help="tensorrt (engine) or onnxruntime (optimised graph) "
+                                          "from --onnx; inductor (AOTInductor .pt2) from -m/-c. Default: "
+                                          "inductor with -m and no --onnx, else tensorrt."),
+    precision: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 (default fp16; inductor on "
+                                            "CPU: fp32)."),
     strongly_typed: bool = typer.Option(False, "--strongly-typed", help="TensorRT strongly typed network."),
     workspace: float = typer.Option(8.0, help="Builder workspace limit in GiB."),
     opt_level: int = typer.Option(3, help="TensorRT builder optimisation level (0-5)."),
@@ -279,11 +284,47 @@ def build(
     max_size: Optional[str] = typer.Option(None, help="Dynamic graphs: HxW of the largest input."),
     timing_cache: Optional[Path] = typer.Option(None, help="Timing cache file (reused and updated)."),
     force: bool = typer.Option(False, help="Rebuild even if an identical engine exists."),
+    matcher: Optional[str] = typer.Option(None, "--matcher", "-m", help="inductor: the matcher to build "
+                                          "from its torch model."),
+    checkpoint: Optional[Path] = CheckpointOpt,
+    dinov2: Optional[Path] = Dinov2Opt,
+    weights: Optional[List[str]] = WeightsOpt,
+    random_weights: bool = RandomOpt,
+    allow_partial: bool = PartialOpt,
+    option: Optional[List[str]] = OptionOpt,
+    height: Optional[int] = typer.Option(None, help="inductor: input height (default: the matcher's)."),
+    width: Optional[int] = typer.Option(None, help="inductor: input width (default: the matcher's)."),
+    device: Optional[str] = typer.Option(None, help="inductor: cpu or cuda (default: cuda when present); "
+                                         "the package runs only there."),
+    inductor_config: Optional[List[str]] = typer.Option(None, "--inductor-config", help="inductor: "
+                                                        "torch._inductor config KEY=VALUE (repeatable)."),
 ) -> None:
-    """Build a deployable engine from an exported graph (TensorRT), or an optimised ONNX (onnxruntime)."""
+    """Build a deployable engine: TensorRT or an optimised ONNX from an exported graph, or an
+    AOTInductor package (.pt2) from the torch model."""
     from .export import load_manifest, manifest_path
     from .host import get_host
 
+    torch_inputs = {"--matcher": matcher, "--checkpoint": checkpoint, "--dinov2": dinov2,
+                    "--weights": weights, "--random-weights": random_weights or None,
+                    "--option": option, "--height": height, "--width": width,
+                    "--inductor-config": inductor_config}
+    backend = backend or ("inductor" if onnx is None and matcher else "tensorrt")
+    if backend == "inductor":
+        if onnx is not None:
+            raise typer.BadParameter("--backend inductor builds from the torch model, not from ONNX: "
+                                     "pass -m MATCHER -c CKPT (or --random-weights) instead of --onnx")
+        _build_package(_need_matcher(matcher), _weights(checkpoint, dinov2, weights), random_weights,
+                       allow_partial, _extra(option), height, width, precision, device, output, force,
+                       _pairs(inductor_config, "--inductor-config"))
+        return
+    given = [flag for flag, value in torch_inputs.items() if value]
+    if onnx is None or given:
+        raise typer.BadParameter(
+            f"--backend {backend} builds from an exported ONNX graph: "
+            + (f"{', '.join(given)} belong to --backend inductor; " if given else "")
+            + "run `matchrt export -m MATCHER -o M.onnx`, then `matchrt build --onnx M.onnx`, or build an "
+            "AOTInductor package from the checkpoint with `matchrt build -m MATCHER -c CKPT --backend inductor`")
+    precision = precision or "fp16"
     host = get_host()
     host.backend(backend)
     manifest = load_manifest(onnx)
@@ -315,6 +356,60 @@ def build(
     typer.echo(f"manifest {mpath}", err=True)
 
 
+def _build_package(matcher: str, weights: dict[str, Path], random_weights: bool, allow_partial: bool,
+                   extra: dict[str, Any], height: Optional[int], width: Optional[int],
+                   precision: Optional[str],
+                   device: Optional[str], output: Optional[Path], force: bool,
+                   inductor_configs: dict[str, str]) -> None:
+    """`matchrt build --backend inductor`: the matcher's export plan compiled into .pt2 packages."""
+    from .host import get_host
+    from .images import check_size
+    from .package import build_packages, check_request, package_context
+    from .runner import load_model, resolve_weights
+    from .types import ExportOptions
+
+    host = get_host()
+    host.backend("inductor")
+    info_ = host.matcher(matcher)
+    h = height or info_.contract.default_height
+    w = width or info_.contract.default_width
+    check_size(h, w, info_.contract, matcher)
+    output = output or Path(f"{matcher}.pt2")
+    if not output.name.endswith(".pt2"):
+        raise typer.BadParameter(f"--output must end in .pt2 for the inductor backend, got {output}")
+    if precision is None:
+        import torch
+
+        cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        precision = "fp16" if cuda else "fp32"
+    check_request(precision, device)  # before the weights load
+    console = _console(stderr=True)
+    with console.status(f"loading {matcher} weights") as status:
+        paths = resolve_weights(info_, weights, random_weights)
+        model, _ = load_model(host, matcher, paths, allow_partial, extra)
+        status.update("building the export wrapper")
+        plan = host.pm.hook.export_plan(matcher=matcher, model=model,
+                                        options=ExportOptions(h, w, extra=extra))
+        if plan is None:
+            raise typer.BadParameter(f"no installed plugin exports {matcher!r}")
+        status.update("hashing weights and plugin sources")
+        context = package_context(host, matcher, paths, [g.module for g in plan.graphs], extra,
+                                  height, width, output)
+        start = time.perf_counter()
+
+        def say(message: str) -> None:
+            status.update(f"{message} ({time.perf_counter() - start:.0f} s)")
+            if message.startswith(("wrote", "building", "equivalent")) or "up to date" in message:
+                console.print(message, highlight=False)
+
+        manifest = build_packages(host, plan, output, context, {
+            "precision": precision, "device": device, "force": force, "progress": say,
+            "inductor_configs": {k: _parse_value(v) for k, v in inductor_configs.items()}})
+    console.print(f"manifest {manifest}")
+    if random_weights:
+        console.print("[yellow]random weights: this package is for speed tests only[/]")
+
+
 def _image_paths(images: List[Path]) -> tuple[Path, Path]:
     if len(images) == 1 and images[0].is_dir():
         found = sorted(p for p in images[0].iterdir()
@@ -325,6 +420,13 @@ def _image_paths(images: List[Path]) -> tuple[Path, Path]:
     if len(images) != 2:
         raise typer.BadParameter("give two images, or one folder holding two images")
     return images[0], images[1]
+
+
+def _artifact_backend(engine: Optional[Path], onnx: Optional[Path]) -> Optional[str]:
+    """The backend a file runs on: .pt2 -> inductor, other engines -> tensorrt, ONNX -> onnxruntime."""
+    if engine is not None:
+        return "inductor" if engine.name.endswith(".pt2") else "tensorrt"
+    return "onnxruntime" if onnx is not None else None
 
 
 def _backend_options(device: str, precision: str, compile_: bool = False) -> dict[str, Any]:
@@ -340,8 +442,10 @@ def match(
     dinov2: Optional[Path] = Dinov2Opt,
     weights: Optional[List[str]] = WeightsOpt,
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="Run this exported graph (onnxruntime)."),
-    engine: Optional[Path] = typer.Option(None, "--engine", help="Run this TensorRT engine."),
-    backend: Optional[str] = typer.Option(None, help="torch, onnxruntime or tensorrt (default from the file)."),
+    engine: Optional[Path] = typer.Option(None, "--engine", help="Run this TensorRT engine or AOTInductor "
+                                          "package (.pt2)."),
+    backend: Optional[str] = typer.Option(None, help="torch, onnxruntime, tensorrt or inductor (default "
+                                          "from the file)."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda for engines, else cpu)."),
     precision: str = typer.Option("fp32", help="fp32, fp16 or bf16 (torch; engines keep their own)."),
     height: Optional[int] = typer.Option(None, help="Input height (torch backend)."),
@@ -364,7 +468,7 @@ def match(
     p0, p1 = _image_paths(images)
     image0, image1 = read_image(p0), read_image(p1)  # fail on bad images before loading weights
     artifact = engine or onnx
-    backend = backend or ("tensorrt" if engine else "onnxruntime" if onnx else "torch")
+    backend = backend or _artifact_backend(engine, onnx) or "torch"
     device = device or ("cuda" if backend == "tensorrt" else "cpu")
     console = _console(stderr=True)
     with console.status("loading") as status:
@@ -407,11 +511,14 @@ def check(
     dinov2: Optional[Path] = Dinov2Opt,
     weights: Optional[List[str]] = WeightsOpt,
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="Exported graph."),
-    engine: Optional[Path] = typer.Option(None, "--engine", help="TensorRT engine."),
-    backend: str = typer.Option("onnxruntime", help="Backend under test."),
+    engine: Optional[Path] = typer.Option(None, "--engine", help="TensorRT engine or AOTInductor package (.pt2)."),
+    backend: Optional[str] = typer.Option(None, help="Backend under test (default from the file: .pt2 "
+                                          "inductor, engine tensorrt, else onnxruntime)."),
     reference: str = typer.Option("torch", help="Reference backend."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
-    precision: str = typer.Option("fp32", help="Precision of the backend under test."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: an inductor package's own "
+                                         "device, else cpu)."),
+    precision: Optional[str] = typer.Option(None, help="Precision of the backend under test (default: "
+                                            "the file's, else fp32)."),
     option: Optional[List[str]] = OptionOpt,
     random_weights: bool = RandomOpt,
 ) -> None:
@@ -424,6 +531,7 @@ def check(
     from .runner import open_pipeline
 
     artifact = engine or onnx
+    backend = backend or _artifact_backend(engine, onnx) or "onnxruntime"
     extra = _extra(option)
     size: tuple[Optional[int], Optional[int]] = (None, None)
     if artifact is not None:
@@ -431,6 +539,11 @@ def check(
         matcher = matcher or manifest["matcher"]
         size = tuple(manifest["input_size"]) or size  # type: ignore[assignment]
         extra = {**manifest.get("options", {}), **extra}
+        precision = precision or manifest.get("precision")
+        if backend == "inductor":
+            device = device or manifest.get("device")
+    precision = precision or "fp32"
+    device = device or "cpu"
     name = _need_matcher(matcher)
     w = _weights(checkpoint, dinov2, weights)
 
@@ -524,7 +637,8 @@ def _sweeps(values: Optional[List[str]]) -> dict[str, list[Any]]:
 def bench(
     matcher: str = typer.Option(..., "--matcher", "-m", help="Comma-separated matchers."),
     backend: str = typer.Option("torch,onnxruntime,tensorrt", help="Comma-separated: torch, "
-                                "torch-compile, torch-compile-cudagraph, onnxruntime, tensorrt."),
+                                "torch-compile, torch-compile-cudagraph, onnxruntime, tensorrt, "
+                                "tensorrt-cudagraph, inductor, inductor-cudagraph."),
     precision: str = typer.Option("fp32,fp16", help="Comma-separated: fp32, fp16, bf16."),
     size: Optional[List[str]] = typer.Option(None, help="Input sizes, comma-separated, each S (square) "
                                              "or HxW; MATCHER=SIZES for one matcher (repeatable). "

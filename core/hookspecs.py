@@ -73,6 +73,14 @@ def build_engine(
 
 
 @hookspec(firstresult=True)
+def build_package(backend: str, graph: Any, output: Path, options: dict[str, Any]) -> Optional[Path]:
+    """Compile one graph of an export plan (a `GraphSpec`, the torch model itself) into the
+    backend's deployable artifact, for backends that build from torch rather than from ONNX
+    (AOTInductor `.pt2`); return its path. `options["context"]` is a `matchrt.package.PackageContext`.
+    """
+
+
+@hookspec(firstresult=True)
 def postprocess(
     matcher: str, outputs: dict[str, Any], pair: Any, options: dict[str, Any]
 ) -> Optional[Any]:

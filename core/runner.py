@@ -227,6 +227,7 @@ def open_pipeline(
     if artifact is None:
         raise MatchrtError(
             f"--backend {backend} runs an exported file: pass --onnx model.onnx (or --engine for "
-            "tensorrt); create it with `matchrt export`"
+            "tensorrt engines and inductor .pt2 packages); create it with `matchrt export` (or "
+            "`matchrt build -m MATCHER --backend inductor`)"
         )
     return artifact_pipeline(host, artifact, backend, backend_options, matcher)

@@ -245,6 +245,7 @@ class BackendInfo:
     description: str
     # returns None when usable, else the reason and the install hint
     unavailable: Callable[[], Optional[str]]
-    # artifact kind it runs: "torch" (the model itself), "onnx" or "engine"
-    artifact: Literal["torch", "onnx", "engine"]
+    # artifact kind it runs: "torch" (the model itself), "onnx", "engine" (built from ONNX) or
+    # "package" (built from the torch model, e.g. AOTInductor .pt2)
+    artifact: Literal["torch", "onnx", "engine", "package"]
     precisions: Sequence[str] = ("fp32",)

@@ -139,6 +139,12 @@ def test_every_hookspec_is_documented_and_exercised(toy, toy_ckpt, tmp_path, ima
         assert invoke("build", "--onnx", onnx_path, "--backend", "onnxruntime", "--precision",
                       "fp32").exit_code == 0
         assert invoke("match", *image_pair, "--onnx", onnx_path).exit_code == 0
+        # a backend that builds from the torch model (build_package): a bf16 AOTInductor package
+        package = tmp_path / "toy.pt2"
+        r = invoke("build", "-m", "toy", "-c", toy_ckpt, "--backend", "inductor", "--precision", "bf16",
+                   "--device", "cpu", "-o", package)
+        assert r.exit_code == 0, r.output
+        assert invoke("match", *image_pair, "--engine", package).exit_code == 0
     finally:
         undo()
     specs = [n for n in dir(hookspecs) if not n.startswith("_")
