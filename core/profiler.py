@@ -114,8 +114,8 @@ def _within_root(event: Any) -> bool:
     return False
 
 
-def _device_items(events: list[Any]) -> list[tuple[str, float, Any]]:
-    """(kernel name, microseconds, launching CPU event or None) for every device activity."""
+def _device_items(events: list[Any]) -> list[tuple[str, float, Any, Any]]:
+    """(kernel name, microseconds, launching CPU event or None, the kernel's event) per device activity."""
     launchers = {e.id: e for e in events if _is_cpu(e) and not getattr(e, "linked_correlation_id", 0)}
     items = []
     for e in events:
@@ -124,8 +124,41 @@ def _device_items(events: list[Any]) -> list[tuple[str, float, Any]]:
         if getattr(e, "activity_type", None) in NOT_DEVICE_WORK:
             continue
         duration = e.time_range.end - e.time_range.start
-        items.append((e.name, float(duration), launchers.get(getattr(e, "linked_correlation_id", 0))))
+        items.append((e.name, float(duration), launchers.get(getattr(e, "linked_correlation_id", 0)), e))
     return items
+
+
+def _device_stage_ranges(events: list[Any]) -> list[tuple[float, float, tuple[str, ...]]]:
+    """(start, end, stage path) of the device-side copies of the stage ranges, by start time.
+
+    On CUDA, the profiler mirrors every range onto the GPU timeline (from its first kernel's
+    start to its last kernel's end); nesting is read from containment there.
+    """
+    marks = sorted((e for e in events if not _is_cpu(e) and _stage_name(e) is not None),
+                   key=lambda e: (e.time_range.start, -e.time_range.end))
+    out: list[tuple[float, float, tuple[str, ...]]] = []
+    stack: list[tuple[float, float, tuple[str, ...]]] = []
+    for m in marks:
+        start, end = float(m.time_range.start), float(m.time_range.end)
+        while stack and stack[-1][1] <= start:
+            stack.pop()
+        parent = stack[-1][2] if stack else ()
+        name = str(_stage_name(m))
+        path = parent if parent and parent[-1] == name else parent + (name,)
+        stack.append((start, end, path))
+        out.append((start, end, path))
+    return out
+
+
+def _innermost(ranges: list[tuple[float, float, tuple[str, ...]]], starts: list[float],
+               at: float) -> tuple[str, ...]:
+    """The path of the latest-starting range that contains time `at` (nested ranges), else ()."""
+    import bisect
+
+    for k in range(bisect.bisect_right(starts, at) - 1, -1, -1):
+        if ranges[k][0] <= at < ranges[k][1]:
+            return ranges[k][2]
+    return ()
 
 
 def _cpu_items(events: list[Any]) -> list[tuple[str, float, Any]]:
@@ -141,7 +174,7 @@ def _cpu_items(events: list[Any]) -> list[tuple[str, float, Any]]:
         self_us = e.time_range.end - e.time_range.start - sum(
             c.time_range.end - c.time_range.start for c in getattr(e, "cpu_children", []))
         if self_us > 0:
-            items.append((e.name, float(self_us), e))
+            items.append((e.name, float(self_us), e, e))
     return items
 
 
@@ -173,18 +206,29 @@ def analyse(events: Iterable[Any], runs: int, on_gpu: bool, top: int = 15
         wall[path] += r.time_range.end - r.time_range.start
         calls[path] += 1
     items = _device_items(events) if on_gpu else _cpu_items(events)
+    # GPU: a kernel belongs to the stages whose device-side range holds it; where the profiler
+    # recorded no device-side ranges, to the stages around the CPU op that launched it
+    device_ranges = _device_stage_ranges(events) if on_gpu else []
+    starts = [r[0] for r in device_ranges]
+    for r in device_ranges:  # stages seen only on the device side still get a row
+        if r[2] not in wall:
+            order.append(r[2])
+            wall[r[2]], calls[r[2]] = 0.0, 0
     item_time: dict[tuple[str, ...], float] = {}
     per_kernel: dict[str, dict[tuple[str, ...], float]] = {}
     kernel_calls: dict[str, int] = {}
-    for name, us, launcher in items:
-        path = _path(launcher, cache) if launcher is not None else ()
+    for name, us, launcher, event in items:
+        if device_ranges:
+            path = _innermost(device_ranges, starts, float(event.time_range.start))
+        else:
+            path = _path(launcher, cache) if launcher is not None else ()
         for k in range(1, len(path) + 1):
             item_time[path[:k]] = item_time.get(path[:k], 0.0) + us
         per_kernel.setdefault(name, {})
         per_kernel[name][path] = per_kernel[name].get(path, 0.0) + us
         kernel_calls[name] = kernel_calls.get(name, 0) + 1
     if on_gpu:
-        total_us = sum(us for _, us, _ in items)
+        total_us = sum(item[1] for item in items)
         stage_us = {p: item_time.get(p, 0.0) for p in order}
     else:
         total_us = sum(e.time_range.end - e.time_range.start for e in events

@@ -21,8 +21,6 @@ Variants (the model's own precision policy, ``coarse_precision``):
                              too, as upstream's AMP
     fp16-tf32                coarse_precision=tf32: the coarse stage in fp32 with TF32 matrix
                              products, the encoder and refiners in fp16
-    fp16-tf32x3              coarse_precision=tf32x3: as fp16-tf32, every coarse matrix product
-                             split into three TF32 products (~fp32 accuracy)
     tf32-reduced             fp32 with TF32 in the coarse stage (TensorRT's fp32 default)
     fp32-noise               strict fp32 with +-0.5/255 noise on the images (8-bit quantisation):
                              how much the weights themselves move under a negligible input change
@@ -57,7 +55,6 @@ VARIANTS: dict[str, tuple[Optional[torch.dtype], str, bool]] = {
     "fp16": (torch.float16, "fp32", False),
     "bf16": (torch.bfloat16, "fp32", False),
     "fp16-tf32": (torch.float16, "tf32", False),
-    "fp16-tf32x3": (torch.float16, "tf32x3", False),
     "fp16-reduced": (torch.float16, "reduced", False),
     "bf16-reduced": (torch.bfloat16, "reduced", False),
     "tf32-reduced": (None, "reduced", True),

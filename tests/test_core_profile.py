@@ -163,8 +163,7 @@ def test_gpu_kernels_are_charged_to_the_stages_that_launched_them():
         _event("add_kernel", 50, 51, cpu=False, id_=5, linked=5, kind="kernel"),
         _event("Memcpy DtoH", 75, 77, cpu=False, id_=7, linked=7, kind="gpu_memcpy"),
         _event("gemm", 96, 100, cpu=False, id_=8, linked=8, kind="kernel"),
-        # the GPU side of a range and a sync are not work
-        _event(PREFIX + "refiners", 20, 51, cpu=False, id_=2, linked=2, kind="gpu_user_annotation"),
+        # a sync is not work
         _event("Context Sync", 60, 70, cpu=False, kind="cuda_sync"),
     ]
     events = [root, outer, inner, conv, add, post, copy, bare, *device]
@@ -215,3 +214,25 @@ def test_builtin_plugins_mark_their_stages():
     methods = {ELoFTR.confidence: "dual softmax", RomaPlus.after_coarse: "first pass",
                RomaPlus.upsampling_pass: "upsample pass"}
     assert {getattr(m, "__matchrt_stage__", None) for m in methods} == set(methods.values())
+
+
+def test_gpu_kernels_are_charged_by_the_device_side_copies_of_the_stage_ranges():
+    """As CUDA records them: kernels link to runtime calls, not to ops; ranges are mirrored on the GPU."""
+    root = _event(ROOT, 0, 100, id_=1)
+    outer = _event(PREFIX + "refiners", 0, 60, id_=2, parent=root)
+    inner = _event(PREFIX + "refiner.8", 10, 40, id_=3, parent=outer)
+    device = [
+        _event(PREFIX + "refiners", 120, 160, cpu=False, kind="gpu_user_annotation"),
+        _event(PREFIX + "refiner.8", 121, 140, cpu=False, kind="gpu_user_annotation"),
+        _event("conv", 121, 130, cpu=False, linked=777, kind="kernel"),  # no CPU event has id 777
+        _event("conv", 131, 139, cpu=False, linked=778, kind="kernel"),
+        _event("add", 150, 155, cpu=False, linked=779, kind="kernel"),
+        _event("gemm", 170, 180, cpu=False, linked=780, kind="kernel"),
+    ]
+    total, stages, kernels = analyse([root, outer, inner, *device], runs=1, on_gpu=True)
+    rows = {r.name: r for r in stages}
+    assert total == pytest.approx(32 / 1000)
+    assert rows["refiners"].ms == pytest.approx(22 / 1000)
+    assert rows["refiners/refiner.8"].ms == pytest.approx(17 / 1000)
+    assert rows[UNMARKED].ms == pytest.approx(10 / 1000)
+    assert kernels[0].name == "conv" and kernels[0].stage == "refiners/refiner.8"

@@ -177,7 +177,7 @@ def build_plan(model: RomaPlus, options: ExportOptions) -> ExportPlan:
     view = configured(model, opts).eval()
     pinned = fp32_layers(opts)
     # strict coarse stage: IEEE fp32 in TensorRT; "tf32": fp32 layers with TF32 allowed
-    tf32 = {"fp32": False, "tf32x3": False, "tf32": True}.get(opts["coarse_precision"])
+    tf32 = {"fp32": False, "tf32": True}.get(opts["coarse_precision"])
     images = [torch.rand(b, 3, h, w), torch.rand(b, 3, h, w)]
     r = opts["upsample_res"]
     upsampled = [torch.rand(b, 3, r, r), torch.rand(b, 3, r, r)] if r else []

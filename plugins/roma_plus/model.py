@@ -30,7 +30,6 @@ the run's precision as upstream's AMP does.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any, Callable, Optional, Union
 
@@ -44,7 +43,6 @@ from matchrt.plugins.roma_full.model import RomaCoarse
 from matchrt.plugins.roma_full.ops import strict_fp32, swap_halves
 
 from .refiner import REFINER_SPECS, ConvRefiner, pixel_grid, upsample
-from .split_tf32 import SplitTF32
 
 FINE_SCALES: tuple[int, ...] = (8, 4, 2, 1)
 # proj.16 belongs to the coarse half (the GP needs it); the finer projections live here
@@ -55,15 +53,14 @@ DEFAULT_COARSE = 560
 DEFAULT_UPSAMPLE = 864
 # "fp32": IEEE fp32; "tf32": fp32 tensors with TF32 matrix products (10-bit mantissa inputs,
 # fp32 accumulation); "reduced": the run's precision (fp16/bf16 autocast), as upstream's AMP
-# "tf32x3": fp32 with every matrix product as three TF32 products (split_tf32.py, torch runs)
-COARSE_PRECISIONS = ("fp32", "tf32x3", "tf32", "reduced")
+COARSE_PRECISIONS = ("fp32", "tf32", "reduced")
 
 Pyramid = dict[int, torch.Tensor]
 Corresps = dict[int, tuple[torch.Tensor, torch.Tensor]]  # scale -> (flow B x 2 x h x w, certainty B x 1 x h x w)
 
 
 @torch.compiler.disable
-def strict_eager(fn: Callable[..., Any], *args: Any, tf32: bool = False, split: bool = False) -> Any:
+def strict_eager(fn: Callable[..., Any], *args: Any, tf32: bool = False) -> Any:
     """``fn(*args)`` in fp32 (float inputs cast up, autocast off; TF32 only if asked), never compiled.
 
     Outside torch.compile: TF32 switches flipped inside compiled code do not act as in eager
@@ -71,7 +68,7 @@ def strict_eager(fn: Callable[..., Any], *args: Any, tf32: bool = False, split: 
     (relative, flipped coarse arg-maxes) from eager fp32; with the region left eager, 2.5e-4.
     """
     args = tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
-    with strict_fp32(args[0].device.type, tf32=tf32), (SplitTF32() if split else contextlib.nullcontext()):
+    with strict_fp32(args[0].device.type, tf32=tf32):
         return fn(*args)
 
 
@@ -197,8 +194,7 @@ class RomaPlus(nn.Module):
         ("fp32") or with TF32 matrix products ("tf32")."""
         if self.coarse_precision == "reduced":
             return fn(*args)
-        return strict_eager(fn, *args, tf32=self.coarse_precision == "tf32",
-                            split=self.coarse_precision == "tf32x3")
+        return strict_eager(fn, *args, tf32=self.coarse_precision == "tf32")
 
     def set_gp(self, solve: str, method: str = "newton_schulz", iters: Union[int, str, None] = None) -> None:
         """GP solve: "exact" (Cholesky; not exportable in-graph) or "iterative" with roma_full's
