@@ -6,11 +6,12 @@ import json
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 
-from eloftr_helpers import loaded_model, reference, reference_images
+from eloftr_helpers import (
+    export_plan_at, loaded_model, reference, reference_images, run_onnxruntime, run_wrapper,
+)
 from matchrt.errors import MatchrtError
 from matchrt.export import export_plan, manifest_path
 from matchrt.plugins.eloftr import hooks
@@ -21,33 +22,15 @@ THRESHOLD = float(reference()["threshold"])
 K = 64
 
 
-def _plan(h: int, w: int, batch: int = 1, **extra):
-    return hooks.export_plan("eloftr", loaded_model(), ExportOptions(h, w, batch=batch, extra=extra))
-
-
-def _ort(path, image0: torch.Tensor, image1: torch.Tensor) -> dict[str, np.ndarray]:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, {"image0": image0.numpy(), "image1": image1.numpy()})))
-
-
-def _torch(plan, image0: torch.Tensor, image1: torch.Tensor) -> dict[str, np.ndarray]:
-    with torch.no_grad():
-        out = plan.graphs[0].module(image0, image1)
-    return {n: t.numpy() for n, t in zip(plan.graphs[0].output_names, out)}
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """The reference pair through the exported graph (fused, K=64, threshold 2e-5)."""
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    plan = _plan(320, 320, threshold=THRESHOLD, max_matches=K)
+    plan = export_plan_at(320, 320, threshold=THRESHOLD, max_matches=K)
     path = tmp_path_factory.mktemp("eloftr") / "eloftr.onnx"
     export_plan(plan, path)
     image0, image1 = reference_images()
-    return plan, path, _torch(plan, image0, image1), _ort(path, image0, image1)
+    return plan, path, run_wrapper(plan, image0, image1), run_onnxruntime(path, image0, image1)
 
 
 def test_plan_and_manifest(exported) -> None:
@@ -64,7 +47,7 @@ def test_plan_and_manifest(exported) -> None:
     blocks = [m for m in graph.module.modules() if isinstance(m, RepVGGBlock)]
     assert blocks and all(b.rbr_reparam is not None for b in blocks)
     assert all(b.rbr_reparam is None for b in loaded_model().modules() if isinstance(b, RepVGGBlock))
-    unfused = _plan(320, 320, fuse=False).graphs[0].module
+    unfused = export_plan_at(320, 320, fuse=False).graphs[0].module
     assert all(b.rbr_reparam is None for b in unfused.modules() if isinstance(b, RepVGGBlock))
 
 
@@ -214,10 +197,10 @@ def test_non_square_export(tmp_path) -> None:
     image1 = image1[:, :, 32:32 + h, :].repeat(1, 1, 1, 2)[..., :w].contiguous()
     image1 = (image1 + 0.02 * torch.rand(image1.shape, generator=gen)).clamp(0, 1)
     threshold, count = _robust_threshold(image0, image1, 20, 50)
-    plan = _plan(h, w, threshold=threshold, max_matches=K)
+    plan = export_plan_at(h, w, threshold=threshold, max_matches=K)
     path = tmp_path / "eloftr_256x352.onnx"
     export_plan(plan, path)
-    ours, runtime = _torch(plan, image0, image1), _ort(path, image0, image1)
+    ours, runtime = run_wrapper(plan, image0, image1), run_onnxruntime(path, image0, image1)
     assert runtime["keypoints0"].shape == (1, K, 2)
     assert ours["valid"][0].sum() == count
     _same_matches(ours, runtime)
@@ -229,12 +212,12 @@ def test_non_square_export(tmp_path) -> None:
 def test_batch_of_pairs_matches_single_pairs() -> None:
     image0, image1 = reference_images()
     batch0, batch1 = torch.cat([image0, image1.flip(-1)]), torch.cat([image1, image0.flip(-1)])
-    plan2 = _plan(320, 320, batch=2, threshold=THRESHOLD, max_matches=K)
+    plan2 = export_plan_at(320, 320, batch=2, threshold=THRESHOLD, max_matches=K)
     assert plan2.graphs[0].example_inputs[0].shape == (2, 1, 320, 320)
-    both = _torch(plan2, batch0, batch1)
-    plan = _plan(320, 320, threshold=THRESHOLD, max_matches=K)
+    both = run_wrapper(plan2, batch0, batch1)
+    plan = export_plan_at(320, 320, threshold=THRESHOLD, max_matches=K)
     for b in range(2):
-        single = _torch(plan, batch0[b:b + 1], batch1[b:b + 1])
+        single = run_wrapper(plan, batch0[b:b + 1], batch1[b:b + 1])
         for name, value in single.items():
             np.testing.assert_allclose(both[name][b:b + 1], value, atol=1e-4, rtol=0, err_msg=name)
     assert both["valid"][0].sum() == 43
@@ -242,10 +225,10 @@ def test_batch_of_pairs_matches_single_pairs() -> None:
 
 def test_max_matches_limit_is_refused() -> None:
     with pytest.raises(MatchrtError, match="3840"):
-        _plan(320, 320, max_matches=3841)
+        export_plan_at(320, 320, max_matches=3841)
     with pytest.raises(MatchrtError, match="static"):
         hooks.export_plan("eloftr", loaded_model(), ExportOptions(320, 320, dynamic=True))
-    assert _plan(320, 320, max_matches=3840).options["max_matches"] == 3840
+    assert export_plan_at(320, 320, max_matches=3840).options["max_matches"] == 3840
 
 
 def test_matcher_info() -> None:
@@ -271,10 +254,10 @@ def test_default_size_onnxruntime_parity(tmp_path, image_pair) -> None:
         im, _ = resize(to_channels(read_image(p), 1), 832, 832, "stretch", "area")
         images.append(torch.from_numpy(np.ascontiguousarray(im.transpose(2, 0, 1)))[None])
     threshold, count = _robust_threshold(images[0], images[1], 900, 1100)
-    plan = _plan(832, 832, threshold=threshold)
+    plan = export_plan_at(832, 832, threshold=threshold)
     path = tmp_path / "eloftr_832.onnx"
     export_plan(plan, path)
-    ours, runtime = _torch(plan, *images), _ort(path, *images)
+    ours, runtime = run_wrapper(plan, *images), run_onnxruntime(path, *images)
     valid = ours["valid"][0]
     assert valid.sum() == count
     _same_matches(ours, runtime)

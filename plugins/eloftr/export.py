@@ -124,7 +124,8 @@ class ELoFTRGraph(nn.Module):
         self.fine_matching = FineRefine()
         # TensorRT hazard (RoPE): the tables come from Range/Sin/Cos (rope_tables) for this static
         # size and are stored once as buffers, so the graph holds two small initializers instead
-        # of a sliced 256 x 256 table or one folded copy per layer.
+        # of a sliced 256 x 256 table or one folded copy per layer. Rows and columns share the
+        # position scale 832 / max(height, width), as upstream at non-square sizes.
         cos, sin = rope_tables(height // SIDE_MULTIPLE, width // SIDE_MULTIPLE, height, width)
         self.register_buffer("rope_cos", cos[None])  # 1 x h x w x C; persistent: one initializer
         self.register_buffer("rope_sin", sin[None])

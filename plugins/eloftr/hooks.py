@@ -50,8 +50,8 @@ INFO = MatcherInfo(
         "passes 0.01",
         "no mutual-nearest step (as upstream): one cell may match several; postprocess option "
         "mutual=true keeps one per cell",
-        "RoPE positions are scaled by 832/H and 832/W (upstream NPE [832, 832, H, W]); both "
-        "images share the graph's size",
+        "RoPE positions of rows and columns share one scale, 832 / max(H, W) (upstream's NPE "
+        "[832, 832, s, s]), so non-square sizes match upstream; both images share the graph's size",
         "the dense coarse confidence is (H/8 * W/8)^2 floats: 468 MB at 832x832; sides up to "
         "about 1700 px (INT32 pair indices)",
     ),

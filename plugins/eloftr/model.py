@@ -7,7 +7,8 @@ Pipeline, for a pair of grayscale images of the same size H x W (sides multiples
 2. Coarse transformer: 4 x (self, cross) aggregated-attention layers. Queries are pooled 4 x 4
    with a depth-wise strided conv, keys/values with max pooling, so attention runs on an
    H/32 x W/32 grid. Self layers rotate queries and keys with a 2-D rotary position encoding
-   (RoPE) whose positions are rescaled by 832 / H and 832 / W ("NPE", the training resolution).
+   (RoPE) whose positions are rescaled by 832 / max(H, W) on both axes ("NPE", the training
+   resolution 832 over the one test size upstream passes for rows and columns).
 3. Coarse matching: dual softmax of the feature correlation (temperature 0.1). MatchAnything
    keeps every pair above the threshold that is not within 2 cells of a border (no
    mutual-nearest check).
@@ -32,7 +33,7 @@ COARSE_STRIDE = 8  # backbone output stride of the coarse grid
 POOL = 4  # attention pooling of the coarse grid
 SIDE_MULTIPLE = COARSE_STRIDE * POOL  # 32: every input side must divide into pooled cells
 BORDER_CELLS = 2  # coarse pairs this close to a border are dropped
-TRAIN_SIZE = 832  # resolution the RoPE positions are normalised to (NPE [832, 832, H, W])
+TRAIN_SIZE = 832  # RoPE positions are normalised to it: NPE [832, 832, s, s], s = max(H, W)
 D_COARSE = 256
 N_HEADS = 8
 SLICE = 8  # last channels of the fine features used for the sub-pixel step
@@ -198,9 +199,11 @@ def rope_tables(
     """cos and sin (rows x cols x dim) of the 2-D rotary encoding on the pooled coarse grid.
 
     Channel pair 2k+0/2k+1 of every group of four rotates by the row position, the next pair by
-    the column position, frequency 10000^(-f/(dim/4)). Positions are 1-based and scaled by
-    TRAIN_SIZE / image side. The tables are rounded to fp16 like upstream's half-precision
-    buffers, so fp32 results match its numbers.
+    the column position, frequency 10000^(-f/(dim/4)). Positions are 1-based and both axes are
+    scaled by TRAIN_SIZE / max(height, width): upstream's callers set the NPE to [832, 832, s, s],
+    one size s for rows and columns, and s = the long side reproduces its reference runs. The
+    tables are rounded to fp16 like upstream's half-precision buffers, so fp32 results match its
+    numbers.
     TensorRT hazard: built from Range/Sin/Cos for a static size (no 256 x 256 lookup table
     sliced by data-dependent shapes); the export wrapper keeps them as two initializers.
     """
@@ -208,8 +211,9 @@ def rope_tables(
     freq = torch.exp(
         torch.arange(quarter, dtype=torch.float32, device=device) * (-math.log(10000.0) / quarter)
     )
-    pos_r = torch.arange(1, rows + 1, dtype=torch.float32, device=device) * TRAIN_SIZE / height
-    pos_c = torch.arange(1, cols + 1, dtype=torch.float32, device=device) * TRAIN_SIZE / width
+    side = max(height, width)  # one size for both axes (not 832/H and 832/W); upstream's order
+    pos_r = torch.arange(1, rows + 1, dtype=torch.float32, device=device) * TRAIN_SIZE / side
+    pos_c = torch.arange(1, cols + 1, dtype=torch.float32, device=device) * TRAIN_SIZE / side
     zeros = torch.zeros(rows, cols, 1, dtype=torch.float32, device=device)
     ang_r = pos_r[:, None, None] * freq[None, None, :] + zeros  # rows x cols x quarter (+0: exact)
     ang_c = pos_c[None, :, None] * freq[None, None, :] + zeros
