@@ -116,3 +116,49 @@ def run_onnxruntime(path, *inputs: torch.Tensor, names=("image0", "image1")) -> 
     outputs = [o.name for o in session.get_outputs()]
     feed = {n: t.numpy() for n, t in zip(names, inputs)}
     return dict(zip(outputs, session.run(outputs, feed)))
+
+
+def robust_threshold(image0: torch.Tensor, image1: torch.Tensor, lo: int, hi: int,
+                     masks=None) -> tuple[float, int]:
+    """A threshold in the widest relative gap between the lo-th and hi-th matchable confidences.
+
+    Parity tests need a match set that ~1e-4 relative noise cannot change: no confidence near
+    the threshold, and fewer matches than K (or the K-th place could swap). `masks`: content
+    masks of padded inputs (the border then follows the content).
+    """
+    from matchrt.plugins.eloftr.model import COARSE_STRIDE, content_extents, keep_masks
+
+    model = loaded_model()
+    size = (int(image0.shape[-2]), int(image0.shape[-1]))
+    padding = content_extents(masks)
+    with torch.no_grad():
+        feats, _, _ = model.extract(image0, image1)
+        conf = model.confidence(*model.transform(feats, size, padding=padding), padding)[0]
+    keep0, keep1 = keep_masks(size[0] // COARSE_STRIDE, size[1] // COARSE_STRIDE, padding)
+    ranked = torch.sort((conf * keep0[0][:, None] * keep1[0][None, :]).reshape(-1), descending=True).values
+    return gap_threshold(ranked[: hi + 2].numpy(), lo, hi)
+
+
+def gap_threshold(ranked: np.ndarray, lo: int, hi: int) -> tuple[float, int]:
+    """The middle of the widest relative gap between places lo and hi of descending confidences,
+    and how many confidences lie above it."""
+    cut = lo + int(np.argmax(ranked[lo:hi] / ranked[lo + 1:hi + 1]))
+    return float((ranked[cut] + ranked[cut + 1]) / 2), cut + 1
+
+
+def assert_same_matches(ours: dict[str, np.ndarray], runtime: dict[str, np.ndarray]) -> None:
+    """Identical valid sets, keypoints within 1e-3 px, confidences within 1e-4 relative.
+
+    Near-equal confidences may swap places, so matches are paired by (kp0, kp1), which is
+    unique per coarse pair (two pairs differ by a cell, i.e. pixels, in one image at least).
+    """
+    assert np.array_equal(ours["valid"], runtime["valid"])
+    valid = ours["valid"][0]
+    a = np.concatenate([ours["keypoints0"][0, valid], ours["keypoints1"][0, valid]], 1)
+    b = np.concatenate([runtime["keypoints0"][0, valid], runtime["keypoints1"][0, valid]], 1)
+    dist = np.abs(a[:, None, :] - b[None, :, :]).max(-1)
+    nearest = dist.argmin(1)
+    assert len(set(nearest.tolist())) == len(a), "not a one-to-one correspondence"
+    assert float(dist.min(1).max()) <= 1e-3
+    rel = np.abs(runtime["confidence"][0, valid][nearest] / ours["confidence"][0, valid] - 1)
+    assert float(rel.max()) <= 1e-4

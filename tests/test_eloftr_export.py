@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from eloftr_helpers import (
-    export_plan_at, loaded_model, reference, reference_images, run_onnxruntime, run_wrapper,
+    assert_same_matches, export_plan_at, loaded_model, reference, reference_images, robust_threshold,
+    run_onnxruntime, run_wrapper,
 )
 from matchrt.errors import MatchrtError
 from matchrt.export import export_plan, manifest_path
@@ -82,49 +83,10 @@ def test_graph_matches_upstream_set(exported) -> None:
     assert float(dist.min(1).max()) <= 1e-3
 
 
-def _robust_threshold(image0: torch.Tensor, image1: torch.Tensor, lo: int, hi: int) -> tuple[float, int]:
-    """A threshold in the widest relative gap between the lo-th and hi-th border-free confidences.
-
-    Parity tests need a match set that ~1e-4 relative noise cannot change: no confidence near
-    the threshold, and fewer matches than K (or the K-th place could swap).
-    """
-    model = loaded_model()
-    size = (int(image0.shape[-2]), int(image0.shape[-1]))
-    with torch.no_grad():
-        feats, _, _ = model.extract(image0, image1)
-        conf = model.confidence(*model.transform(feats, size))[0]
-    h, w = size[0] // COARSE_STRIDE, size[1] // COARSE_STRIDE
-    keep = torch.zeros(h, w)
-    keep[2:-2, 2:-2] = 1
-    keep = keep.reshape(-1)
-    ranked = torch.sort((conf * keep[:, None] * keep[None, :]).reshape(-1), descending=True).values
-    top = ranked[: hi + 2].numpy()
-    cut = lo + int(np.argmax(top[lo:hi] / top[lo + 1:hi + 1]))
-    return float((top[cut] + top[cut + 1]) / 2), cut + 1
-
-
-def _same_matches(ours: dict[str, np.ndarray], runtime: dict[str, np.ndarray]) -> None:
-    """Identical valid sets, keypoints within 1e-3 px, confidences within 1e-4 relative.
-
-    Near-equal confidences may swap places, so matches are paired by (kp0, kp1), which is
-    unique per coarse pair (two pairs differ by a cell, i.e. pixels, in one image at least).
-    """
-    assert np.array_equal(ours["valid"], runtime["valid"])
-    valid = ours["valid"][0]
-    a = np.concatenate([ours["keypoints0"][0, valid], ours["keypoints1"][0, valid]], 1)
-    b = np.concatenate([runtime["keypoints0"][0, valid], runtime["keypoints1"][0, valid]], 1)
-    dist = np.abs(a[:, None, :] - b[None, :, :]).max(-1)
-    nearest = dist.argmin(1)
-    assert len(set(nearest.tolist())) == len(a), "not a one-to-one correspondence"
-    assert float(dist.min(1).max()) <= 1e-3
-    rel = np.abs(runtime["confidence"][0, valid][nearest] / ours["confidence"][0, valid] - 1)
-    assert float(rel.max()) <= 1e-4
-
-
 def test_onnxruntime_parity(exported) -> None:
     _, _, ours, runtime = exported
     assert ours["valid"].sum() == 43
-    _same_matches(ours, runtime)
+    assert_same_matches(ours, runtime)
 
 
 def test_graph_passes_the_tensorrt_lint(exported) -> None:
@@ -196,14 +158,14 @@ def test_non_square_export(tmp_path) -> None:
     image0 = image0[:, :, 32:32 + h, :].repeat(1, 1, 1, 2)[..., :w].contiguous()
     image1 = image1[:, :, 32:32 + h, :].repeat(1, 1, 1, 2)[..., :w].contiguous()
     image1 = (image1 + 0.02 * torch.rand(image1.shape, generator=gen)).clamp(0, 1)
-    threshold, count = _robust_threshold(image0, image1, 20, 50)
+    threshold, count = robust_threshold(image0, image1, 20, 50)
     plan = export_plan_at(h, w, threshold=threshold, max_matches=K)
     path = tmp_path / "eloftr_256x352.onnx"
     export_plan(plan, path)
     ours, runtime = run_wrapper(plan, image0, image1), run_onnxruntime(path, image0, image1)
     assert runtime["keypoints0"].shape == (1, K, 2)
     assert ours["valid"][0].sum() == count
-    _same_matches(ours, runtime)
+    assert_same_matches(ours, runtime)
     valid = ours["valid"][0]
     kp = runtime["keypoints0"][0, valid]
     assert kp[:, 0].max() < w and kp[:, 1].max() < h and kp.min() > -4
@@ -237,7 +199,7 @@ def test_matcher_info() -> None:
     assert info.contract.channels == 1 and info.contract.side_multiple == 32
     assert (info.contract.default_height, info.contract.default_width) == (832, 832)
     assert info.contract.resize == "stretch"
-    assert info.options == {"max_matches": 2048, "threshold": 0.1, "fuse": True}
+    assert info.options == {"max_matches": 2048, "threshold": 0.1, "fuse": True, "resize": "stretch"}
     assert any("3840" in note for note in info.notes)
     src = info.weight_sources[0]
     assert src.name == "checkpoint" and src.layout is not None and src.layout.is_file()
@@ -253,11 +215,11 @@ def test_default_size_onnxruntime_parity(tmp_path, image_pair) -> None:
     for p in image_pair:
         im, _ = resize(to_channels(read_image(p), 1), 832, 832, "stretch", "area")
         images.append(torch.from_numpy(np.ascontiguousarray(im.transpose(2, 0, 1)))[None])
-    threshold, count = _robust_threshold(images[0], images[1], 900, 1100)
+    threshold, count = robust_threshold(images[0], images[1], 900, 1100)
     plan = export_plan_at(832, 832, threshold=threshold)
     path = tmp_path / "eloftr_832.onnx"
     export_plan(plan, path)
     ours, runtime = run_wrapper(plan, *images), run_onnxruntime(path, *images)
     valid = ours["valid"][0]
     assert valid.sum() == count
-    _same_matches(ours, runtime)
+    assert_same_matches(ours, runtime)

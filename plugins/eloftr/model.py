@@ -29,6 +29,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .padding import (
+    Extent, border_keep, coarse_extent, grid_mask, key_bias, pooled_extent, repeat_edges,
+    similarity_bias, unpooled,
+)
+
+Padding = tuple[Extent, Extent]  # content extents of image 0 and image 1 (padded inputs)
+
 COARSE_STRIDE = 8  # backbone output stride of the coarse grid
 POOL = 4  # attention pooling of the coarse grid
 SIDE_MULTIPLE = COARSE_STRIDE * POOL  # 32: every input side must divide into pooled cells
@@ -255,7 +262,9 @@ class AggregatedAttentionLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, source: torch.Tensor,
         rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        x_extent: Optional[Extent] = None, source_extent: Optional[Extent] = None,
     ) -> torch.Tensor:
+        """Extents (pooled grid) are given for padded inputs: attention stays inside the content."""
         c, h, w = int(x.shape[1]), int(x.shape[2]), int(x.shape[3])
         hq, wq = h // POOL, w // POOL
         d = c // self.nhead
@@ -271,9 +280,13 @@ class AggregatedAttentionLayer(nn.Module):
         k = k.reshape(-1, hq * wq, self.nhead, d).transpose(1, 2)
         v = v.reshape(-1, hq * wq, self.nhead, d).transpose(1, 2)
         scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(d))
+        if source_extent is not None:  # keys in the source's padding get no weight
+            scores = scores + key_bias(source_extent)
         message = stable_softmax(scores, -1) @ v  # fp16-safe: max subtracted
         message = self.merge(message.transpose(1, 2).reshape(-1, hq * wq, c))
         message = message.transpose(1, 2).reshape(-1, c, hq, wq)
+        if x_extent is not None:  # upsampling sees the content's edge, as on upstream's crop
+            message = repeat_edges(message, x_extent)
         message = F.interpolate(message, scale_factor=float(POOL), mode="bilinear", align_corners=False)
         message = self.mlp(torch.cat([x, message], dim=1).permute(0, 2, 3, 1))
         return x + self.norm2(message).permute(0, 3, 1, 2)
@@ -290,19 +303,30 @@ class CoarseTransformer(nn.Module):
 
     def forward(
         self, feat0: torch.Tensor, feat1: torch.Tensor, image_size: tuple[int, int],
-        rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None, padding: Optional[Padding] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`rope`: precomputed (cos, sin) tables, else built here for the pooled grid."""
+        """`rope`: precomputed (cos, sin) tables, else built here for the pooled grid.
+
+        `padding`: coarse content extents of padded inputs. As upstream (which crops to the
+        content's whole pooled cells and pads the result with zeros), the content is transformed
+        as if alone and the output is zero outside it.
+        """
         if rope is None:
             h, w = int(feat0.shape[-2]) // POOL, int(feat0.shape[-1]) // POOL
             rope = rope_tables(h, w, image_size[0], image_size[1], int(feat0.shape[1]), feat0.device)
+        p0 = p1 = None
+        if padding is not None:
+            p0, p1 = (pooled_extent(e, POOL) for e in padding)
         for k, layer in enumerate(self.layers):
             if k % 2 == 0:
-                feat0 = layer(feat0, feat0, rope)
-                feat1 = layer(feat1, feat1, rope)
+                feat0 = layer(feat0, feat0, rope, p0, p0)
+                feat1 = layer(feat1, feat1, rope, p1, p1)
             else:
-                feat0 = layer(feat0, feat1)
-                feat1 = layer(feat1, feat0)
+                feat0 = layer(feat0, feat1, None, p0, p1)
+                feat1 = layer(feat1, feat0, None, p1, p0)
+        if p0 is not None and p1 is not None:
+            feat0 = feat0 * grid_mask(unpooled(p0, POOL))
+            feat1 = feat1 * grid_mask(unpooled(p1, POOL))
         return feat0, feat1
 
 
@@ -428,6 +452,25 @@ def border_mask(h: int, w: int, device: Optional[torch.device] = None) -> torch.
     return (keep_r[:, None] & keep_c[None, :]).reshape(h * w).to(torch.float32)
 
 
+def content_extents(masks: Optional[tuple[torch.Tensor, torch.Tensor]]) -> Optional[Padding]:
+    """Coarse content extents of two B x 1 x H x W pixel masks (None: inputs not padded)."""
+    if masks is None:
+        return None
+    return coarse_extent(masks[0], COARSE_STRIDE), coarse_extent(masks[1], COARSE_STRIDE)
+
+
+def keep_masks(h: int, w: int, padding: Optional[Padding] = None,
+               device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cells of image 0 and image 1 that may match (1 x h*w, or B x h*w with padding).
+
+    Upstream drops cells within BORDER_CELLS of a border; with padding, of the content's border.
+    """
+    if padding is None:
+        keep = border_mask(h, w, device)[None]
+        return keep, keep
+    return border_keep(padding[0], BORDER_CELLS), border_keep(padding[1], BORDER_CELLS)
+
+
 class ELoFTR(nn.Module):
     """The full matcher; `forward` returns every match above `threshold` (variable length).
 
@@ -453,19 +496,26 @@ class ELoFTR(nn.Module):
 
     def transform(
         self, feat_c: torch.Tensor, image_size: tuple[int, int],
-        rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None, padding: Optional[Padding] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Coarse transformer on the two halves of the backbone batch."""
         b = int(feat_c.shape[0]) // 2
-        return self.loftr_coarse(feat_c[:b], feat_c[b:], image_size, rope)
+        return self.loftr_coarse(feat_c[:b], feat_c[b:], image_size, rope, padding)
 
     @staticmethod
-    def confidence(feat0: torch.Tensor, feat1: torch.Tensor) -> torch.Tensor:
-        """Dual-softmax confidence (B x L x S) of the transformed coarse features (B x C x h x w)."""
+    def confidence(feat0: torch.Tensor, feat1: torch.Tensor,
+                   padding: Optional[Padding] = None) -> torch.Tensor:
+        """Dual-softmax confidence (B x L x S) of the transformed coarse features (B x C x h x w).
+
+        With `padding`, pairs that involve a padded cell are left out of both softmaxes (conf 0).
+        """
         c, n = int(feat0.shape[1]), int(feat0.shape[2]) * int(feat0.shape[3])
         f0 = feat0.reshape(-1, c, n).transpose(1, 2) / math.sqrt(c)
         f1 = feat1.reshape(-1, c, n).transpose(1, 2) / math.sqrt(c)
         sim = (f0 @ f1.transpose(1, 2)) / DUAL_SOFTMAX_TEMPERATURE
+        if padding is not None:
+            bias0, bias1 = similarity_bias(*padding)
+            sim = sim + bias0 + bias1
         # fp16-safe: each softmax subtracts its max (sim reaches |1/T * |f|^2| easily)
         return stable_softmax(sim, 1) * stable_softmax(sim, 2)
 
@@ -515,22 +565,24 @@ class ELoFTR(nn.Module):
         return torch.stack([col, row], -1).to(torch.float32) * COARSE_STRIDE
 
     # -- reference forward -------------------------------------------------------------------
-    def forward(self, image0: torch.Tensor, image1: torch.Tensor,
-                threshold: Optional[float] = None) -> dict[str, torch.Tensor]:
+    def forward(self, image0: torch.Tensor, image1: torch.Tensor, threshold: Optional[float] = None,
+                masks: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
         """All matches above the threshold, as upstream returns them (row-major pair order).
 
+        `masks`: B x 1 x H x W content masks (1 = image, 0 = padding) of padded inputs.
         Keys: feats_c (backbone), feat_c0, feat_c1 (transformer outputs), conf_matrix, b_ids,
         i_ids, j_ids, mconf, mkpts0_f, mkpts1_f (pixels of the input), fine0, fine1 (window
         features entering fine matching), conf_matrix_f.
         """
         thr = self.threshold if threshold is None else threshold
         size = (int(image0.shape[-2]), int(image0.shape[-1]))
+        padding = content_extents(masks)
         feats_c, x2, x1 = self.extract(image0, image1)
-        feat0, feat1 = self.transform(feats_c, size)
-        conf = self.confidence(feat0, feat1)
+        feat0, feat1 = self.transform(feats_c, size, padding=padding)
+        conf = self.confidence(feat0, feat1, padding)
         h, w = int(feat0.shape[-2]), int(feat0.shape[-1])
-        keep = border_mask(h, w, conf.device) > 0
-        mask = (conf > thr) & keep[None, :, None] & keep[None, None, :]
+        keep0, keep1 = (k > 0 for k in keep_masks(h, w, padding, conf.device))
+        mask = (conf > thr) & keep0[:, :, None] & keep1[:, None, :]
         b_ids, i_ids, j_ids = torch.where(mask)
         out = {"feats_c": feats_c, "feat_c0": feat0, "feat_c1": feat1, "conf_matrix": conf,
                "b_ids": b_ids, "i_ids": i_ids, "j_ids": j_ids, "mconf": conf[b_ids, i_ids, j_ids]}
