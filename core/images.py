@@ -63,11 +63,27 @@ def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
     raise MatchrtError(f"unsupported channel count {channels}")
 
 
+MASK_SUFFIX = "_mask"  # a graph input `<image input>_mask` takes that image's padding mask
+
+
+def fit_size(h: int, w: int, height: int, width: int, multiple: int = 1) -> tuple[int, int]:
+    """(nh, nw) an h x w image takes inside height x width when padded: scaled to fit, sides
+    rounded, then floored to multiples of `multiple` (at least one), as upstream's `dfactor`, so
+    the padding covers whole cells of the matcher's grid."""
+    s = min(width / w, height / h)
+    nw, nh = max(1, round(w * s)), max(1, round(h * s))
+    if multiple > 1:
+        nw, nh = max(multiple, nw // multiple * multiple), max(multiple, nh // multiple * multiple)
+    return min(nh, height), min(nw, width)
+
+
 def resize(
-    image: np.ndarray, height: int, width: int, mode: str, interpolation: str = "area"
+    image: np.ndarray, height: int, width: int, mode: str, interpolation: str = "area",
+    multiple: int = 1,
 ) -> tuple[np.ndarray, tuple[float, float]]:
     """Resize to (height, width) by stretching, or by scaling to fit and padding bottom/right.
 
+    `multiple` (pad only): content sides are floored to multiples of it (see `fit_size`).
     Returns the image and the scale (sx, sy) with input_pixel = original_pixel * scale.
     """
     import cv2
@@ -81,9 +97,8 @@ def resize(
         sx, sy = width / w, height / h
         out = cv2.resize(image, (width, height), interpolation=flag(sx < 1 and sy < 1))
     elif mode == "pad":
-        s = min(width / w, height / h)
-        nw, nh = max(1, round(w * s)), max(1, round(h * s))
-        small = cv2.resize(image, (nw, nh), interpolation=flag(s < 1))
+        nh, nw = fit_size(h, w, height, width, multiple)
+        small = cv2.resize(image, (nw, nh), interpolation=flag(nw < w and nh < h))
         if small.ndim == 2:
             small = small[:, :, None]
         out = np.zeros((height, width, image.shape[2]), dtype=image.dtype)
@@ -135,7 +150,15 @@ def prepare_pair(
 
     `sizes` maps input names to (height, width); names starting with `image0`/`image1` get the
     respective image. The first `image0` entry defines the PairContext scale.
+    A graph that takes padding masks (inputs `image0_mask`, `image1_mask`) was exported for
+    padded images: both images are then padded (content sides floored to the contract's side
+    multiple) whatever the contract's default, and each mask input gets 1 x 1 x H x W float32,
+    1 where the image's content lies and 0 on the padding.
     """
+    originals = (image0, image1)
+    masked = any(n.endswith(MASK_SUFFIX) and n.startswith(("image0", "image1")) for n in sizes)
+    mode = "pad" if masked else contract.resize
+    multiple = contract.side_multiple if mode == "pad" else 1
     inputs: dict[str, np.ndarray] = {}
     scales: dict[int, tuple[float, float]] = {}
     main_size = None
@@ -143,8 +166,14 @@ def prepare_pair(
         index = 0 if name.startswith("image0") else 1 if name.startswith("image1") else None
         if index is None:
             continue
-        src = to_channels(image0 if index == 0 else image1, contract.channels)
-        resized, scale = resize(src, h, w, contract.resize, contract.interpolation)
+        if name.endswith(MASK_SUFFIX):
+            nh, nw = fit_size(*originals[index].shape[:2], h, w, multiple)
+            mask = np.zeros((1, 1, h, w), dtype=np.float32)
+            mask[..., :nh, :nw] = 1.0
+            inputs[name] = mask
+            continue
+        src = to_channels(originals[index], contract.channels)
+        resized, scale = resize(src, h, w, mode, contract.interpolation, multiple)
         inputs[name] = np.ascontiguousarray(resized.transpose(2, 0, 1))[None].astype(np.float32)
         if index not in scales:
             scales[index] = scale

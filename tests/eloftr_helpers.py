@@ -15,20 +15,38 @@ from matchrt.weights import enforce, load_checkpoint, write_random_checkpoint
 
 DATA = Path(__file__).parent / "data" / "eloftr"
 REFERENCE = DATA / "megadepth_320x320_ref.npz"
+NON_SQUARE_REFERENCE = DATA / "megadepth_320x448_ref.npz"
 
 
 @functools.lru_cache(maxsize=None)
+def _load(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as d:
+        return {k: d[k] for k in d.files}
+
+
 def reference() -> dict[str, np.ndarray]:
     """Upstream outputs on the MegaDepth pair at 320 x 320, threshold 2e-5 (see README.md)."""
-    with np.load(REFERENCE) as d:
-        return {k: d[k] for k in d.files}
+    return _load(REFERENCE)
+
+
+def non_square_reference() -> dict[str, np.ndarray]:
+    """Upstream outputs on the same pair at 320 x 448 (H x W), threshold 1e-5 (see README.md)."""
+    return _load(NON_SQUARE_REFERENCE)
+
+
+def _images(ref: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    image0, image1 = (torch.from_numpy(ref[k].astype(np.float32)) / 255.0 for k in ("image0_u8", "image1_u8"))
+    return image0, image1
 
 
 def reference_images() -> tuple[torch.Tensor, torch.Tensor]:
     """The two 1 x 1 x 320 x 320 inputs upstream saw (grayscale / 255, float32)."""
-    ref = reference()
-    image0, image1 = (torch.from_numpy(ref[k].astype(np.float32)) / 255.0 for k in ("image0_u8", "image1_u8"))
-    return image0, image1
+    return _images(reference())
+
+
+def non_square_images() -> tuple[torch.Tensor, torch.Tensor]:
+    """The two 1 x 1 x 320 x 448 inputs of the non-square reference (bit-exact, float32)."""
+    return _images(non_square_reference())
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,3 +90,75 @@ def max_rel(a, b) -> float:
     """Largest error relative to the largest magnitude of the reference."""
     b = np.asarray(b, dtype=np.float64)
     return max_abs(a, b) / float(np.abs(b).max())
+
+
+def export_plan_at(h: int, w: int, batch: int = 1, **extra):
+    """The plugin's export plan for the deterministic model at h x w (extra: export options)."""
+    from matchrt.types import ExportOptions
+
+    return hooks.export_plan("eloftr", loaded_model(), ExportOptions(h, w, batch=batch, extra=extra))
+
+
+def run_wrapper(plan, *inputs: torch.Tensor) -> dict[str, np.ndarray]:
+    """The export wrapper itself (torch) on the inputs, outputs by name."""
+    with torch.no_grad():
+        out = plan.graphs[0].module(*inputs)
+    return {n: t.numpy() for n, t in zip(plan.graphs[0].output_names, out)}
+
+
+def run_onnxruntime(path, *inputs: torch.Tensor, names=("image0", "image1")) -> dict[str, np.ndarray]:
+    """An exported graph on onnxruntime's CPU provider (2 threads), outputs by name."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    outputs = [o.name for o in session.get_outputs()]
+    feed = {n: t.numpy() for n, t in zip(names, inputs)}
+    return dict(zip(outputs, session.run(outputs, feed)))
+
+
+def robust_threshold(image0: torch.Tensor, image1: torch.Tensor, lo: int, hi: int,
+                     masks=None) -> tuple[float, int]:
+    """A threshold in the widest relative gap between the lo-th and hi-th matchable confidences.
+
+    Parity tests need a match set that ~1e-4 relative noise cannot change: no confidence near
+    the threshold, and fewer matches than K (or the K-th place could swap). `masks`: content
+    masks of padded inputs (the border then follows the content).
+    """
+    from matchrt.plugins.eloftr.model import COARSE_STRIDE, content_extents, keep_masks
+
+    model = loaded_model()
+    size = (int(image0.shape[-2]), int(image0.shape[-1]))
+    padding = content_extents(masks)
+    with torch.no_grad():
+        feats, _, _ = model.extract(image0, image1)
+        conf = model.confidence(*model.transform(feats, size, padding=padding), padding)[0]
+    keep0, keep1 = keep_masks(size[0] // COARSE_STRIDE, size[1] // COARSE_STRIDE, padding)
+    ranked = torch.sort((conf * keep0[0][:, None] * keep1[0][None, :]).reshape(-1), descending=True).values
+    return gap_threshold(ranked[: hi + 2].numpy(), lo, hi)
+
+
+def gap_threshold(ranked: np.ndarray, lo: int, hi: int) -> tuple[float, int]:
+    """The middle of the widest relative gap between places lo and hi of descending confidences,
+    and how many confidences lie above it."""
+    cut = lo + int(np.argmax(ranked[lo:hi] / ranked[lo + 1:hi + 1]))
+    return float((ranked[cut] + ranked[cut + 1]) / 2), cut + 1
+
+
+def assert_same_matches(ours: dict[str, np.ndarray], runtime: dict[str, np.ndarray]) -> None:
+    """Identical valid sets, keypoints within 1e-3 px, confidences within 1e-4 relative.
+
+    Near-equal confidences may swap places, so matches are paired by (kp0, kp1), which is
+    unique per coarse pair (two pairs differ by a cell, i.e. pixels, in one image at least).
+    """
+    assert np.array_equal(ours["valid"], runtime["valid"])
+    valid = ours["valid"][0]
+    a = np.concatenate([ours["keypoints0"][0, valid], ours["keypoints1"][0, valid]], 1)
+    b = np.concatenate([runtime["keypoints0"][0, valid], runtime["keypoints1"][0, valid]], 1)
+    dist = np.abs(a[:, None, :] - b[None, :, :]).max(-1)
+    nearest = dist.argmin(1)
+    assert len(set(nearest.tolist())) == len(a), "not a one-to-one correspondence"
+    assert float(dist.min(1).max()) <= 1e-3
+    rel = np.abs(runtime["confidence"][0, valid][nearest] / ours["confidence"][0, valid] - 1)
+    assert float(rel.max()) <= 1e-4

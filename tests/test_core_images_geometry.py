@@ -8,7 +8,7 @@ import pytest
 
 from matchrt.errors import MatchrtError
 from matchrt.geometry import auc, corner_error, estimate, filter_matches, mutual_check, mutual_nearest, project
-from matchrt.images import check_size, prepare_pair, read_image, resize, round_side
+from matchrt.images import check_size, fit_size, prepare_pair, read_image, resize, round_side
 from matchrt.types import InputContract, Matches
 
 
@@ -53,6 +53,28 @@ def test_prepare_pair_feeds_every_image_input():
     assert inputs["image0"].shape == (1, 1, 32, 48) and inputs["image1_upsampled"].shape == (1, 1, 64, 96)
     assert "other" not in inputs
     assert ctx.original_size0 == (50, 70) and ctx.scale1 == (48 / 30, 32 / 40)
+
+
+def test_graph_with_masks_gets_padded_images_and_their_masks():
+    """Inputs `<image>_mask` mean a graph exported for padded images: pad, floor the content
+    sides to the side multiple (whole cells), and say where the content is."""
+    contract = InputContract(channels=1, side_multiple=32, default_height=192, default_width=192)
+    portrait = np.random.default_rng(0).random((1063, 780, 3), dtype=np.float32)
+    landscape = np.random.default_rng(1).random((673, 1013), dtype=np.float32) + 0.5
+    sizes = {n: (192, 192) for n in ("image0", "image1", "image0_mask", "image1_mask")}
+    inputs, ctx = prepare_pair(portrait, landscape, contract, sizes)
+    # 780 * 192/1063 = 140.9 -> 141 -> 128; 673 * 192/1013 = 127.6 -> 128
+    assert fit_size(1063, 780, 192, 192, 32) == (192, 128) and fit_size(673, 1013, 192, 192, 32) == (128, 192)
+    for k, (nh, nw) in enumerate([(192, 128), (128, 192)]):
+        mask, image = inputs[f"image{k}_mask"], inputs[f"image{k}"]
+        assert mask.shape == image.shape == (1, 1, 192, 192) and mask.dtype == np.float32
+        assert mask[..., :nh, :nw].all() and not mask[..., nh:, :].any() and not mask[..., nw:].any()
+        assert not image[mask == 0].any() and image[..., :nh, :nw].min() > 0.4 * k
+    # per-axis scales (the floor stretches one axis a little), as the keypoints map back
+    assert ctx.scale0 == (128 / 780, 192 / 1063) and ctx.scale1 == (192 / 1013, 128 / 673)
+    # without mask inputs the contract's rule (stretch) holds
+    inputs, ctx = prepare_pair(portrait, landscape, contract, {"image0": (192, 192), "image1": (192, 192)})
+    assert ctx.scale0 == (192 / 780, 192 / 1063)
 
 
 def test_size_rules():

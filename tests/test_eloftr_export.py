@@ -6,11 +6,13 @@ import json
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 
-from eloftr_helpers import loaded_model, reference, reference_images
+from eloftr_helpers import (
+    assert_same_matches, export_plan_at, loaded_model, reference, reference_images, robust_threshold,
+    run_onnxruntime, run_wrapper,
+)
 from matchrt.errors import MatchrtError
 from matchrt.export import export_plan, manifest_path
 from matchrt.plugins.eloftr import hooks
@@ -21,33 +23,15 @@ THRESHOLD = float(reference()["threshold"])
 K = 64
 
 
-def _plan(h: int, w: int, batch: int = 1, **extra):
-    return hooks.export_plan("eloftr", loaded_model(), ExportOptions(h, w, batch=batch, extra=extra))
-
-
-def _ort(path, image0: torch.Tensor, image1: torch.Tensor) -> dict[str, np.ndarray]:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, {"image0": image0.numpy(), "image1": image1.numpy()})))
-
-
-def _torch(plan, image0: torch.Tensor, image1: torch.Tensor) -> dict[str, np.ndarray]:
-    with torch.no_grad():
-        out = plan.graphs[0].module(image0, image1)
-    return {n: t.numpy() for n, t in zip(plan.graphs[0].output_names, out)}
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """The reference pair through the exported graph (fused, K=64, threshold 2e-5)."""
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    plan = _plan(320, 320, threshold=THRESHOLD, max_matches=K)
+    plan = export_plan_at(320, 320, threshold=THRESHOLD, max_matches=K)
     path = tmp_path_factory.mktemp("eloftr") / "eloftr.onnx"
     export_plan(plan, path)
     image0, image1 = reference_images()
-    return plan, path, _torch(plan, image0, image1), _ort(path, image0, image1)
+    return plan, path, run_wrapper(plan, image0, image1), run_onnxruntime(path, image0, image1)
 
 
 def test_plan_and_manifest(exported) -> None:
@@ -64,7 +48,7 @@ def test_plan_and_manifest(exported) -> None:
     blocks = [m for m in graph.module.modules() if isinstance(m, RepVGGBlock)]
     assert blocks and all(b.rbr_reparam is not None for b in blocks)
     assert all(b.rbr_reparam is None for b in loaded_model().modules() if isinstance(b, RepVGGBlock))
-    unfused = _plan(320, 320, fuse=False).graphs[0].module
+    unfused = export_plan_at(320, 320, fuse=False).graphs[0].module
     assert all(b.rbr_reparam is None for b in unfused.modules() if isinstance(b, RepVGGBlock))
 
 
@@ -99,49 +83,10 @@ def test_graph_matches_upstream_set(exported) -> None:
     assert float(dist.min(1).max()) <= 1e-3
 
 
-def _robust_threshold(image0: torch.Tensor, image1: torch.Tensor, lo: int, hi: int) -> tuple[float, int]:
-    """A threshold in the widest relative gap between the lo-th and hi-th border-free confidences.
-
-    Parity tests need a match set that ~1e-4 relative noise cannot change: no confidence near
-    the threshold, and fewer matches than K (or the K-th place could swap).
-    """
-    model = loaded_model()
-    size = (int(image0.shape[-2]), int(image0.shape[-1]))
-    with torch.no_grad():
-        feats, _, _ = model.extract(image0, image1)
-        conf = model.confidence(*model.transform(feats, size))[0]
-    h, w = size[0] // COARSE_STRIDE, size[1] // COARSE_STRIDE
-    keep = torch.zeros(h, w)
-    keep[2:-2, 2:-2] = 1
-    keep = keep.reshape(-1)
-    ranked = torch.sort((conf * keep[:, None] * keep[None, :]).reshape(-1), descending=True).values
-    top = ranked[: hi + 2].numpy()
-    cut = lo + int(np.argmax(top[lo:hi] / top[lo + 1:hi + 1]))
-    return float((top[cut] + top[cut + 1]) / 2), cut + 1
-
-
-def _same_matches(ours: dict[str, np.ndarray], runtime: dict[str, np.ndarray]) -> None:
-    """Identical valid sets, keypoints within 1e-3 px, confidences within 1e-4 relative.
-
-    Near-equal confidences may swap places, so matches are paired by (kp0, kp1), which is
-    unique per coarse pair (two pairs differ by a cell, i.e. pixels, in one image at least).
-    """
-    assert np.array_equal(ours["valid"], runtime["valid"])
-    valid = ours["valid"][0]
-    a = np.concatenate([ours["keypoints0"][0, valid], ours["keypoints1"][0, valid]], 1)
-    b = np.concatenate([runtime["keypoints0"][0, valid], runtime["keypoints1"][0, valid]], 1)
-    dist = np.abs(a[:, None, :] - b[None, :, :]).max(-1)
-    nearest = dist.argmin(1)
-    assert len(set(nearest.tolist())) == len(a), "not a one-to-one correspondence"
-    assert float(dist.min(1).max()) <= 1e-3
-    rel = np.abs(runtime["confidence"][0, valid][nearest] / ours["confidence"][0, valid] - 1)
-    assert float(rel.max()) <= 1e-4
-
-
 def test_onnxruntime_parity(exported) -> None:
     _, _, ours, runtime = exported
     assert ours["valid"].sum() == 43
-    _same_matches(ours, runtime)
+    assert_same_matches(ours, runtime)
 
 
 def test_graph_passes_the_tensorrt_lint(exported) -> None:
@@ -216,14 +161,14 @@ def test_non_square_export(tmp_path) -> None:
     image0 = image0[:, :, 32:32 + h, :].repeat(1, 1, 1, 2)[..., :w].contiguous()
     image1 = image1[:, :, 32:32 + h, :].repeat(1, 1, 1, 2)[..., :w].contiguous()
     image1 = (image1 + 0.02 * torch.rand(image1.shape, generator=gen)).clamp(0, 1)
-    threshold, count = _robust_threshold(image0, image1, 20, 50)
-    plan = _plan(h, w, threshold=threshold, max_matches=K)
+    threshold, count = robust_threshold(image0, image1, 20, 50)
+    plan = export_plan_at(h, w, threshold=threshold, max_matches=K)
     path = tmp_path / "eloftr_256x352.onnx"
     export_plan(plan, path)
-    ours, runtime = _torch(plan, image0, image1), _ort(path, image0, image1)
+    ours, runtime = run_wrapper(plan, image0, image1), run_onnxruntime(path, image0, image1)
     assert runtime["keypoints0"].shape == (1, K, 2)
     assert ours["valid"][0].sum() == count
-    _same_matches(ours, runtime)
+    assert_same_matches(ours, runtime)
     valid = ours["valid"][0]
     kp = runtime["keypoints0"][0, valid]
     assert kp[:, 0].max() < w and kp[:, 1].max() < h and kp.min() > -4
@@ -232,12 +177,12 @@ def test_non_square_export(tmp_path) -> None:
 def test_batch_of_pairs_matches_single_pairs() -> None:
     image0, image1 = reference_images()
     batch0, batch1 = torch.cat([image0, image1.flip(-1)]), torch.cat([image1, image0.flip(-1)])
-    plan2 = _plan(320, 320, batch=2, threshold=THRESHOLD, max_matches=K)
+    plan2 = export_plan_at(320, 320, batch=2, threshold=THRESHOLD, max_matches=K)
     assert plan2.graphs[0].example_inputs[0].shape == (2, 1, 320, 320)
-    both = _torch(plan2, batch0, batch1)
-    plan = _plan(320, 320, threshold=THRESHOLD, max_matches=K)
+    both = run_wrapper(plan2, batch0, batch1)
+    plan = export_plan_at(320, 320, threshold=THRESHOLD, max_matches=K)
     for b in range(2):
-        single = _torch(plan, batch0[b:b + 1], batch1[b:b + 1])
+        single = run_wrapper(plan, batch0[b:b + 1], batch1[b:b + 1])
         for name, value in single.items():
             np.testing.assert_allclose(both[name][b:b + 1], value, atol=1e-4, rtol=0, err_msg=name)
     assert both["valid"][0].sum() == 43
@@ -245,10 +190,10 @@ def test_batch_of_pairs_matches_single_pairs() -> None:
 
 def test_max_matches_limit_is_refused() -> None:
     with pytest.raises(MatchrtError, match="3840"):
-        _plan(320, 320, max_matches=3841)
+        export_plan_at(320, 320, max_matches=3841)
     with pytest.raises(MatchrtError, match="static"):
         hooks.export_plan("eloftr", loaded_model(), ExportOptions(320, 320, dynamic=True))
-    assert _plan(320, 320, max_matches=3840).options["max_matches"] == 3840
+    assert export_plan_at(320, 320, max_matches=3840).options["max_matches"] == 3840
 
 
 def test_matcher_info() -> None:
@@ -257,7 +202,7 @@ def test_matcher_info() -> None:
     assert info.contract.channels == 1 and info.contract.side_multiple == 32
     assert (info.contract.default_height, info.contract.default_width) == (832, 832)
     assert info.contract.resize == "stretch"
-    assert info.options == {"max_matches": 2048, "threshold": 0.1, "fuse": True}
+    assert info.options == {"max_matches": 2048, "threshold": 0.1, "fuse": True, "resize": "stretch"}
     assert any("3840" in note for note in info.notes)
     src = info.weight_sources[0]
     assert src.name == "checkpoint" and src.layout is not None and src.layout.is_file()
@@ -273,11 +218,11 @@ def test_default_size_onnxruntime_parity(tmp_path, image_pair) -> None:
     for p in image_pair:
         im, _ = resize(to_channels(read_image(p), 1), 832, 832, "stretch", "area")
         images.append(torch.from_numpy(np.ascontiguousarray(im.transpose(2, 0, 1)))[None])
-    threshold, count = _robust_threshold(images[0], images[1], 900, 1100)
-    plan = _plan(832, 832, threshold=threshold)
+    threshold, count = robust_threshold(images[0], images[1], 900, 1100)
+    plan = export_plan_at(832, 832, threshold=threshold)
     path = tmp_path / "eloftr_832.onnx"
     export_plan(plan, path)
-    ours, runtime = _torch(plan, *images), _ort(path, *images)
+    ours, runtime = run_wrapper(plan, *images), run_onnxruntime(path, *images)
     valid = ours["valid"][0]
     assert valid.sum() == count
-    _same_matches(ours, runtime)
+    assert_same_matches(ours, runtime)

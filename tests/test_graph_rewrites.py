@@ -80,7 +80,7 @@ def test_dual_softmax_exponent_equals_the_product_of_softmaxes() -> None:
     torch.testing.assert_close(ELoFTR.confidence(f0, f1), ref, rtol=1e-5, atol=1e-7)
     keep = torch.ones(24)
     keep[:3] = 0
-    masked = ELoFTR.confidence(f0, f1, keep)
+    masked = ELoFTR.confidence(f0, f1, None, (keep[None], keep[None]))
     assert masked[0, :3].abs().max() == 0 and masked[0, :, :3].abs().max() == 0
     torch.testing.assert_close(masked[0, 3:, 3:], ref[0, 3:, 3:], rtol=1e-5, atol=1e-7)
 

@@ -1,6 +1,8 @@
 """Export wrapper: ELoFTR as one TensorRT-clean graph with fixed-size, confidence-sorted outputs.
 
-Inputs `image0`, `image1`: B x 1 x H x W float32 in [0, 1] (grayscale, as upstream feeds them).
+Inputs `image0`, `image1`: B x 1 x H x W float32 in [0, 1] (grayscale, as upstream feeds them);
+with `resize=pad` also `image0_mask`, `image1_mask` (B x 1 x H x W, 1 = image content, 0 = the
+bottom/right padding), which the core fills when it pads the images.
 Outputs: `keypoints0`, `keypoints1` (B x K x 2, x/y in pixels of the H x W input), `confidence`
 (B x K, descending), `valid` (B x K, bool). Slots past the last match above the threshold are
 invalid and zero.
@@ -9,7 +11,7 @@ invalid and zero.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -19,16 +21,19 @@ from matchrt.errors import MatchrtError
 from matchrt.types import ExportOptions, ExportPlan, GraphSpec
 
 from .model import (
-    COARSE_STRIDE, DEFAULT_THRESHOLD, SIDE_MULTIPLE, ELoFTR, border_mask, int_div, refine,
-    rope_tables,
+    COARSE_STRIDE, DEFAULT_THRESHOLD, SIDE_MULTIPLE, ELoFTR, Padding, content_extents, int_div,
+    keep_masks, refine, rope_tables,
 )
 
 NAME = "eloftr"
 DEFAULT_MAX_MATCHES = 2048
 TOPK_LIMIT = 3840  # TensorRT's ITopKLayer takes K <= 3840
 INT32_LIMIT = 2**31 - 1
-DEFAULTS: dict[str, Any] = {"max_matches": DEFAULT_MAX_MATCHES, "threshold": DEFAULT_THRESHOLD, "fuse": True}
+DEFAULTS: dict[str, Any] = {"max_matches": DEFAULT_MAX_MATCHES, "threshold": DEFAULT_THRESHOLD, "fuse": True,
+                            "resize": "stretch"}
+RESIZE_MODES = ("stretch", "pad")
 INPUTS = ["image0", "image1"]
+MASK_INPUTS = ["image0_mask", "image1_mask"]  # resize=pad: where each padded image's content is
 OUTPUTS = ["keypoints0", "keypoints1", "confidence", "valid"]
 # fp16-sensitive nodes (glob patterns on ONNX node names, which carry the module scope):
 # the dual softmax whose product (~1e-5 .. 1e-2) is compared with the threshold, the fine
@@ -59,8 +64,15 @@ def resolve_options(extra: dict[str, Any]) -> dict[str, Any]:
         )
     if not 0.0 <= thr < 1.0:
         raise MatchrtError(f"eloftr: threshold={thr} must lie in [0, 1) (a dual-softmax confidence)")
+    resize = str(extra.get("resize", "stretch")).strip().lower()
+    if resize not in RESIZE_MODES:
+        raise MatchrtError(
+            f"eloftr: resize={extra.get('resize')!r} is not a mode; use resize=stretch (the default, "
+            "as the MatchAnything demo) or resize=pad (keep the aspect ratio, pad bottom-right, mask "
+            "the padding, as upstream's hloc matcher)"
+        )
     resolved = dict(extra)
-    resolved.update(max_matches=k, threshold=thr, fuse=_as_bool(extra.get("fuse", True)))
+    resolved.update(max_matches=k, threshold=thr, fuse=_as_bool(extra.get("fuse", True)), resize=resize)
     return resolved
 
 
@@ -96,12 +108,13 @@ class CoarseSelect(nn.Module):
         self.k = k
         self.threshold = threshold
 
-    def forward(self, feat0: torch.Tensor, feat1: torch.Tensor):
+    def forward(self, feat0: torch.Tensor, feat1: torch.Tensor, padding: Optional[Padding] = None):
         h, w = int(feat0.shape[2]), int(feat0.shape[3])
         n = h * w
-        # border cells are zeroed inside the confidence pass (an L-vector, not an L x S mask that
-        # would be folded into a huge initializer)
-        conf = ELoFTR.confidence(feat0, feat1, border_mask(h, w, feat0.device))  # B x L x S
+        # border cells (of the content, with padding) are zeroed inside the confidence pass:
+        # two small vectors, not an L x S mask (which would be folded into a huge initializer)
+        keep = keep_masks(h, w, padding, feat0.device)  # 1 (or B) x L each
+        conf = ELoFTR.confidence(feat0, feat1, padding, keep)  # B x L x S
         # every pair above the threshold is a match (no mutual-nearest step): the top K of the
         # flattened matrix are exactly the K most confident of them.
         # TensorRT hazards: K is a constant (no data-dependent shape, K <= 3840); the flat index
@@ -149,18 +162,23 @@ class ELoFTRGraph(nn.Module):
         self.fine_matching = FineRefine(height, width)
         # TensorRT hazard (RoPE): the tables come from Range/Sin/Cos (rope_tables) for this static
         # size and are stored once as buffers, so the graph holds two small initializers instead
-        # of a sliced 256 x 256 table or one folded copy per layer.
+        # of a sliced 256 x 256 table or one folded copy per layer. Rows and columns share the
+        # position scale 832 / max(height, width), as upstream at non-square sizes.
         cos, sin = rope_tables(height // SIDE_MULTIPLE, width // SIDE_MULTIPLE, height, width)
         self.register_buffer("rope_cos", cos[None])  # 1 x h x w x C; persistent: one initializer
         self.register_buffer("rope_sin", sin[None])
 
-    def forward(self, image0: torch.Tensor, image1: torch.Tensor):
+    def forward(self, image0: torch.Tensor, image1: torch.Tensor,
+                image0_mask: Optional[torch.Tensor] = None, image1_mask: Optional[torch.Tensor] = None):
         size = (int(image0.shape[-2]), int(image0.shape[-1]))
         if size != self.size:
             raise ValueError(f"this graph takes {self.size[0]}x{self.size[1]} images, got {size}")
+        padding = None
+        if image0_mask is not None and image1_mask is not None:
+            padding = content_extents((image0_mask, image1_mask))
         feats_c, x2, x1 = self.model.extract(image0, image1)
-        feat0, feat1 = self.model.transform(feats_c, size, (self.rope_cos, self.rope_sin))
-        value, i_ids, j_ids, valid = self.coarse_matching(feat0, feat1)
+        feat0, feat1 = self.model.transform(feats_c, size, (self.rope_cos, self.rope_sin), padding)
+        value, i_ids, j_ids, valid = self.coarse_matching(feat0, feat1, padding)
         fine0, fine1 = self.model.fine_maps(feat0, feat1, x2, x1)
         kp0, kp1 = self.fine_matching(fine0, fine1, i_ids, j_ids)
         zero = torch.zeros((), dtype=value.dtype, device=value.device)
@@ -204,6 +222,11 @@ def build_plan(model: ELoFTR, options: ExportOptions) -> ExportPlan:
         raise MatchrtError(f"eloftr: batch must be >= 1, got {batch}")
     graph = ELoFTRGraph(export_model(model, resolved["fuse"]), resolved["max_matches"], resolved["threshold"],
                         h, w)
-    example = (torch.rand(batch, 1, h, w), torch.rand(batch, 1, h, w))
-    spec = GraphSpec("main", graph, example, list(INPUTS), list(OUTPUTS), {}, list(FP32_LAYERS))
+    example: tuple[torch.Tensor, ...] = (torch.rand(batch, 1, h, w), torch.rand(batch, 1, h, w))
+    names = list(INPUTS)
+    if resolved["resize"] == "pad":  # the graph takes the content masks and the core pads
+        mask = torch.zeros(batch, 1, h, w)
+        mask[:, :, : h - SIDE_MULTIPLE, :] = 1.0  # any top-left rectangle traces the same graph
+        example, names = example + (mask, mask.clone()), names + MASK_INPUTS
+    spec = GraphSpec("main", graph, example, names, list(OUTPUTS), {}, list(FP32_LAYERS))
     return ExportPlan(NAME, [spec], resolved, (h, w))

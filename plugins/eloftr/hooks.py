@@ -50,7 +50,8 @@ INFO = MatcherInfo(
         # image to a fixed W x H with OpenCV INTER_AREA, floors the sides to multiples of 32
         # (dfactor) and converts to grayscale; its matcher pads to a square only to get one
         # size for both images, which this graph takes directly. So: stretch to the graph's
-        # H x W with area interpolation, requested sides floored to multiples of 32.
+        # H x W with area interpolation, requested sides floored to multiples of 32. The export
+        # option resize=pad gives a graph with content-mask inputs, which the core pads for.
         resize="stretch",
         rounding="floor",
         interpolation="area",
@@ -71,8 +72,11 @@ INFO = MatcherInfo(
         "passes 0.01",
         "no mutual-nearest step (as upstream): one cell may match several; postprocess option "
         "mutual=true keeps one per cell",
-        "RoPE positions are scaled by 832/H and 832/W (upstream NPE [832, 832, H, W]); both "
-        "images share the graph's size",
+        "RoPE positions of rows and columns share one scale, 832 / max(H, W) (upstream's NPE "
+        "[832, 832, s, s]), so non-square sizes match upstream; both images share the graph's size",
+        "-O resize=pad keeps the aspect ratio as upstream's hloc matcher: long side to the graph, "
+        "sides floored to 32, zero padding bottom-right, masked (graph inputs image0_mask, "
+        "image1_mask); the default stretches as the MatchAnything demo",
         "the dense coarse confidence is (H/8 * W/8)^2 floats: 468 MB at 832x832; sides up to "
         "about 1700 px (INT32 pair indices)",
     ),

@@ -7,7 +7,8 @@ Pipeline, for a pair of grayscale images of the same size H x W (sides multiples
 2. Coarse transformer: 4 x (self, cross) aggregated-attention layers. Queries are pooled 4 x 4
    with a depth-wise strided conv, keys/values with max pooling, so attention runs on an
    H/32 x W/32 grid. Self layers rotate queries and keys with a 2-D rotary position encoding
-   (RoPE) whose positions are rescaled by 832 / H and 832 / W ("NPE", the training resolution).
+   (RoPE) whose positions are rescaled by 832 / max(H, W) on both axes ("NPE", the training
+   resolution 832 over the one test size upstream passes for rows and columns).
 3. Coarse matching: dual softmax of the feature correlation (temperature 0.1). MatchAnything
    keeps every pair above the threshold that is not within 2 cells of a border (no
    mutual-nearest check).
@@ -28,11 +29,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .padding import (
+    Extent, border_keep, coarse_extent, grid_mask, key_bias, pooled_extent, repeat_edges,
+    similarity_bias, unpooled,
+)
+
+Padding = tuple[Extent, Extent]  # content extents of image 0 and image 1 (padded inputs)
+
 COARSE_STRIDE = 8  # backbone output stride of the coarse grid
 POOL = 4  # attention pooling of the coarse grid
 SIDE_MULTIPLE = COARSE_STRIDE * POOL  # 32: every input side must divide into pooled cells
 BORDER_CELLS = 2  # coarse pairs this close to a border are dropped
-TRAIN_SIZE = 832  # resolution the RoPE positions are normalised to (NPE [832, 832, H, W])
+TRAIN_SIZE = 832  # RoPE positions are normalised to it: NPE [832, 832, s, s], s = max(H, W)
 D_COARSE = 256
 N_HEADS = 8
 SLICE = 8  # last channels of the fine features used for the sub-pixel step
@@ -42,15 +50,19 @@ SUBPIXEL_TEMPERATURE = 10.0
 DEFAULT_THRESHOLD = 0.1  # LOFTR.MATCH_COARSE.THR of configs/models/eloftr_model.py
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale) v over the last two dims.
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+              bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) v over the last two dims (bias: additive, broadcast).
 
     Under torch: one fused kernel (flash / memory-efficient attention), no L x L matrix in
     memory. In an ONNX export: MatMul, max-shifted Softmax, MatMul (fp16-safe in any runtime).
     """
     if torch.onnx.is_in_onnx_export():
-        return stable_softmax((q @ k.transpose(-1, -2)) * scale, -1) @ v
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        scores = (q @ k.transpose(-1, -2)) * scale
+        return stable_softmax(scores if bias is None else scores + bias, -1) @ v
+    if bias is not None:
+        bias = bias.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
 
 
 def _logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -234,9 +246,11 @@ def rope_tables(
     """cos and sin (rows x cols x dim) of the 2-D rotary encoding on the pooled coarse grid.
 
     Channel pair 2k+0/2k+1 of every group of four rotates by the row position, the next pair by
-    the column position, frequency 10000^(-f/(dim/4)). Positions are 1-based and scaled by
-    TRAIN_SIZE / image side. The tables are rounded to fp16 like upstream's half-precision
-    buffers, so fp32 results match its numbers.
+    the column position, frequency 10000^(-f/(dim/4)). Positions are 1-based and both axes are
+    scaled by TRAIN_SIZE / max(height, width): upstream's callers set the NPE to [832, 832, s, s],
+    one size s for rows and columns, and s = the long side reproduces its reference runs. The
+    tables are rounded to fp16 like upstream's half-precision buffers, so fp32 results match its
+    numbers.
     TensorRT hazard: built from Range/Sin/Cos for a static size (no 256 x 256 lookup table
     sliced by data-dependent shapes); the export wrapper keeps them as two initializers.
     """
@@ -244,8 +258,9 @@ def rope_tables(
     freq = torch.exp(
         torch.arange(quarter, dtype=torch.float32, device=device) * (-math.log(10000.0) / quarter)
     )
-    pos_r = torch.arange(1, rows + 1, dtype=torch.float32, device=device) * TRAIN_SIZE / height
-    pos_c = torch.arange(1, cols + 1, dtype=torch.float32, device=device) * TRAIN_SIZE / width
+    side = max(height, width)  # one size for both axes (not 832/H and 832/W); upstream's order
+    pos_r = torch.arange(1, rows + 1, dtype=torch.float32, device=device) * TRAIN_SIZE / side
+    pos_c = torch.arange(1, cols + 1, dtype=torch.float32, device=device) * TRAIN_SIZE / side
     zeros = torch.zeros(rows, cols, 1, dtype=torch.float32, device=device)
     ang_r = pos_r[:, None, None] * freq[None, None, :] + zeros  # rows x cols x quarter (+0: exact)
     ang_c = pos_c[None, :, None] * freq[None, None, :] + zeros
@@ -287,7 +302,9 @@ class AggregatedAttentionLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, source: torch.Tensor,
         rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        x_extent: Optional[Extent] = None, source_extent: Optional[Extent] = None,
     ) -> torch.Tensor:
+        """Extents (pooled grid) are given for padded inputs: attention stays inside the content."""
         c, h, w = int(x.shape[1]), int(x.shape[2]), int(x.shape[3])
         hq, wq = h // POOL, w // POOL
         d = c // self.nhead
@@ -302,9 +319,13 @@ class AggregatedAttentionLayer(nn.Module):
         q = q.reshape(-1, hq * wq, self.nhead, d).transpose(1, 2)  # N x heads x L x d
         k = k.reshape(-1, hq * wq, self.nhead, d).transpose(1, 2)
         v = v.reshape(-1, hq * wq, self.nhead, d).transpose(1, 2)
-        message = attention(q, k, v, 1.0 / math.sqrt(d))
+        # keys in the source's padding get no weight (an additive bias of -1e4)
+        bias = key_bias(source_extent) if source_extent is not None else None
+        message = attention(q, k, v, 1.0 / math.sqrt(d), bias)
         message = self.merge(message.transpose(1, 2).reshape(-1, hq * wq, c))
         message = message.transpose(1, 2).reshape(-1, c, hq, wq)
+        if x_extent is not None:  # upsampling sees the content's edge, as on upstream's crop
+            message = repeat_edges(message, x_extent)
         message = F.interpolate(message, scale_factor=float(POOL), mode="bilinear", align_corners=False)
         message = self.mlp(torch.cat([x, message], dim=1).permute(0, 2, 3, 1))
         return x + self.norm2(message).permute(0, 3, 1, 2)
@@ -321,19 +342,30 @@ class CoarseTransformer(nn.Module):
 
     def forward(
         self, feat0: torch.Tensor, feat1: torch.Tensor, image_size: tuple[int, int],
-        rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None, padding: Optional[Padding] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`rope`: precomputed (cos, sin) tables, else built here for the pooled grid."""
+        """`rope`: precomputed (cos, sin) tables, else built here for the pooled grid.
+
+        `padding`: coarse content extents of padded inputs. As upstream (which crops to the
+        content's whole pooled cells and pads the result with zeros), the content is transformed
+        as if alone and the output is zero outside it.
+        """
         if rope is None:
             h, w = int(feat0.shape[-2]) // POOL, int(feat0.shape[-1]) // POOL
             rope = rope_tables(h, w, image_size[0], image_size[1], int(feat0.shape[1]), feat0.device)
+        p0 = p1 = None
+        if padding is not None:
+            p0, p1 = (pooled_extent(e, POOL) for e in padding)
         for k, layer in enumerate(self.layers):
             if k % 2 == 0:
-                feat0 = layer(feat0, feat0, rope)
-                feat1 = layer(feat1, feat1, rope)
+                feat0 = layer(feat0, feat0, rope, p0, p0)
+                feat1 = layer(feat1, feat1, rope, p1, p1)
             else:
-                feat0 = layer(feat0, feat1)
-                feat1 = layer(feat1, feat0)
+                feat0 = layer(feat0, feat1, None, p0, p1)
+                feat1 = layer(feat1, feat0, None, p1, p0)
+        if p0 is not None and p1 is not None:
+            feat0 = feat0 * grid_mask(unpooled(p0, POOL))
+            feat1 = feat1 * grid_mask(unpooled(p1, POOL))
         return feat0, feat1
 
 
@@ -488,6 +520,25 @@ def border_mask(h: int, w: int, device: Optional[torch.device] = None) -> torch.
     return (keep_r[:, None] & keep_c[None, :]).reshape(h * w).to(torch.float32)
 
 
+def content_extents(masks: Optional[tuple[torch.Tensor, torch.Tensor]]) -> Optional[Padding]:
+    """Coarse content extents of two B x 1 x H x W pixel masks (None: inputs not padded)."""
+    if masks is None:
+        return None
+    return coarse_extent(masks[0], COARSE_STRIDE), coarse_extent(masks[1], COARSE_STRIDE)
+
+
+def keep_masks(h: int, w: int, padding: Optional[Padding] = None,
+               device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cells of image 0 and image 1 that may match (1 x h*w, or B x h*w with padding).
+
+    Upstream drops cells within BORDER_CELLS of a border; with padding, of the content's border.
+    """
+    if padding is None:
+        keep = border_mask(h, w, device)[None]
+        return keep, keep
+    return border_keep(padding[0], BORDER_CELLS), border_keep(padding[1], BORDER_CELLS)
+
+
 class ELoFTR(nn.Module):
     """The full matcher; `forward` returns every match above `threshold` (variable length).
 
@@ -513,33 +564,39 @@ class ELoFTR(nn.Module):
 
     def transform(
         self, feat_c: torch.Tensor, image_size: tuple[int, int],
-        rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None, padding: Optional[Padding] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Coarse transformer on the two halves of the backbone batch."""
         b = int(feat_c.shape[0]) // 2
-        return self.loftr_coarse(feat_c[:b], feat_c[b:], image_size, rope)
+        return self.loftr_coarse(feat_c[:b], feat_c[b:], image_size, rope, padding)
 
     @staticmethod
-    def confidence(feat0: torch.Tensor, feat1: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def confidence(feat0: torch.Tensor, feat1: torch.Tensor, padding: Optional[Padding] = None,
+                   keep: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """Dual-softmax confidence (B x L x S) of the transformed coarse features (B x C x h x w).
 
         softmax over L times softmax over S is computed as one exponent,
         exp(2 sim - logsumexp_S(sim) - logsumexp_L(sim)): two reductions of `sim` and one
         elementwise pass, instead of two softmaxes and a product (memory-bound at 832: the
         matrix holds 117 M entries), and no softmax over a non-last dimension (torch's slow
-        strided kernel). `keep` (L floats, 1 = keep) zeroes the rows and columns of dropped
-        cells inside the same pass. The result has `sim`'s dtype (fp16 under autocast).
+        strided kernel). The result has `sim`'s dtype (fp16 under autocast).
+        With `padding`, pairs that involve a padded cell are left out of both softmaxes (conf 0).
+        `keep` (cells of image 0, 1 x L or B x L; of image 1, 1 x S or B x S; 1 = keep) zeroes
+        the rows and columns of dropped cells after the softmaxes (upstream's border removal),
+        inside the same pass.
         """
         c, n = int(feat0.shape[1]), int(feat0.shape[2]) * int(feat0.shape[3])
         f0 = feat0.reshape(-1, c, n).transpose(1, 2) / math.sqrt(c)
         f1 = feat1.reshape(-1, c, n).transpose(1, 2) / math.sqrt(c)
         sim = (f0 @ f1.transpose(1, 2)) / DUAL_SOFTMAX_TEMPERATURE
+        if padding is not None:
+            bias0, bias1 = similarity_bias(*padding)
+            sim = sim + bias0 + bias1
         row = _logsumexp(sim, 2)  # B x L x 1, fp32
         col = _logsumexp(sim, 1)  # B x 1 x S
         if keep is not None:  # exp(-1e4) == 0: a dropped cell's row and column vanish
-            drop = (1.0 - keep) * 1e4
-            row = row + drop[None, :, None]
-            col = col + drop[None, None, :]
+            row = row + ((1.0 - keep[0]) * 1e4)[:, :, None]
+            col = col + ((1.0 - keep[1]) * 1e4)[:, None, :]
         # every exponent is <= 0 (sim <= both log-sum-exps): no overflow in any precision
         return torch.exp(2.0 * sim.float() - row - col).to(sim.dtype)
 
@@ -590,22 +647,24 @@ class ELoFTR(nn.Module):
         return torch.stack([col, row], -1).to(torch.float32) * COARSE_STRIDE
 
     # -- reference forward -------------------------------------------------------------------
-    def forward(self, image0: torch.Tensor, image1: torch.Tensor,
-                threshold: Optional[float] = None) -> dict[str, torch.Tensor]:
+    def forward(self, image0: torch.Tensor, image1: torch.Tensor, threshold: Optional[float] = None,
+                masks: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
         """All matches above the threshold, as upstream returns them (row-major pair order).
 
+        `masks`: B x 1 x H x W content masks (1 = image, 0 = padding) of padded inputs.
         Keys: feats_c (backbone), feat_c0, feat_c1 (transformer outputs), conf_matrix, b_ids,
         i_ids, j_ids, mconf, mkpts0_f, mkpts1_f (pixels of the input), fine0, fine1 (window
         features entering fine matching), conf_matrix_f.
         """
         thr = self.threshold if threshold is None else threshold
         size = (int(image0.shape[-2]), int(image0.shape[-1]))
+        padding = content_extents(masks)
         feats_c, x2, x1 = self.extract(image0, image1)
-        feat0, feat1 = self.transform(feats_c, size)
-        conf = self.confidence(feat0, feat1)
+        feat0, feat1 = self.transform(feats_c, size, padding=padding)
+        conf = self.confidence(feat0, feat1, padding)
         h, w = int(feat0.shape[-2]), int(feat0.shape[-1])
-        keep = border_mask(h, w, conf.device) > 0
-        mask = (conf > thr) & keep[None, :, None] & keep[None, None, :]
+        keep0, keep1 = (k > 0 for k in keep_masks(h, w, padding, conf.device))
+        mask = (conf > thr) & keep0[:, :, None] & keep1[:, None, :]
         b_ids, i_ids, j_ids = torch.where(mask)
         out = {"feats_c": feats_c, "feat_c0": feat0, "feat_c1": feat1, "conf_matrix": conf,
                "b_ids": b_ids, "i_ids": i_ids, "j_ids": j_ids, "mconf": conf[b_ids, i_ids, j_ids]}
