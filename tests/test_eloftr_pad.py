@@ -49,7 +49,7 @@ def crop_run():
     with torch.no_grad():
         masked = model(image0, image1, threshold=THRESHOLD, masks=(mask, mask))
         feats, _, _ = model.extract(image0, image1)
-        crop0, crop1 = model.transform(feats[:, :, :rows], (SIDE, SIDE))  # RoPE of the square
+        crop0, crop1 = model.transform(feats[:, :, :rows], (SIDE, SIDE), fused=False)  # RoPE of the square
         conf = model.confidence(crop0, crop1)[0]
     w = SIDE // COARSE_STRIDE
     keep = border_mask(rows, w) > 0

@@ -51,13 +51,14 @@ DEFAULT_THRESHOLD = 0.1  # LOFTR.MATCH_COARSE.THR of configs/models/eloftr_model
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-              bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+              bias: Optional[torch.Tensor] = None, fused: bool = True) -> torch.Tensor:
     """softmax(q k^T * scale + bias) v over the last two dims (bias: additive, broadcast).
 
     Under torch: one fused kernel (flash / memory-efficient attention), no L x L matrix in
-    memory. In an ONNX export: MatMul, max-shifted Softmax, MatMul (fp16-safe in any runtime).
+    memory. In an ONNX export, or with fused=False (the reference model, upstream's own
+    arithmetic): MatMul, max-shifted Softmax, MatMul (fp16-safe in any runtime).
     """
-    if torch.onnx.is_in_onnx_export():
+    if not fused or torch.onnx.is_in_onnx_export():
         scores = (q @ k.transpose(-1, -2)) * scale
         return stable_softmax(scores if bias is None else scores + bias, -1) @ v
     if bias is not None:
@@ -303,6 +304,7 @@ class AggregatedAttentionLayer(nn.Module):
         self, x: torch.Tensor, source: torch.Tensor,
         rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
         x_extent: Optional[Extent] = None, source_extent: Optional[Extent] = None,
+        fused: bool = True,
     ) -> torch.Tensor:
         """Extents (pooled grid) are given for padded inputs: attention stays inside the content."""
         c, h, w = int(x.shape[1]), int(x.shape[2]), int(x.shape[3])
@@ -321,7 +323,7 @@ class AggregatedAttentionLayer(nn.Module):
         v = v.reshape(-1, hq * wq, self.nhead, d).transpose(1, 2)
         # keys in the source's padding get no weight (an additive bias of -1e4)
         bias = key_bias(source_extent) if source_extent is not None else None
-        message = attention(q, k, v, 1.0 / math.sqrt(d), bias)
+        message = attention(q, k, v, 1.0 / math.sqrt(d), bias, fused)
         message = self.merge(message.transpose(1, 2).reshape(-1, hq * wq, c))
         message = message.transpose(1, 2).reshape(-1, c, hq, wq)
         if x_extent is not None:  # upsampling sees the content's edge, as on upstream's crop
@@ -343,8 +345,10 @@ class CoarseTransformer(nn.Module):
     def forward(
         self, feat0: torch.Tensor, feat1: torch.Tensor, image_size: tuple[int, int],
         rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None, padding: Optional[Padding] = None,
+        fused: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`rope`: precomputed (cos, sin) tables, else built here for the pooled grid.
+        `fused`: attention through the fused kernel (else upstream's arithmetic, see `attention`).
 
         `padding`: coarse content extents of padded inputs. As upstream (which crops to the
         content's whole pooled cells and pads the result with zeros), the content is transformed
@@ -358,11 +362,11 @@ class CoarseTransformer(nn.Module):
             p0, p1 = (pooled_extent(e, POOL) for e in padding)
         for k, layer in enumerate(self.layers):
             if k % 2 == 0:
-                feat0 = layer(feat0, feat0, rope, p0, p0)
-                feat1 = layer(feat1, feat1, rope, p1, p1)
+                feat0 = layer(feat0, feat0, rope, p0, p0, fused)
+                feat1 = layer(feat1, feat1, rope, p1, p1, fused)
             else:
-                feat0 = layer(feat0, feat1, None, p0, p1)
-                feat1 = layer(feat1, feat0, None, p1, p0)
+                feat0 = layer(feat0, feat1, None, p0, p1, fused)
+                feat1 = layer(feat1, feat0, None, p1, p0, fused)
         if p0 is not None and p1 is not None:
             feat0 = feat0 * grid_mask(unpooled(p0, POOL))
             feat1 = feat1 * grid_mask(unpooled(p1, POOL))
@@ -431,6 +435,18 @@ def _up2_taps(pos: torch.Tensor, half: int) -> tuple[torch.Tensor, torch.Tensor,
     return lo, hi, weight
 
 
+def _full_resolution_pixels(maps: torch.Tensor, b_ids: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor,
+                            size: tuple[int, int]) -> torch.Tensor:
+    """Pixels (ys, xs) of a full-resolution B x C x H x W map, zeros outside it (M x P x C, fp32)."""
+    c, m, p = int(maps.shape[1]), int(ys.shape[0]), int(ys.shape[1])
+    inside = ((ys >= like(ys, 0)) & (ys < like(ys, size[0])) & (xs >= like(xs, 0))
+              & (xs < like(xs, size[1]))).to(torch.float32)
+    y, x = int_min(int_max(ys, 0), size[0] - 1), int_min(int_max(xs, 0), size[1] - 1)
+    flat = (b_ids * (size[0] * size[1]))[:, None] + y * size[1] + x
+    pixels = maps.permute(0, 2, 3, 1).reshape(-1, c).index_select(0, flat.reshape(m * p))
+    return pixels.reshape(m, p, c).float() * inside[..., None]
+
+
 def sample_up2(maps: torch.Tensor, b_ids: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor,
                size: tuple[int, int]) -> torch.Tensor:
     """Pixels of the 2x bilinear upsampling of `maps` at full-resolution (ys, xs), in fp32.
@@ -439,9 +455,12 @@ def sample_up2(maps: torch.Tensor, b_ids: torch.Tensor, ys: torch.Tensor, xs: to
     full-resolution H x W map, where positions outside it give zeros (the zero padding of
     image 1's windows). Returns M x P x C, equal to `F.interpolate(maps, scale_factor=2)` read
     at those pixels, without building the full-resolution map (memory-bound: 4x the pixels).
+    A map that is already H x W is read directly (the reference model's path, as upstream).
     """
     c, h, w = int(maps.shape[1]), int(maps.shape[2]), int(maps.shape[3])
     m, p = int(ys.shape[0]), int(ys.shape[1])
+    if (h, w) == tuple(size):  # already full resolution: read the pixels themselves
+        return _full_resolution_pixels(maps, b_ids, ys, xs, size)
     inside = ((ys >= like(ys, 0)) & (ys < like(ys, size[0])) & (xs >= like(xs, 0))
               & (xs < like(xs, size[1]))).to(torch.float32)
     y0, y1, wy = _up2_taps(int_min(int_max(ys, 0), size[0] - 1), h)
@@ -565,10 +584,11 @@ class ELoFTR(nn.Module):
     def transform(
         self, feat_c: torch.Tensor, image_size: tuple[int, int],
         rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None, padding: Optional[Padding] = None,
+        fused: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Coarse transformer on the two halves of the backbone batch."""
         b = int(feat_c.shape[0]) // 2
-        return self.loftr_coarse(feat_c[:b], feat_c[b:], image_size, rope, padding)
+        return self.loftr_coarse(feat_c[:b], feat_c[b:], image_size, rope, padding, fused)
 
     @staticmethod
     def confidence(feat0: torch.Tensor, feat1: torch.Tensor, padding: Optional[Padding] = None,
@@ -615,7 +635,8 @@ class ELoFTR(nn.Module):
                 j_ids: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """8 x 8 windows of image 0 at cells i, 10 x 10 (1 px zero margin) of image 1 at cells j.
 
-        fine0/fine1 are the half-resolution maps of `fine_maps`; size is the (H, W) input. The
+        fine0/fine1 are the half-resolution maps of `fine_maps` (or their full-resolution
+        upsampling); size is the (H, W) input. The
         window pixels are sampled from the 2x upsampling (`sample_up2`). Indices may be int32
         (export) or int64; INT32 arithmetic suffices (the largest flat index is B*H*W/4).
         """
@@ -660,7 +681,9 @@ class ELoFTR(nn.Module):
         size = (int(image0.shape[-2]), int(image0.shape[-1]))
         padding = content_extents(masks)
         feats_c, x2, x1 = self.extract(image0, image1)
-        feat0, feat1 = self.transform(feats_c, size, padding=padding)
+        # upstream's attention arithmetic: the reference stays bit-comparable with upstream (the
+        # fused kernel rounds differently, which flips fp32-level ties of random weights)
+        feat0, feat1 = self.transform(feats_c, size, padding=padding, fused=False)
         conf = self.confidence(feat0, feat1, padding)
         h, w = int(feat0.shape[-2]), int(feat0.shape[-1])
         keep0, keep1 = (k > 0 for k in keep_masks(h, w, padding, conf.device))
@@ -668,7 +691,9 @@ class ELoFTR(nn.Module):
         b_ids, i_ids, j_ids = torch.where(mask)
         out = {"feats_c": feats_c, "feat_c0": feat0, "feat_c1": feat1, "conf_matrix": conf,
                "b_ids": b_ids, "i_ids": i_ids, "j_ids": j_ids, "mconf": conf[b_ids, i_ids, j_ids]}
-        fine0, fine1 = self.fine_maps(feat0, feat1, x2, x1)
+        # the reference cuts the windows from the full-resolution maps, as upstream does (the
+        # export graph samples them from the half-resolution maps: equal up to rounding)
+        fine0, fine1 = (_up2(f) for f in self.fine_maps(feat0, feat1, x2, x1))
         win0, win1 = self.windows(fine0, fine1, b_ids, i_ids, j_ids, size)
         d0, d1, conf_f = refine(win0, win1)
         out.update(fine0=win0, fine1=win1, conf_matrix_f=conf_f,
