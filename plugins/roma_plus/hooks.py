@@ -67,9 +67,12 @@ INFO = MatcherInfo(
         "resized to R x R: extra graph inputs image0_upsampled/image1_upsampled, outputs at R x R",
         "coarse_precision=fp32 (default) keeps DINOv2, proj.16 and the coordinate decoder in IEEE fp32 "
         "(no TF32) in fp16/bf16 runs and engines, so the coarse matches equal fp32's; 'reduced' runs them "
-        "in the run's precision as upstream's AMP (faster; near-tie arg-maxes may flip)",
-        "gp_solve=iterative (default): one graph, the GP solved in-graph (roma_full's gp_method, "
-        "gp_iters); gp_solve=exact: two graphs with roma_full's Cholesky solve between them",
+        "in the run's precision as upstream's AMP (faster; near-tie arg-maxes may flip); 'tf32' keeps them "
+        "in fp32 with TF32 matrix products",
+        "gp_solve=iterative (default): one graph, the GP solved in-graph (ONNX: roma_full's gp_method, "
+        "gp_iters; torch runs: an in-graph Cholesky); gp_solve=exact: two graphs with roma_full's "
+        "Cholesky solve between them",
+        "fuse=true (default): BatchNorms folded into the convolutions before them (fuse=false keeps them)",
         "outputs warp (B x H x 2W x 4) and certainty (B x H x 2W) as upstream's symmetric match; "
         "postprocess samples num_samples matches (sample_mode balanced|topk, seed)",
         "keypoints follow upstream: x = W / 2 * (x_norm + 1), pixel centres at i + 0.5",
