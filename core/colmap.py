@@ -39,7 +39,7 @@ def quiet(pycolmap: Any, verbose: bool = False) -> Iterator[None]:
     """COLMAP logs at INFO to stderr; keep warnings and errors only unless verbose."""
     old = pycolmap.logging.minloglevel
     if not verbose:
-        pycolmap.logging.minloglevel = 1
+        pycolmap.logging.minloglevel = 2
     try:
         yield
     finally:

@@ -89,6 +89,19 @@ def _init(ray: Any, address: Optional[str], workers: int, use_gpu: bool) -> bool
     return True
 
 
+def _actor_pool(ray: Any, workers: int, calls: int) -> Any:
+    """A fixed pool of `workers` actors; on GPUs two calls at once per actor, so one batch's images
+    are read while the other's run on the GPU (Ray versions without threaded actors: one call)."""
+    strategy = ray.data.ActorPoolStrategy
+    if calls > 1:
+        try:
+            return strategy(size=workers, max_concurrent_calls_per_actor=calls,
+                            enable_true_multi_threading=True)
+        except TypeError:
+            pass
+    return strategy(size=workers)
+
+
 def match_ray(job: PairJob, pairs: list[Pair], todo: list[int], journal: MatchJournal,
               address: Optional[str], advance: Callable[[int], None],
               log: Callable[[str], None]) -> tuple[RunStats, int]:
@@ -116,8 +129,8 @@ def match_ray(job: PairJob, pairs: list[Pair], todo: list[int], journal: MatchJo
         spec = dict(asdict(job), pairs=[], batch_size=job.batch_size, num_workers=0)
         ds = ray.data.from_items([{"name0": pairs[i][0], "name1": pairs[i][1]} for i in todo])
         ds = ds.map_batches(PairActor, fn_constructor_kwargs={"job": spec, "threads": threads},
-                            batch_size=job.batch_size, batch_format="numpy", concurrency=workers,
-                            **resources)
+                            batch_size=job.batch_size, batch_format="numpy",
+                            compute=_actor_pool(ray, workers, 2 if use_gpu else 1), **resources)
         stats = RunStats()
         start = time.perf_counter()
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

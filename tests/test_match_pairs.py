@@ -18,6 +18,7 @@ from matchrt.pairs import (exhaustive_pairs, list_images, pair_key, read_pairs, 
                            unique_pairs)
 from matchrt.weights import write_random_checkpoint
 
+from pairs_helpers import h5_datasets
 from toy_plugin import LAYOUT, ToyPlugin
 
 h5py = pytest.importorskip("h5py", reason="match-pairs needs the sfm extra: pip install '.[sfm]'")
@@ -133,13 +134,10 @@ def _run(*args: object):
 
 
 def _h5_equal(a: Path, b: Path) -> None:
-    with h5py.File(a) as fa, h5py.File(b) as fb:
-        items_a, items_b = {}, {}
-        fa.visititems(lambda k, v: items_a.setdefault(k, v[()]) if isinstance(v, h5py.Dataset) else None)
-        fb.visititems(lambda k, v: items_b.setdefault(k, v[()]) if isinstance(v, h5py.Dataset) else None)
-        assert set(items_a) == set(items_b)
-        for k in items_a:
-            np.testing.assert_array_equal(items_a[k], items_b[k], err_msg=k)
+    items_a, items_b = h5_datasets(a), h5_datasets(b)
+    assert len(items_a) > 1 and set(items_a) == set(items_b)
+    for k in items_a:
+        np.testing.assert_array_equal(items_a[k], items_b[k], err_msg=k)
 
 
 def test_toy_job_batches_resumes_and_extends(toy, toy_ckpt, images, tmp_path):
