@@ -27,6 +27,10 @@ VERIFY_DEFAULTS: dict[str, Any] = {"ransac": {"max_num_trials": 20000, "min_inli
 
 
 def require_pycolmap():  # -> module
+    # OpenCV first: loaded after pycolmap's wheel, cv2.imwrite's PNG encoder frees memory with the
+    # wrong allocator and aborts the process (pycolmap 4.2.1 with opencv-python-headless 4.x)
+    import cv2  # noqa: F401
+
     try:
         import pycolmap
     except ImportError:
@@ -181,24 +185,25 @@ def plot_reconstruction(rec: Any, path: Path, stats: Optional[dict[str, Any]] = 
     lo = np.percentile(both, 1, axis=0) if len(p2) else both.min(0)
     hi = np.percentile(both, 99, axis=0) if len(p2) else both.max(0)
     lo, hi = np.minimum(lo, c2.min(0)), np.maximum(hi, c2.max(0))
-    margin, top = 30, 50
+    margin, top = 40, 50
     scale = (size - 2 * margin) / max(float((hi - lo).max()), 1e-9)
+    centre = (lo + hi) / 2
     canvas = np.full((size + top, size, 3), 255, np.uint8)
 
-    def pix(x: np.ndarray) -> np.ndarray:
-        return np.round((x - lo) * scale + [margin, margin + top]).astype(np.int64)
+    def pix(x: np.ndarray) -> np.ndarray:  # the content centred in the square below the title
+        return np.round((x - centre) * scale + [size / 2, top + size / 2]).astype(np.int64)
 
     pp = pix(p2)
     inside = (pp[:, 0] >= 0) & (pp[:, 0] < size) & (pp[:, 1] >= top) & (pp[:, 1] < size + top)
     for (x, y), c in zip(pp[inside], cols[inside]):
-        cv2.circle(canvas, (int(x), int(y)), 1, (int(c[2]), int(c[1]), int(c[0])), -1)
+        cv2.circle(canvas, (int(x), int(y)), 2, (int(c[2]), int(c[1]), int(c[0])), -1)
     arrow = 0.04 * size
-    for c, v in zip(pix(c2), views):
+    for c, v in zip(pix(c2), views):  # a frustum: apex at the camera, opening where it looks
         d = plane(v[None])[0]
         d = d / (np.linalg.norm(d) + 1e-12)
         n = np.array([-d[1], d[0]])
-        tip = c + d * arrow
-        tri = np.array([c - n * arrow * 0.45, c + n * arrow * 0.45, tip]).astype(np.int32)
+        far = c + d * arrow
+        tri = np.array([c, far + n * arrow * 0.5, far - n * arrow * 0.5]).astype(np.int32)
         cv2.polylines(canvas, [tri], True, (30, 30, 220), 2, cv2.LINE_AA)
     title = "COLMAP model, top view"
     if stats:

@@ -66,6 +66,21 @@ class RunStats:
     wait_s: float = 0.0  # waiting for the loader (decode + resize not hidden behind the model)
     post_s: float = 0.0  # postprocess + journal commit
     wall_s: float = 0.0
+    first_s: Optional[float] = None  # until the first batch was committed (workers, model load)
+    first_pairs: int = 0
+
+    def committed(self, count: int, start: float) -> None:
+        """Count a committed batch; remember when the first one came."""
+        if self.first_s is None:
+            self.first_s, self.first_pairs = time.perf_counter() - start, count
+        self.pairs += count
+        self.batches += 1
+
+    def steady_rate(self) -> Optional[float]:
+        """Pairs/s after the first batch: throughput without start-up costs."""
+        if self.first_s is None or self.pairs <= self.first_pairs or self.wall_s <= self.first_s:
+            return None
+        return (self.pairs - self.first_pairs) / (self.wall_s - self.first_s)
 
 
 def fingerprint(job: PairJob) -> dict[str, Any]:
@@ -223,8 +238,7 @@ def match_local(job: PairJob, pairs: list[Pair], todo: list[int], journal: Match
         t1 = time.perf_counter()
         journal.commit(records)
         stats.post_s += time.perf_counter() - t1
-        stats.pairs += len(records)
-        stats.batches += 1
+        stats.committed(len(records), start)
         advance(len(records))
     stats.wall_s = time.perf_counter() - start
     return stats
@@ -240,6 +254,9 @@ def summary_dict(job: PairJob, stats: RunStats, total: int, skipped: int, ray: O
         "batches": stats.batches, "batch_size": job.batch_size, "num_workers": workers,
         "ray": ray, "wall_s": round(stats.wall_s, 3),
         "pairs_per_s": None if rate is None else round(rate, 3),
+        "first_batch_s": None if stats.first_s is None else round(stats.first_s, 3),
+        "pairs_per_s_after_first_batch": (None if stats.steady_rate() is None
+                                          else round(stats.steady_rate() or 0.0, 3)),
         "model_s": round(stats.model_s, 3),
         "model_share": round(stats.model_s / stats.wall_s, 4) if stats.wall_s > 0 else None,
         "loader_wait_s": round(stats.wait_s, 3), "postprocess_write_s": round(stats.post_s, 3),
@@ -295,8 +312,8 @@ def run_pair_job(job: PairJob, ray_address: Optional[str] = None, use_ray: bool 
             finally:
                 if progress is not None:
                     progress.stop()
-        summary = summary_dict(job, stats, len(pairs), skipped, ray_address if use_ray else None,
-                               workers)
+        summary = summary_dict(job, stats, len(pairs), skipped,
+                               (ray_address or "local") if use_ray else None, workers)
         log("writing features.h5 and matches.h5")
         t0 = time.perf_counter()
         from .features_h5 import write_hloc

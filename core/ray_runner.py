@@ -80,6 +80,11 @@ def _init(ray: Any, address: Optional[str], workers: int, use_gpu: bool) -> bool
     """Start or join Ray; returns whether this call started it (and so shuts it down)."""
     if ray.is_initialized():
         return False
+    import logging
+
+    # matchrt shows its own progress; Ray's INFO lines about plans and executors are noise here
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "include_dashboard": False,
                               "log_to_driver": False, "configure_logging": False}
@@ -138,8 +143,7 @@ def match_ray(job: PairJob, pairs: list[Pair], todo: list[int], journal: MatchJo
                        for a, b, p in zip(batch["name0"], batch["name1"], batch["payload"])]
             journal.commit(records)
             stats.model_s += float(np.sum(batch["model_s"]))
-            stats.pairs += len(records)
-            stats.batches += 1
+            stats.committed(len(records), start)
             advance(len(records))
         stats.wall_s = time.perf_counter() - start
         # the model share of a pool: model seconds over the actors' wall time together

@@ -89,12 +89,19 @@ def test_all_45_pairs_reconstruct_all_ten_images(reference):
 
 
 def test_a_killed_run_resumes_to_the_same_files(reference, tmp_path):
+    """SIGKILL after a few batches, run again: the result equals an uninterrupted run's."""
+    from matchrt.features_h5 import write_hloc
+    from matchrt.pairs import exhaustive_pairs, list_images
+
+    pairs = exhaustive_pairs(list_images(IMAGES))[:20]
+    (tmp_path / "pairs.txt").write_text("".join(f"{a} {b}\n" for a, b in pairs))
+    command = [*COMMAND[:4], "--pairs", str(tmp_path / "pairs.txt"), *COMMAND[5:]]
     out = tmp_path / "killed"
-    proc = matchrt(*COMMAND, "-o", str(out))
+    proc = matchrt(*command, "-o", str(out))
     shards = out / JOURNAL / "shards"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if shards.is_dir() and len(list(shards.glob("b-*.npz"))) >= 4:
+        if shards.is_dir() and len(list(shards.glob("b-*.npz"))) >= 3:
             break
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
@@ -103,25 +110,31 @@ def test_a_killed_run_resumes_to_the_same_files(reference, tmp_path):
     assert not (out / "matches.h5").exists()  # the h5 files come at the end, never half-written
     with MatchJournal(out / JOURNAL) as journal:
         committed = len(journal.done())
-    assert 4 * BATCH <= committed < 45
+    assert 3 * BATCH <= committed < 20
 
-    resumed = finish(matchrt(*COMMAND, "-o", str(out)))
+    resumed = finish(matchrt(*command, "-o", str(out)))
     summary = json.loads((out / "summary.json").read_text())
     # nothing committed was matched again; what was lost is at most the batch in flight
     assert summary["pairs_skipped"] == committed, resumed
-    assert summary["pairs_matched"] == 45 - committed
+    assert summary["pairs_matched"] == 20 - committed
+    assert not list(out.rglob(".*.tmp-*"))
+    # an uninterrupted run of these pairs: the reference run's matches of them, merged in list order
+    with MatchJournal(reference / JOURNAL) as ref:
+        by_pair = {r.pair: r for r in ref.records()}
+    expected = tmp_path / "expected"
+    expected.mkdir()
+    write_hloc(lambda: (by_pair[p] for p in pairs), expected, cell=2.0)
     for name in ("features.h5", "matches.h5"):
-        want, got = h5_datasets(reference / name), h5_datasets(out / name)
-        assert len(want) >= 30 and set(want) == set(got), name
+        want, got = h5_datasets(expected / name), h5_datasets(out / name)
+        assert len(want) >= 20 and set(want) == set(got), name
         for key, value in want.items():
             np.testing.assert_array_equal(value, got[key], err_msg=key)
-    assert not list(out.rglob(".*.tmp-*"))
 
 
 def test_ray_data_on_two_cpu_workers_gives_the_same_matches(reference, tmp_path):
     pytest.importorskip("ray.data", reason="needs the ray extra: pip install '.[ray]'")
     pairs = tmp_path / "pairs.txt"
-    listed = (reference / "pairs.txt").read_text().splitlines()[:12]
+    listed = (reference / "pairs.txt").read_text().splitlines()[:8]
     pairs.write_text("\n".join(listed) + "\n")
     out = tmp_path / "ray"
     log = finish(matchrt("match-pairs", str(IMAGES), "-m", "xfeat", "--pairs", str(pairs), "--device",
@@ -129,11 +142,11 @@ def test_ray_data_on_two_cpu_workers_gives_the_same_matches(reference, tmp_path)
                          "-o", str(out)))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ray"] == "local" and summary["num_workers"] == 2, log
-    assert summary["pairs_matched"] == 12
+    assert summary["pairs_matched"] == 8
     with MatchJournal(reference / JOURNAL) as ref, MatchJournal(out / JOURNAL) as got:
         expected = {r.pair: r for r in ref.records()}
         records = list(got.records())
-    assert len(records) == 12
+    assert len(records) == 8
     for rec in records:
         want = expected[rec.pair]
         np.testing.assert_array_equal(rec.keypoints0, want.keypoints0)
