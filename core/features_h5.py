@@ -91,7 +91,8 @@ class KeypointMerger:
 
     def add(self, rec: PairRecord) -> None:
         """Pass 1: grow the two images' tables with a pair's keypoints."""
-        for name, kp, size in ((rec.name0, rec.keypoints0, rec.size0), (rec.name1, rec.keypoints1, rec.size1)):
+        for name, kp, size in ((rec.name0, rec.keypoints0, rec.size0),
+                               (rec.name1, rec.keypoints1, rec.size1)):
             table = self.images.setdefault(name, ImageKeypoints())
             self.sizes[name] = (int(size[0]), int(size[1]))
             if len(kp):

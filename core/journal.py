@@ -38,6 +38,12 @@ class PairRecord:
         return (self.name0, self.name1)
 
 
+def size_hw(value: Any) -> tuple[int, int]:
+    """An image size as (height, width) ints."""
+    h, w = (int(v) for v in value)
+    return (h, w)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -57,6 +63,10 @@ def atomic_write(path: Path, write: Any) -> Path:
     os.replace(tmp, path)
     _fsync_dir(path.parent)
     return path
+
+
+def _save(path: Path, packed: dict[str, np.ndarray]) -> Path:
+    return atomic_write(path, lambda f: np.savez(f, **packed))  # type: ignore[arg-type]
 
 
 def _pack(records: list[PairRecord]) -> dict[str, np.ndarray]:
@@ -80,8 +90,8 @@ def _unpack(data: Any) -> Iterator[PairRecord]:
     k0, k1, sc = data["keypoints0"], data["keypoints1"], data["scores"]
     for i, (a, b) in enumerate(zip(data["name0"], data["name1"])):
         s, e = starts[i], ends[i]
-        yield PairRecord(str(a), str(b), k0[s:e], k1[s:e], sc[s:e], tuple(data["size0"][i]),
-                         tuple(data["size1"][i]))
+        yield PairRecord(str(a), str(b), k0[s:e], k1[s:e], sc[s:e], size_hw(data["size0"][i]),
+                         size_hw(data["size1"][i]))
 
 
 class MatchJournal:
@@ -176,7 +186,7 @@ class MatchJournal:
     def commit(self, records: Iterable[PairRecord]) -> Path:
         """One batch, atomically; compacts the shards when there are many."""
         packed = _pack(list(records))
-        path = atomic_write(self.shards / f"b-{self._next:09d}.npz", lambda f: np.savez(f, **packed))
+        path = _save(self.shards / f"b-{self._next:09d}.npz", packed)
         self._next += 1
         if len(list(self.shards.glob("*.npz"))) >= self.compact_every:
             self.compact()
@@ -194,7 +204,7 @@ class MatchJournal:
                 records.extend(_unpack(data))
         packed = _pack(records)
         number = int(shards[-1].stem.split("-")[1])  # keeps commit order with later shards
-        seg = atomic_write(self.segments / f"s-{number:09d}.npz", lambda f: np.savez(f, **packed))
+        seg = _save(self.segments / f"s-{number:09d}.npz", packed)
         for path in shards:
             path.unlink()
         _fsync_dir(self.shards)

@@ -101,5 +101,6 @@ def pair_loader(dataset: PairDataset, batch_size: int, num_workers: int, pin_mem
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
         kwargs.update(persistent_workers=False, prefetch_factor=prefetch or 2)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,  # type: ignore[arg-type]
+    return DataLoader(dataset,  # type: ignore[arg-type]  # a Dataset by protocol
+                      batch_size=batch_size, shuffle=False, num_workers=num_workers,
                       collate_fn=collate_pairs, pin_memory=pin_memory, **kwargs)

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from .errors import MatchrtError
-from .journal import MatchJournal, PairRecord, atomic_write
+from .journal import MatchJournal, PairRecord, atomic_write, size_hw
 from .pairs import Pair, check_images_exist, unique_pairs, write_pairs
 from .types import InputContract, Matches, PairContext
 
@@ -135,7 +135,7 @@ def to_record(matches: Matches, ctx: PairContext) -> PairRecord:
         keep &= (kp[:, 0] >= -0.5) & (kp[:, 0] < w - 0.5) & (kp[:, 1] >= -0.5) & (kp[:, 1] < h - 0.5)
     return PairRecord(str(ctx.path0), str(ctx.path1), matches.keypoints0[keep],
                       matches.keypoints1[keep], matches.confidence[keep],
-                      tuple(ctx.original_size0), tuple(ctx.original_size1))
+                      size_hw(ctx.original_size0), size_hw(ctx.original_size1))
 
 
 def input_contract(job: PairJob, contract: InputContract) -> InputContract:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from .errors import MatchrtError
-from .journal import MatchJournal, PairRecord
+from .journal import MatchJournal, PairRecord, size_hw
 from .pairjob import BatchMatcher, PairJob, RunStats, input_contract
 from .pairs import Pair
 
@@ -46,7 +46,7 @@ def encode_record(rec: PairRecord) -> bytes:
 def decode_record(name0: str, name1: str, payload: bytes) -> PairRecord:
     data = np.load(io.BytesIO(payload), allow_pickle=False)
     return PairRecord(name0, name1, data["keypoints0"], data["keypoints1"], data["scores"],
-                      tuple(int(v) for v in data["size0"]), tuple(int(v) for v in data["size1"]))
+                      size_hw(data["size0"]), size_hw(data["size1"]))
 
 
 class PairActor:
@@ -89,7 +89,8 @@ def _init(ray: Any, address: Optional[str], workers: int, use_gpu: bool) -> bool
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "include_dashboard": False,
                               "log_to_driver": False, "configure_logging": False}
     if address is None and not use_gpu:
-        kwargs["num_cpus"] = max(workers, 1)
+        # one CPU per actor, and one for Ray Data's own tasks so they never wait for an actor
+        kwargs["num_cpus"] = max(workers, 1) + 1
     ray.init(address=address, **kwargs)
     return True
 

@@ -106,10 +106,12 @@ def test_keypoints_merge_per_image_into_tracks(tmp_path):
         PairRecord("a.jpg", "b.jpg", kp_a, kp_b, np.array([0.9, 0.8, 0.7], np.float32), (60, 100), (60, 100)),
         # the same points of a seen again (one 0.6 px away: same 2 px cell), and a second match
         # into one cell of c that must not survive twice
-        PairRecord("a.jpg", "sub/c.jpg", np.array([[10.0, 10.0], [50.0, 20.0], [80.6, 40.0], [50.4, 20.3]], np.float32),
+        PairRecord("a.jpg", "sub/c.jpg",
+                   np.array([[10.0, 10.0], [50.0, 20.0], [80.6, 40.0], [50.4, 20.3]], np.float32),
                    np.array([[14.0, 12.0], [54.0, 22.0], [84.0, 42.0], [54.3, 22.2]], np.float32),
                    np.array([0.9, 0.8, 0.7, 0.5], np.float32), (60, 100), (50, 90)),
-        PairRecord("b.jpg", "sub/c.jpg", kp_b, kp_c, np.array([0.6, 0.6, 0.6], np.float32), (60, 100), (50, 90)),
+        PairRecord("b.jpg", "sub/c.jpg", kp_b, kp_c, np.array([0.6, 0.6, 0.6], np.float32),
+                   (60, 100), (50, 90)),
     ]
     stats = write_hloc(lambda: iter(recs), tmp_path, cell=2.0)
     assert stats["keypoints"] == 9 and stats["matches"] == 9
