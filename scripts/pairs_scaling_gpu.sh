@@ -2,6 +2,8 @@
 # `matchrt match-pairs` throughput on 1 and 2 GPUs: eloftr (random weights, 832 x 832) over the ten
 # Sacre Coeur photographs copied COPIES times (COPIES=4: 40 images, 780 exhaustive pairs), once in one
 # process (DataLoader workers) and on Ray Data with 1 and 2 GPU actors. Target: 2 GPUs >= 1.8 x 1 GPU.
+# Then roma_plus (random weights) on one GPU over 77 sequential pairs, as a throughput figure.
+# About 3-4 minutes on nvidia-h100-x2 (install ~30 s, each eloftr run ~40-60 s, roma_plus ~30 s).
 #
 # Two steps, from the repository root:
 #   1. here (has PyPI):            bash scripts/pairs_scaling_gpu.sh carry [PYTHON_VERSION=3.12]
@@ -61,17 +63,21 @@ cmd=(python3 -m matchrt.cli match-pairs "$work/images" -m eloftr --random-weight
 "${cmd[@]}" -o "$work/local" --num-workers 8
 "${cmd[@]}" -o "$work/ray1" --ray local --num-workers 1
 "${cmd[@]}" -o "$work/ray2" --ray local --num-workers 2
+# roma_plus (random weights, 560 coarse / 864 upsampled) on one GPU, a throughput figure only
+python3 -m matchrt.cli match-pairs "$work/images" -m roma_plus --random-weights --sequential 2 \
+    --device cuda --batch-size 2 --num-workers 8 -o "$work/roma_plus"
 
 python3 - "$work" "${OUT:-$work}" <<'EOF'
 import json, sys
 from pathlib import Path
 work, out = Path(sys.argv[1]), Path(sys.argv[2])
-runs = {name: json.loads((work / name / "summary.json").read_text()) for name in ("local", "ray1", "ray2")}
+runs = {name: json.loads((work / name / "summary.json").read_text())
+        for name in ("local", "ray1", "ray2", "roma_plus")}
 keys = ("pairs_matched", "wall_s", "pairs_per_s", "first_batch_s", "pairs_per_s_after_first_batch",
         "model_share", "loader_wait_s")
-print("run   " + " ".join(f"{k:>30}" for k in keys))
+print("run       " + " ".join(f"{k:>30}" for k in keys))
 for name, s in runs.items():
-    print(f"{name:6}" + " ".join(f"{str(s.get(k)):>30}" for k in keys))
+    print(f"{name:10}" + " ".join(f"{str(s.get(k)):>30}" for k in keys))
 scaling = {k: runs["ray2"][k] / runs["ray1"][k] for k in ("pairs_per_s", "pairs_per_s_after_first_batch")
            if runs["ray1"].get(k) and runs["ray2"].get(k)}
 print("2 GPUs / 1 GPU:", {k: round(v, 3) for k, v in scaling.items()}, "(target >= 1.8)")
