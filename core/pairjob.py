@@ -274,6 +274,18 @@ def clear_outputs(out: Path, job: PairJob) -> None:
         shutil.rmtree(out / "sfm", ignore_errors=True)
 
 
+def remove_leftovers(out: Path, job: PairJob) -> None:
+    """Temporary files of a run that was killed while writing its outputs (we hold the lock)."""
+    places = [(out, ".*.tmp-*")]
+    if job.colmap is not None:
+        places.append((Path(job.colmap).parent, f".{Path(job.colmap).name}.tmp-*"))
+    if job.reconstruct:
+        places += [(out, ".sfm.tmp-*"), (out, ".sfm.old-*")]
+    for folder, pattern in places:
+        for path in folder.glob(pattern):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 def run_pair_job(job: PairJob, ray_address: Optional[str] = None, use_ray: bool = False,
                  show_progress: bool = True, log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
     """Match what is missing, then write features.h5, matches.h5, pairs.txt, summary.json (and the
@@ -288,6 +300,7 @@ def run_pair_job(job: PairJob, ray_address: Optional[str] = None, use_ray: bool 
     if job.overwrite:
         clear_outputs(out, job)
     with MatchJournal(out / JOURNAL).open(fingerprint(job)) as journal:
+        remove_leftovers(out, job)
         todo = pending_pairs(pairs, journal.done())
         skipped = len(pairs) - len(todo)
         if skipped:

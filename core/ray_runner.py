@@ -12,7 +12,7 @@ import io
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -132,7 +132,7 @@ def match_ray(job: PairJob, pairs: list[Pair], todo: list[int], journal: MatchJo
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.execution_options.preserve_order = False
-        spec = dict(asdict(job), pairs=[], batch_size=job.batch_size, num_workers=0)
+        spec = asdict(replace(job, pairs=[], num_workers=0))  # actors get pairs from the dataset
         ds = ray.data.from_items([{"name0": pairs[i][0], "name1": pairs[i][1]} for i in todo])
         ds = ds.map_batches(PairActor, fn_constructor_kwargs={"job": spec, "threads": threads},
                             batch_size=job.batch_size, batch_format="numpy",

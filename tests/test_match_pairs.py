@@ -157,9 +157,13 @@ def test_toy_job_batches_resumes_and_extends(toy, toy_ckpt, images, tmp_path):
     assert json.loads((four / "summary.json").read_text())["batches"] == 3
     for name in ("features.h5", "matches.h5"):
         _h5_equal(one / name, four / name)
-    # a re-run matches nothing; a longer list matches only what is new
+    # a re-run matches nothing (and clears what a run killed while writing its outputs left)
+    (one / ".matches.h5.tmp-999").write_bytes(b"half an h5 file")
+    (one / ".sfm.tmp-abc").mkdir()
     r = _run(images, "-m", "toy", "-c", toy_ckpt, "--exhaustive", "-o", one, "-j", 0)
     assert json.loads((one / "summary.json").read_text())["pairs_matched"] == 0
+    assert not list(one.glob(".*.tmp-*"))
+    _h5_equal(one / "matches.h5", four / "matches.h5")
     (tmp_path / "pairs.txt").write_text("a.jpg b.jpg\nsub/d.jpg a.jpg\n")
     r = _run(images, "-m", "toy", "-c", toy_ckpt, "--pairs", tmp_path / "pairs.txt", "-o", four, "-j", 0)
     assert json.loads((four / "summary.json").read_text())["pairs_matched"] == 0  # d-a is a-d reversed
