@@ -195,3 +195,23 @@ def test_bad_requests_are_one_line_errors(toy, toy_ckpt, images, tmp_path):
     r = _run(images, "-m", "toy", "-c", toy_ckpt, "--pairs", tmp_path / "pairs.txt", "-o", tmp_path / "o")
     assert r.exit_code == 2 and "missing.jpg" in r.output and "relative to IMAGE_DIR" in r.output
     assert sorted(list_images(images)) == ["a.jpg", "b.jpg", "c.png", "e.jpg", "sub/d.jpg"]
+
+
+def test_built_in_torch_graphs_take_a_batch_of_pairs(image_pair):
+    """What --batch-size relies on: B pairs in one call give each pair's own outputs (eloftr here;
+    roma_full, roma_plus and xfeat were checked the same way)."""
+    import torch
+
+    from matchrt.images import read_image
+    from matchrt.pairjob import split_outputs
+    from matchrt.runner import open_pipeline
+
+    pipe = open_pipeline("eloftr", random_weights=True, height=128, width=128,
+                         extra={"threshold": 0.0, "max_matches": 64})
+    a, b = (read_image(p) for p in image_pair)
+    prepared = [pipe.prepare(a, b)[0], pipe.prepare(b, a[::-1].copy())[0]]
+    single = [pipe.run(x) for x in prepared]
+    batch = pipe.run({k: torch.cat([x[k] for x in prepared]) for k in prepared[0]})
+    for one, part in zip(single, split_outputs(batch, 2)):
+        for name, value in one.items():
+            torch.testing.assert_close(part[name], value.cpu(), rtol=1e-5, atol=1e-5)
