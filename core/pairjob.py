@@ -233,6 +233,8 @@ def match_local(job: PairJob, pairs: list[Pair], todo: list[int], journal: Match
             batch = next(it)
         except StopIteration:
             break
+        except MatchrtError as exc:  # from a worker, its traceback folded into the message
+            raise worker_error(exc) from None
         stats.wait_s += time.perf_counter() - t0
         records = matcher.run(batch["inputs"], batch["contexts"], stats)
         t1 = time.perf_counter()
@@ -242,6 +244,18 @@ def match_local(job: PairJob, pairs: list[Pair], todo: list[int], journal: Match
         advance(len(records))
     stats.wall_s = time.perf_counter() - start
     return stats
+
+
+def worker_error(exc: MatchrtError) -> MatchrtError:
+    """A loader worker's MatchrtError as its own one-line message (DataLoader adds a traceback)."""
+    return error_in_traceback(str(exc)) or exc
+
+
+def error_in_traceback(text: str) -> Optional[MatchrtError]:
+    """The last `MatchrtError: message` line of a traceback another process sent as text."""
+    prefix = "MatchrtError: "
+    found = [ln.split(prefix, 1)[1].strip() for ln in text.splitlines() if prefix in ln]
+    return MatchrtError(found[-1]) if found else None
 
 
 def summary_dict(job: PairJob, stats: RunStats, total: int, skipped: int, ray: Optional[str],

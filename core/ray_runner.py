@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import MatchrtError
 from .journal import MatchJournal, PairRecord, size_hw
-from .pairjob import BatchMatcher, PairJob, RunStats, input_contract
+from .pairjob import BatchMatcher, PairJob, RunStats, error_in_traceback, input_contract
 from .pairs import Pair
 
 # environment a worker needs to see the same plugins and generated files as the driver
@@ -139,13 +139,10 @@ def match_ray(job: PairJob, pairs: list[Pair], todo: list[int], journal: MatchJo
                             compute=_actor_pool(ray, workers, 2 if use_gpu else 1), **resources)
         stats = RunStats()
         start = time.perf_counter()
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            records = [decode_record(str(a), str(b), p)
-                       for a, b, p in zip(batch["name0"], batch["name1"], batch["payload"])]
-            journal.commit(records)
-            stats.model_s += float(np.sum(batch["model_s"]))
-            stats.committed(len(records), start)
-            advance(len(records))
+        try:
+            _consume(ds, journal, stats, start, advance)
+        except Exception as exc:  # noqa: BLE001 - a user's mistake inside an actor stays one line
+            raise _user_error(exc) or exc
         stats.wall_s = time.perf_counter() - start
         # the model share of a pool: model seconds over the actors' wall time together
         stats.model_s /= workers
@@ -153,3 +150,30 @@ def match_ray(job: PairJob, pairs: list[Pair], todo: list[int], journal: MatchJo
     finally:
         if started:
             ray.shutdown()
+
+
+def _user_error(exc: BaseException) -> Optional[MatchrtError]:
+    """The MatchrtError an actor raised, from inside Ray's wrappers, if that is what failed."""
+    seen: set[int] = set()
+    stack: list[Optional[BaseException]] = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, MatchrtError):
+            return MatchrtError(str(e))
+        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return error_in_traceback(str(exc))  # Ray may send the actor's traceback as text only
+
+
+def _consume(ds: Any, journal: MatchJournal, stats: RunStats, start: float,
+             advance: Callable[[int], None]) -> None:
+    """Commit each batch the actors return, as it comes."""
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        records = [decode_record(str(a), str(b), p)
+                   for a, b, p in zip(batch["name0"], batch["name1"], batch["payload"])]
+        journal.commit(records)
+        stats.model_s += float(np.sum(batch["model_s"]))
+        stats.committed(len(records), start)
+        advance(len(records))

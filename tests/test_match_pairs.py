@@ -195,6 +195,17 @@ def test_bad_requests_are_one_line_errors(toy, toy_ckpt, images, tmp_path):
     r = _run(images, "-m", "toy", "-c", toy_ckpt, "--pairs", tmp_path / "pairs.txt", "-o", tmp_path / "o")
     assert r.exit_code == 2 and "missing.jpg" in r.output and "relative to IMAGE_DIR" in r.output
     assert sorted(list_images(images)) == ["a.jpg", "b.jpg", "c.png", "e.jpg", "sub/d.jpg"]
+    # an unreadable image, met in a loader worker: one line naming it; what was matched is kept
+    (images / "broken.jpg").write_bytes(b"not a jpeg")
+    try:
+        (tmp_path / "pairs.txt").write_text("a.jpg b.jpg\na.jpg broken.jpg\n")
+        out = tmp_path / "broken"
+        r = _run(images, "-m", "toy", "-c", toy_ckpt, "--pairs", tmp_path / "pairs.txt", "-o", out, "-j", 1)
+        assert r.exit_code == 2 and "broken.jpg" in r.output and "Traceback" not in r.output, r.output
+        with MatchJournal(out / ".matchrt-journal") as journal:
+            assert journal.done() == {("a.jpg", "b.jpg")}
+    finally:
+        (images / "broken.jpg").unlink()
 
 
 def test_built_in_torch_graphs_take_a_batch_of_pairs(image_pair):
