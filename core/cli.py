@@ -783,6 +783,103 @@ def profile(
         typer.echo(f"wrote {trace}", err=True)
 
 
+@app.command(name="match-pairs")
+@clean_errors
+def match_pairs(
+    image_dir: Path = typer.Argument(..., help="Folder of images; pair names are relative to it."),
+    pairs: Optional[Path] = typer.Option(None, "--pairs", help="hloc pairs file: `name0 name1` a line."),
+    exhaustive: bool = typer.Option(False, "--exhaustive", help="Every pair of images in IMAGE_DIR."),
+    sequential: Optional[int] = typer.Option(None, "--sequential", help="Each image with the next N "
+                                             "(sorted by name)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for features.h5, matches.h5, "
+                                "pairs.txt, summary.json (and the job's journal)."),
+    colmap: Optional[Path] = typer.Option(None, "--colmap", help="Also write a COLMAP database here "
+                                          "(pycolmap; matches verified by pycolmap)."),
+    reconstruct: bool = typer.Option(False, "--reconstruct", help="Run pycolmap's incremental mapping "
+                                     "on the database: OUT/sfm (model, stats.json, picture)."),
+    matcher: Optional[str] = MatcherOpt,
+    checkpoint: Optional[Path] = CheckpointOpt,
+    dinov2: Optional[Path] = Dinov2Opt,
+    weights: Optional[List[str]] = WeightsOpt,
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="Run this exported graph (onnxruntime)."),
+    engine: Optional[Path] = typer.Option(None, "--engine", help="Run this TensorRT engine or AOTInductor "
+                                          "package (.pt2)."),
+    backend: Optional[str] = typer.Option(None, help="torch, onnxruntime, tensorrt or inductor (default "
+                                          "from the file)."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when present)."),
+    precision: str = typer.Option("fp32", help="fp32, fp16 or bf16 (torch)."),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the graph (torch backend)."),
+    height: Optional[int] = typer.Option(None, help="Input height (torch backend)."),
+    width: Optional[int] = typer.Option(None, help="Input width (torch backend)."),
+    option: Optional[List[str]] = OptionOpt,
+    batch_size: int = typer.Option(1, "--batch-size", "-b", help="Pairs per graph call (torch: any; "
+                                   "an exported graph keeps its own batch)."),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", "-j", help="Loader processes "
+                                              "(default: cores - 1, at most 8); with --ray, actors."),
+    ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS",
+                                      help="Run on Ray Data: `--ray local` starts Ray on this "
+                                      "machine; `--ray auto` or `--ray ray://host:10001` joins a cluster."),
+    merge_grid: float = typer.Option(2.0, "--merge-grid", help="Cell size in pixels within which "
+                                     "keypoints of one image are merged into one (tracks)."),
+    resize: Optional[str] = typer.Option(None, "--resize", help="stretch or pad: how images meet the "
+                                         "graph's size (default: the matcher's rule)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Forget earlier results in --output."),
+    random_weights: bool = RandomOpt,
+    allow_partial: bool = PartialOpt,
+) -> None:
+    """Match many pairs into hloc's features.h5 / matches.h5 (and a COLMAP database and model);
+    resumes where a killed run stopped."""
+    from .pairjob import PairJob, default_workers, run_pair_job
+    from .pairs import exhaustive_pairs, list_images, read_pairs, sequential_pairs
+
+    chosen = [pairs is not None, exhaustive, sequential is not None]
+    if sum(chosen) != 1:
+        raise typer.BadParameter("give exactly one of --pairs FILE, --exhaustive, --sequential N")
+    if pairs is not None:
+        pair_list = read_pairs(pairs)
+    elif exhaustive:
+        pair_list = exhaustive_pairs(list_images(image_dir))
+    else:
+        pair_list = sequential_pairs(list_images(image_dir), int(sequential or 0))
+    artifact = engine or onnx
+    backend = backend or _artifact_backend(engine, onnx) or "torch"
+    if device is None:
+        import torch
+
+        device = "cuda" if backend == "tensorrt" or torch.cuda.is_available() else "cpu"
+    if reconstruct and colmap is None:
+        colmap = output / "database.db"
+    if batch_size < 1:
+        raise typer.BadParameter("--batch-size must be at least 1")
+    job = PairJob(image_dir, pair_list, output, matcher=matcher, backend=backend,
+                  weights=_weights(checkpoint, dinov2, weights), artifact=artifact, height=height,
+                  width=width, extra=_extra(option), device=device, precision=precision,
+                  compile=compile_, allow_partial=allow_partial, random_weights=random_weights,
+                  batch_size=batch_size,
+                  num_workers=default_workers() if num_workers is None else num_workers,
+                  merge_grid=merge_grid, resize=resize, colmap=colmap, reconstruct=reconstruct,
+                  overwrite=overwrite)
+    console = _console(stderr=True)
+    summary = run_pair_job(job, ray_address=None if ray == "local" else ray, use_ray=ray is not None,
+                           log=lambda m: console.print(m, highlight=False))
+    rate = summary["pairs_per_s"]
+    share = summary["model_share"]
+    console.print(
+        f"{summary['pairs_matched']} pairs matched ({summary['pairs_skipped']} already done)"
+        + (f", {rate:.2f} pairs/s, model {100 * share:.0f}% of the time" if rate and share else "")
+        + f"; {summary['merge']['keypoints_per_image']:.0f} keypoints per image; wrote {output}",
+        highlight=False)
+    if "colmap" in summary:
+        c = summary["colmap"]
+        console.print(f"COLMAP database {c['path']}: {c['verified_pairs']}/{c['matched_pairs']} pairs "
+                      f"verified, {c['inlier_matches']} inlier matches", highlight=False)
+    if "reconstruction" in summary:
+        r = summary["reconstruction"]
+        console.print(f"model {r['path']}: {r['registered_images']}/{r['input_images']} images, "
+                      f"{r['points']} points, track length {r['mean_track_length']:.2f}, "
+                      f"reprojection error {r['mean_reprojection_error_px']:.2f} px", highlight=False)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

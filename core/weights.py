@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
@@ -192,7 +193,10 @@ def write_random_checkpoint(layout: Union[str, Path], output: Union[str, Path], 
     sd = deterministic_state_dict(read_layout(layout))
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": sd} if lightning else sd, str(output))
+    # other processes (Ray actors, loader workers) may read it: write aside, rename into place
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    torch.save({"state_dict": sd} if lightning else sd, str(tmp))
+    os.replace(tmp, output)
     return output
 
 
