@@ -26,6 +26,10 @@ RandomOpt = typer.Option(False, "--random-weights",
                          help="Untrained weights in the real checkpoint layout (speed tests only).")
 PartialOpt = typer.Option(False, "--allow-partial", help="Load a checkpoint that does not map 100% (warns).")
 OptionOpt = typer.Option(None, "--option", "-O", help="Matcher option KEY=VALUE (repeatable, see `info`).")
+OnnxOpt = typer.Option(None, "--onnx", help="Run this exported graph (onnxruntime).")
+EngineOpt = typer.Option(None, "--engine", help="Run this TensorRT engine or AOTInductor package (.pt2).")
+RunBackendOpt = typer.Option(None, "--backend", help="torch, onnxruntime, tensorrt or inductor (default "
+                             "from the file).")
 
 
 def _console(stderr: bool = False):
@@ -441,11 +445,9 @@ def match(
     checkpoint: Optional[Path] = CheckpointOpt,
     dinov2: Optional[Path] = Dinov2Opt,
     weights: Optional[List[str]] = WeightsOpt,
-    onnx: Optional[Path] = typer.Option(None, "--onnx", help="Run this exported graph (onnxruntime)."),
-    engine: Optional[Path] = typer.Option(None, "--engine", help="Run this TensorRT engine or AOTInductor "
-                                          "package (.pt2)."),
-    backend: Optional[str] = typer.Option(None, help="torch, onnxruntime, tensorrt or inductor (default "
-                                          "from the file)."),
+    onnx: Optional[Path] = OnnxOpt,
+    engine: Optional[Path] = EngineOpt,
+    backend: Optional[str] = RunBackendOpt,
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda for engines, else cpu)."),
     precision: str = typer.Option("fp32", help="fp32, fp16 or bf16 (torch; engines keep their own)."),
     height: Optional[int] = typer.Option(None, help="Input height (torch backend)."),
@@ -801,11 +803,9 @@ def match_pairs(
     checkpoint: Optional[Path] = CheckpointOpt,
     dinov2: Optional[Path] = Dinov2Opt,
     weights: Optional[List[str]] = WeightsOpt,
-    onnx: Optional[Path] = typer.Option(None, "--onnx", help="Run this exported graph (onnxruntime)."),
-    engine: Optional[Path] = typer.Option(None, "--engine", help="Run this TensorRT engine or AOTInductor "
-                                          "package (.pt2)."),
-    backend: Optional[str] = typer.Option(None, help="torch, onnxruntime, tensorrt or inductor (default "
-                                          "from the file)."),
+    onnx: Optional[Path] = OnnxOpt,
+    engine: Optional[Path] = EngineOpt,
+    backend: Optional[str] = RunBackendOpt,
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when present)."),
     precision: str = typer.Option("fp32", help="fp32, fp16 or bf16 (torch)."),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the graph (torch backend)."),

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Op
 
 from .errors import MatchrtError
 from .provenance import _driver_version, _normal, provenance_path, read_provenance, sha256_file
+from .tf32 import tf32_switches
 
 if TYPE_CHECKING:
     import torch
@@ -313,17 +314,11 @@ def package_context(host: "Host", matcher: str, paths: Mapping[str, Path],
 @contextlib.contextmanager
 def tf32_allowed(enabled: bool) -> Iterator[None]:
     """TF32 off for cuBLAS and cuDNN within the block when `enabled` is False (else unchanged)."""
-    import torch
-
     if enabled:
         yield
         return
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
+    with tf32_switches(False):
         yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 def check_request(precision: str, device: Optional[str]) -> "torch.device":

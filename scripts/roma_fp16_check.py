@@ -92,7 +92,7 @@ def trace(model: nn.Module, inputs: list[torch.Tensor], variant: str,
           forced: Optional[dict[str, torch.Tensor]] = None) -> tuple[dict[str, torch.Tensor], float]:
     """Every stage's output of one run of ``variant`` ("fp32" = the reference)."""
     from matchrt.plugins.roma_full.encoder import COARSE_SCALE
-    from matchrt.plugins.roma_full.ops import tf32_switches
+    from matchrt.tf32 import tf32_switches
 
     device = inputs[0].device.type
     dtype, coarse_precision, allow_tf32 = VARIANTS.get(variant, (None, "fp32", False))

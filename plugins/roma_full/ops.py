@@ -7,6 +7,8 @@ from typing import Iterator
 
 import torch
 
+from matchrt.tf32 import tf32_switches
+
 
 def stable_softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
     """Softmax with the maximum subtracted first.
@@ -48,20 +50,6 @@ def swap_halves(x: torch.Tensor) -> torch.Tensor:
     """[A, B] -> [B, A] along the batch axis (the symmetric batch's support side)."""
     a, b = x.chunk(2, dim=0)
     return torch.cat((b, a), dim=0)
-
-
-@contextlib.contextmanager
-def tf32_switches(enabled: bool) -> Iterator[None]:
-    """PyTorch's TF32 switches (cuBLAS matmuls, cuDNN convolutions) set for the region.
-
-    They are process-wide, so they are restored on exit.
-    """
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 @contextlib.contextmanager
