@@ -12,6 +12,9 @@ import pytest
 os.environ["MATCHRT_PLUGINS"] = ""
 # generated files (random-weight checkpoints) stay out of the user's cache
 os.environ.setdefault("MATCHRT_CACHE_DIR", tempfile.mkdtemp(prefix="matchrt-test-cache-"))
+# AOTInductor/Inductor builds get a cache of their own (subprocesses inherit it): a compiled
+# header left in the shared /tmp/torchinductor_<user> by another torch install broke a CPU build
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="matchrt-test-inductor-"))
 
 DATA = Path(__file__).parent / "data"
 
