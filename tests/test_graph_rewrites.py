@@ -84,3 +84,26 @@ def test_dual_softmax_exponent_equals_the_product_of_softmaxes() -> None:
     assert masked[0, :3].abs().max() == 0 and masked[0, :, :3].abs().max() == 0
     torch.testing.assert_close(masked[0, 3:, 3:], ref[0, 3:, 3:], rtol=1e-5, atol=1e-7)
 
+
+
+def test_roma_plus_plan_folds_its_batchnorms_and_leaves_the_model_alone() -> None:
+    from roma_plus_helpers import loaded_model
+
+    from matchrt.plugins.roma_plus import hooks
+    from matchrt.types import ExportOptions
+
+    model = loaded_model()
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    folded = hooks.export_plan("roma_plus", model, ExportOptions(56, 56, extra={"upsample_res": 64}))
+    kept = hooks.export_plan("roma_plus", model, ExportOptions(56, 56, extra={"upsample_res": 64, "fuse": False}))
+    count = lambda plan: sum(isinstance(m, nn.BatchNorm2d) for m in plan.graphs[0].module.modules())
+    assert n_bn > 50 and count(kept) == n_bn
+    assert count(folded) <= 1  # proj.16's BatchNorm belongs to the coarse stage and stays unfolded
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == n_bn  # model untouched
+    torch.manual_seed(0)
+    images = [torch.rand(1, 3, 56, 56), torch.rand(1, 3, 56, 56), torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64)]
+    with torch.no_grad():
+        warp_f, cert_f = folded.graphs[0].module(*images)
+        warp_k, cert_k = kept.graphs[0].module(*images)
+    torch.testing.assert_close(warp_f, warp_k, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cert_f, cert_k, rtol=1e-3, atol=1e-5)
