@@ -11,10 +11,10 @@ from .errors import MatchrtError
 from .types import InputContract, PairContext
 
 
-def read_image(path: Union[str, Path]) -> np.ndarray:
-    """Read an image as RGB (H x W x 3) or gray (H x W), float32 in [0, 1].
+def decode_image(path: Union[str, Path]) -> np.ndarray:
+    """Decode an image file as stored: H x W x C (C = 1, 3 RGB or 4 RGBA), uint8, uint16 or float.
 
-    8- and 16-bit files, gray, BGR and BGRA (alpha dropped) are accepted.
+    The expensive half of `read_image` (what a reading stage does before the pixels travel on).
     """
     import cv2
 
@@ -28,25 +28,33 @@ def read_image(path: Union[str, Path]) -> np.ndarray:
             f"cannot read {path} as an image: OpenCV does not recognise its contents. "
             "Pass a PNG, JPEG, TIFF or another format OpenCV reads."
         )
-    if image.dtype == np.uint8:
-        scale = 255.0
-    elif image.dtype == np.uint16:
-        scale = 65535.0
-    elif image.dtype in (np.float32, np.float64):
-        scale = 1.0
-    else:
+    if image.dtype not in (np.uint8, np.uint16, np.float32, np.float64):
         raise MatchrtError(f"{path}: unsupported pixel type {image.dtype}; use 8- or 16-bit images.")
-    image = image.astype(np.float32) / scale
+    if image.dtype == np.float64:
+        image = image.astype(np.float32)  # OpenCV's colour conversions take 8U, 16U and 32F
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.shape[2] not in (1, 3, 4):
+        raise MatchrtError(f"{path}: {image.shape[2]} channels; expected 1, 3 or 4.")
+    if image.shape[2] >= 3:
+        image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA if image.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+    return image
+
+
+def unit_float(image: np.ndarray) -> np.ndarray:
+    """A decoded image as float32 in [0, 1]: RGB (H x W x 3, alpha dropped) or gray (H x W)."""
+    scale = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(image.dtype, 1.0)
     if image.ndim == 3:
-        if image.shape[2] == 4:
-            image = image[:, :, :3]
-        if image.shape[2] == 3:
-            image = image[:, :, ::-1]  # BGR -> RGB
-        elif image.shape[2] == 1:
-            image = image[:, :, 0]
-        else:
-            raise MatchrtError(f"{path}: {image.shape[2]} channels; expected 1, 3 or 4.")
-    return np.ascontiguousarray(np.clip(image, 0.0, 1.0))
+        image = image[:, :, :3] if image.shape[2] >= 3 else image[:, :, 0]
+    return np.clip(image.astype(np.float32) / np.float32(scale), 0.0, 1.0)
+
+
+def read_image(path: Union[str, Path]) -> np.ndarray:
+    """Read an image as RGB (H x W x 3) or gray (H x W), float32 in [0, 1].
+
+    8- and 16-bit files, gray, BGR and BGRA (alpha dropped) are accepted.
+    """
+    return unit_float(decode_image(path))
 
 
 def to_channels(image: np.ndarray, channels: int) -> np.ndarray:

@@ -73,8 +73,13 @@ class PairDataset:
         return self.prepare(index, *self.pairs[index])
 
     def prepare(self, index: int, name0: str, name1: str) -> PreparedPair:
-        """Read and resize one pair (what a worker does per item; Ray actors call it directly)."""
-        arrays, ctx = prepare_pair(self.image(name0), self.image(name1), self.contract, self.sizes)
+        """Read and resize one pair (what a loader worker does per item)."""
+        return self.prepare_images(index, name0, name1, self.image(name0), self.image(name1))
+
+    def prepare_images(self, index: int, name0: str, name1: str, image0: np.ndarray,
+                       image1: np.ndarray) -> PreparedPair:
+        """Resize one pair whose images were read elsewhere (`read_image`; Ray's reading stage)."""
+        arrays, ctx = prepare_pair(image0, image1, self.contract, self.sizes)
         # the originals stay in the worker: postprocessing needs sizes and scales, not pixels
         ctx.image0 = ctx.image1 = None
         ctx.path0, ctx.path1 = name0, name1

@@ -64,6 +64,7 @@ class RunStats:
     batches: int = 0
     model_s: float = 0.0  # graph execution (synchronised)
     wait_s: float = 0.0  # waiting for the loader (decode + resize not hidden behind the model)
+    read_s: float = 0.0  # Ray's reading stage: CPU seconds decoding image files (on other cores)
     post_s: float = 0.0  # postprocess + journal commit
     wall_s: float = 0.0
     first_s: Optional[float] = None  # until the first batch was committed (workers, model load)
@@ -123,9 +124,10 @@ def graph_batch(pipe: Any) -> Optional[int]:
 
 
 def split_outputs(outputs: dict[str, Any], count: int) -> list[dict[str, Any]]:
-    """A batch's outputs (leading batch axis) -> one dict per pair, on the CPU."""
-    host = {k: (v.detach().cpu() if hasattr(v, "detach") else np.asarray(v)) for k, v in outputs.items()}
-    return [{k: v[i:i + 1] for k, v in host.items()} for i in range(count)]
+    """A batch's outputs (leading batch axis) -> one dict per pair, left where they are: a plugin's
+    postprocess then runs on the GPU when the graph did (roma_plus samples its warp there)."""
+    arrays = {k: (v.detach() if hasattr(v, "detach") else np.asarray(v)) for k, v in outputs.items()}
+    return [{k: v[i:i + 1] for k, v in arrays.items()} for i in range(count)]
 
 
 def to_record(matches: Matches, ctx: PairContext) -> PairRecord:
@@ -274,6 +276,7 @@ def summary_dict(job: PairJob, stats: RunStats, total: int, skipped: int, ray: O
         "model_s": round(stats.model_s, 3),
         "model_share": round(stats.model_s / stats.wall_s, 4) if stats.wall_s > 0 else None,
         "loader_wait_s": round(stats.wait_s, 3), "postprocess_write_s": round(stats.post_s, 3),
+        **({"ray_read_cpu_s": round(stats.read_s, 3)} if ray is not None else {}),
     }
 
 

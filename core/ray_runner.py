@@ -1,18 +1,22 @@
 """`match-pairs --ray`: the same pair job on Ray Data, one actor per GPU (or CPU worker).
 
-Each actor opens the pipeline once (`pairjob.BatchMatcher`), reads and resizes its batch's images on
-a few threads, runs the graph and postprocesses; the driver commits each returned batch to the
-journal exactly as the single-process loop does, so resuming, the h5 files and the COLMAP output are
-shared code. Install with `pip install 'matchrt[ray]'`.
+Two stages: CPU tasks decode the batch's image files (`read_images`, the costly half of reading, kept
+out of the GPU actors' processes as DataLoader workers keep it out of the single-process loop), then
+each actor, holding a pipeline opened once (`pairjob.BatchMatcher`), resizes, runs the graph and
+postprocesses. The driver commits each returned batch to the journal exactly as the single-process
+loop does, so resuming, the h5 files and the COLMAP output are shared code. Install with
+`pip install 'matchrt[ray]'`.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -49,6 +53,35 @@ def decode_record(name0: str, name1: str, payload: bytes) -> PairRecord:
                       size_hw(data["size0"]), size_hw(data["size1"]))
 
 
+def _pixels_bytes(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, image, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _pixels(payload: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(payload), allow_pickle=False)
+
+
+def read_images(batch: dict[str, np.ndarray], image_dir: str) -> dict[str, Any]:
+    """The reading stage: decode each distinct image of the batch once, as stored (uint8 mostly)."""
+    from .images import decode_image
+
+    decoded: dict[str, bytes] = {}
+
+    def pixels(name: str) -> bytes:
+        if name not in decoded:
+            decoded[name] = _pixels_bytes(decode_image(Path(image_dir) / name))
+        return decoded[name]
+
+    start = time.perf_counter()
+    out = {"name0": batch["name0"], "name1": batch["name1"],
+           "image0": np.array([pixels(str(n)) for n in batch["name0"]], dtype=object),
+           "image1": np.array([pixels(str(n)) for n in batch["name1"]], dtype=object)}
+    out["read_s"] = np.full(len(batch["name0"]), (time.perf_counter() - start) / max(1, len(batch["name0"])))
+    return out
+
+
 class PairActor:
     """Holds an opened pipeline; called with batches of {"name0", "name1"} rows."""
 
@@ -61,19 +94,34 @@ class PairActor:
         self.dataset = PairDataset(self.job.image_dir, [], [], input_contract(self.job, pipe.info.contract),
                                    pipe.input_sizes)
         self.pool = ThreadPoolExecutor(max(1, threads))
+        # two calls run at once (one resizes while the other's batch is on the GPU); the graph runs
+        # one batch at a time, so model seconds are the GPU's and two threads never launch together
+        self.gpu = threading.Lock()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        from .images import unit_float
         from .loader import collate_pairs
 
-        names = list(zip(map(str, batch["name0"]), map(str, batch["name1"])))
-        items = list(self.pool.map(lambda p: self.dataset.prepare(p[0], p[1][0], p[1][1]),
-                                   enumerate(names)))
-        stacked = collate_pairs(items)
+        start = time.perf_counter()
+        rows = list(zip(map(str, batch["name0"]), map(str, batch["name1"]), batch["image0"], batch["image1"]))
+
+        def prepare(k: int) -> Any:
+            name0, name1, pix0, pix1 = rows[k]
+            return self.dataset.prepare_images(k, name0, name1, unit_float(_pixels(pix0)),
+                                               unit_float(_pixels(pix1)))
+
+        stacked = collate_pairs(list(self.pool.map(prepare, range(len(rows)))))
         stats = RunStats()
-        records = self.matcher.run(stacked["inputs"], stacked["contexts"], stats)
-        return {"name0": batch["name0"], "name1": batch["name1"],
-                "payload": np.array([encode_record(r) for r in records], dtype=object),
-                "model_s": np.full(len(records), stats.model_s / max(1, len(records)))}
+        prep = time.perf_counter() - start
+        with self.gpu:
+            records = self.matcher.run(stacked["inputs"], stacked["contexts"], stats)
+        payload = np.array([encode_record(r) for r in records], dtype=object)
+        n = max(1, len(records))
+        return {"name0": batch["name0"], "name1": batch["name1"], "payload": payload,
+                "model_s": np.full(len(records), stats.model_s / n),
+                "prepare_s": np.full(len(records), prep / n),
+                "post_s": np.full(len(records), (time.perf_counter() - start - prep - stats.model_s) / n),
+                "read_s": batch["read_s"]}
 
 
 def _init(ray: Any, address: Optional[str], workers: int, use_gpu: bool) -> bool:
@@ -134,6 +182,8 @@ def match_ray(job: PairJob, pairs: list[Pair], todo: list[int], journal: MatchJo
         ctx.execution_options.preserve_order = False
         spec = asdict(replace(job, pairs=[], num_workers=0))  # actors get pairs from the dataset
         ds = ray.data.from_items([{"name0": pairs[i][0], "name1": pairs[i][1]} for i in todo])
+        ds = ds.map_batches(read_images, fn_kwargs={"image_dir": str(job.image_dir)},
+                            batch_size=job.batch_size, batch_format="numpy", num_cpus=1)
         ds = ds.map_batches(PairActor, fn_constructor_kwargs={"job": spec, "threads": threads},
                             batch_size=job.batch_size, batch_format="numpy",
                             compute=_actor_pool(ray, workers, 2 if use_gpu else 1), **resources)
@@ -146,6 +196,8 @@ def match_ray(job: PairJob, pairs: list[Pair], todo: list[int], journal: MatchJo
         stats.wall_s = time.perf_counter() - start
         # the model share of a pool: model seconds over the actors' wall time together
         stats.model_s /= workers
+        stats.wait_s /= workers
+        stats.post_s /= workers
         return stats, workers
     finally:
         if started:
@@ -175,5 +227,8 @@ def _consume(ds: Any, journal: MatchJournal, stats: RunStats, start: float,
                    for a, b, p in zip(batch["name0"], batch["name1"], batch["payload"])]
         journal.commit(records)
         stats.model_s += float(np.sum(batch["model_s"]))
+        stats.wait_s += float(np.sum(batch["prepare_s"]))  # resizing in the actor, after the reading stage
+        stats.post_s += float(np.sum(batch["post_s"]))
+        stats.read_s += float(np.sum(batch["read_s"]))
         stats.committed(len(records), start)
         advance(len(records))

@@ -74,10 +74,9 @@ work, out = Path(sys.argv[1]), Path(sys.argv[2])
 runs = {name: json.loads((work / name / "summary.json").read_text())
         for name in ("local", "ray1", "ray2", "roma_plus")}
 keys = ("pairs_matched", "wall_s", "pairs_per_s", "first_batch_s", "pairs_per_s_after_first_batch",
-        "model_share", "loader_wait_s")
-print("run       " + " ".join(f"{k:>30}" for k in keys))
+        "model_share", "loader_wait_s", "postprocess_write_s", "ray_read_cpu_s")
 for name, s in runs.items():
-    print(f"{name:10}" + " ".join(f"{str(s.get(k)):>30}" for k in keys))
+    print(name, {k: s.get(k) for k in keys})
 scaling = {k: runs["ray2"][k] / runs["ray1"][k] for k in ("pairs_per_s", "pairs_per_s_after_first_batch")
            if runs["ray1"].get(k) and runs["ray2"].get(k)}
 print("2 GPUs / 1 GPU:", {k: round(v, 3) for k, v in scaling.items()}, "(target >= 1.8)")
