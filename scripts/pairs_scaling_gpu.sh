@@ -14,7 +14,7 @@
 #      (~24 MB). h5py, pyarrow, pandas, typer, rich, onnx, opencv are on the GPU image already.
 #      The GPU image's Python was 3.12 when last seen; `run` prints it: if it differs, redo step 1
 #      with that version.
-#   2. on nvidia-h100-x2 (carry .whl): bash scripts/pairs_scaling_gpu.sh run [COPIES=4] [BATCH=8]
+#   2. on nvidia-h100-x2 (carry .whl): [ROMA=0] bash scripts/pairs_scaling_gpu.sh run [COPIES=4] [BATCH=8]
 #      writes $OUT/pairs_scaling.json (or /tmp/pairs_scaling/pairs_scaling.json) and prints a table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -64,7 +64,7 @@ cmd=(python3 -m matchrt.cli match-pairs "$work/images" -m eloftr --random-weight
 "${cmd[@]}" -o "$work/ray1" --ray local --num-workers 1
 "${cmd[@]}" -o "$work/ray2" --ray local --num-workers 2
 # roma_plus (random weights, 560 coarse / 864 upsampled) on one GPU, a throughput figure only
-python3 -m matchrt.cli match-pairs "$work/images" -m roma_plus --random-weights --sequential 2 \
+[ "${ROMA:-1}" = 0 ] || python3 -m matchrt.cli match-pairs "$work/images" -m roma_plus --random-weights --sequential 2 \
     --device cuda --batch-size 2 --num-workers 8 -o "$work/roma_plus"
 
 python3 - "$work" "${OUT:-$work}" <<'EOF'
@@ -72,7 +72,7 @@ import json, sys
 from pathlib import Path
 work, out = Path(sys.argv[1]), Path(sys.argv[2])
 runs = {name: json.loads((work / name / "summary.json").read_text())
-        for name in ("local", "ray1", "ray2", "roma_plus")}
+        for name in ("local", "ray1", "ray2", "roma_plus") if (work / name / "summary.json").exists()}
 keys = ("pairs_matched", "wall_s", "pairs_per_s", "first_batch_s", "pairs_per_s_after_first_batch",
         "model_share", "loader_wait_s", "postprocess_write_s", "ray_read_cpu_s")
 for name, s in runs.items():
