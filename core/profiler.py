@@ -128,23 +128,41 @@ def _device_items(events: list[Any]) -> list[tuple[str, float, Any, Any]]:
     return items
 
 
-def _device_stage_ranges(events: list[Any]) -> list[tuple[float, float, tuple[str, ...]]]:
+def _device_stage_ranges(events: list[Any], cache: dict[int, tuple[str, ...]]
+                         ) -> list[tuple[float, float, tuple[str, ...]]]:
     """(start, end, stage path) of the device-side copies of the stage ranges, by start time.
 
-    On CUDA, the profiler mirrors every range onto the GPU timeline (from its first kernel's
-    start to its last kernel's end); nesting is read from containment there.
+    On CUDA the profiler mirrors a range onto the GPU timeline only where it launched kernels
+    itself, from its first such kernel to its last: a range whose work is all in nested stages has
+    no copy, and a copy need not span its children. So the k-th copy of a name takes the path of the
+    k-th CPU range of that name (the CPU side knows the nesting) when both sides count the same
+    occurrences; otherwise the path is read from containment on the GPU timeline.
     """
-    marks = sorted((e for e in events if not _is_cpu(e) and _stage_name(e) is not None),
-                   key=lambda e: (e.time_range.start, -e.time_range.end))
+    def order(e: Any) -> tuple[float, float]:
+        return (float(e.time_range.start), -float(e.time_range.end))
+
+    marks = sorted((e for e in events if not _is_cpu(e) and _stage_name(e) is not None), key=order)
+    cpu_paths: dict[str, list[tuple[str, ...]]] = {}
+    for r in sorted((e for e in events if _is_cpu(e) and _stage_name(e) is not None), key=order):
+        cpu_paths.setdefault(str(_stage_name(r)), []).append(_path(r, cache))
+    device_count: dict[str, int] = {}
+    for m in marks:
+        device_count[str(_stage_name(m))] = device_count.get(str(_stage_name(m)), 0) + 1
+    seen: dict[str, int] = {}
     out: list[tuple[float, float, tuple[str, ...]]] = []
     stack: list[tuple[float, float, tuple[str, ...]]] = []
     for m in marks:
         start, end = float(m.time_range.start), float(m.time_range.end)
         while stack and stack[-1][1] <= start:
             stack.pop()
-        parent = stack[-1][2] if stack else ()
         name = str(_stage_name(m))
-        path = parent if parent and parent[-1] == name else parent + (name,)
+        k = seen.get(name, 0)
+        seen[name] = k + 1
+        if len(cpu_paths.get(name, [])) == device_count[name]:
+            path = cpu_paths[name][k]
+        else:
+            parent = stack[-1][2] if stack else ()
+            path = parent if parent and parent[-1] == name else parent + (name,)
         stack.append((start, end, path))
         out.append((start, end, path))
     return out
@@ -208,7 +226,7 @@ def analyse(events: Iterable[Any], runs: int, on_gpu: bool, top: int = 15
     items = _device_items(events) if on_gpu else _cpu_items(events)
     # GPU: a kernel belongs to the stages whose device-side range holds it; where the profiler
     # recorded no device-side ranges, to the stages around the CPU op that launched it
-    device_ranges = _device_stage_ranges(events) if on_gpu else []
+    device_ranges = _device_stage_ranges(events, cache) if on_gpu else []
     starts = [r[0] for r in device_ranges]
     for r in device_ranges:  # stages seen only on the device side still get a row
         if r[2] not in wall:

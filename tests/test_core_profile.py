@@ -236,3 +236,38 @@ def test_gpu_kernels_are_charged_by_the_device_side_copies_of_the_stage_ranges()
     assert rows["refiners/refiner.8"].ms == pytest.approx(17 / 1000)
     assert rows[UNMARKED].ms == pytest.approx(10 / 1000)
     assert kernels[0].name == "conv" and kernels[0].stage == "refiners/refiner.8"
+
+
+def test_device_side_ranges_take_their_nesting_from_the_cpu_side():
+    """As seen on an H200: a range's GPU copy spans only the kernels it launched itself, so a wrapper
+    stage ("first pass") has none and the same child name under two parents must not merge."""
+    root = _event(ROOT, 0, 100, id_=1)
+    first = _event(PREFIX + "first pass", 0, 40, id_=2, parent=root)
+    r8a = _event(PREFIX + "refiner.8", 1, 20, id_=3, parent=first)
+    r4a = _event(PREFIX + "refiner.4", 21, 39, id_=4, parent=first)
+    up = _event(PREFIX + "upsample pass", 41, 90, id_=5, parent=root)
+    vgg = _event(PREFIX + "encoder.vgg", 42, 50, id_=6, parent=up)
+    r8b = _event(PREFIX + "refiner.8", 51, 70, id_=7, parent=up)
+    device = [
+        _event(PREFIX + "refiner.8", 110, 120, cpu=False, kind="gpu_user_annotation"),
+        _event(PREFIX + "refiner.4", 120, 130, cpu=False, kind="gpu_user_annotation"),
+        # the upsample pass launched a resize itself, before its encoder: its copy ends there
+        _event(PREFIX + "upsample pass", 130, 132, cpu=False, kind="gpu_user_annotation"),
+        _event(PREFIX + "encoder.vgg", 132, 140, cpu=False, kind="gpu_user_annotation"),
+        _event(PREFIX + "refiner.8", 140, 160, cpu=False, kind="gpu_user_annotation"),
+        _event("conv8", 110, 118, cpu=False, linked=901, kind="kernel"),
+        _event("conv4", 121, 129, cpu=False, linked=902, kind="kernel"),
+        _event("resize", 130, 132, cpu=False, linked=903, kind="kernel"),
+        _event("vgg", 133, 139, cpu=False, linked=904, kind="kernel"),
+        _event("conv8", 141, 159, cpu=False, linked=905, kind="kernel"),
+    ]
+    total, stages, kernels = analyse([root, first, r8a, r4a, up, vgg, r8b, *device], runs=1, on_gpu=True)
+    rows = {r.name: r.ms * 1000 for r in stages}
+    assert rows["first pass"] == pytest.approx(16)
+    assert rows["first pass/refiner.8"] == pytest.approx(8)
+    assert rows["first pass/refiner.4"] == pytest.approx(8)
+    assert rows["upsample pass"] == pytest.approx(2 + 6 + 18)
+    assert rows["upsample pass/encoder.vgg"] == pytest.approx(6)
+    assert rows["upsample pass/refiner.8"] == pytest.approx(18)
+    assert "refiner.8" not in rows and rows.get(UNMARKED, 0.0) == pytest.approx(0)
+    assert total == pytest.approx(42 / 1000)
