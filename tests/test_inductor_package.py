@@ -325,3 +325,33 @@ def test_cuda_package_with_and_without_cuda_graphs(toy, tmp_path):
     with pytest.raises(MatchrtError, match="compute capability: package built for 1.0"):
         artifact_pipeline(get_host(), out, "inductor", {"device": "cuda"})
     assert provenance_path(out).exists()
+
+
+def test_first_load_is_checked_in_a_child_and_a_crashing_loader_is_an_error(built, tmp_path, monkeypatch):
+    """As on the H200s (torch 2.11): the loader segfaults. The user gets an error naming the crash and
+    the backend to use instead, not a dead process; a load that passed once is not checked again."""
+    import matchrt.package_load_check as load_check
+    from matchrt.backends.inductor_backend import InductorSession
+
+    monkeypatch.setenv("MATCHRT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(load_check.ENV, "always")  # CUDA packages only by default; the fixture's is a CPU one
+    crash = "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n"
+    monkeypatch.setattr(load_check, "CHILD_CODE", crash)
+    with pytest.raises(MatchrtError, match="(?s)loader crashed \\(SIGSEGV\\).*--backend torch-compile"):
+        InductorSession(built.path, {"device": "cpu"})
+    assert not list((tmp_path / "cache").rglob("*.ok"))  # a crash is not remembered as a pass
+
+    monkeypatch.undo()
+    monkeypatch.setenv("MATCHRT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(load_check.ENV, "always")
+    session = InductorSession(built.path, {"device": "cpu"})  # a real child load, then this process
+    assert len(list((tmp_path / "cache").rglob("*.ok"))) == 1
+    assert session.run(_inputs())["valid"].shape[0] == 1
+
+    def no_child(*args, **kwargs):
+        raise AssertionError("the check ran again for a package that loaded here before")
+
+    monkeypatch.setattr(load_check.subprocess, "run", no_child)
+    InductorSession(built.path, {"device": "cpu"})
+    monkeypatch.setenv(load_check.ENV, "0")
+    assert not load_check.wanted("cuda")

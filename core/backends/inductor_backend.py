@@ -26,6 +26,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from .. import package_load_check as load_check
 from ..errors import MatchrtError
 from ..hookspecs import hookimpl
 from ..package import (
@@ -100,7 +101,8 @@ class InductorSession:
         index = asked.index if asked.type == "cuda" and asked.index is not None else 0
         # the provenance check comes before torch reads a byte of the package, so a foreign package
         # fails with the rebuild command rather than a loader error or a crash
-        check_package(self.path, self.record, package_environment(device_type, index))
+        environment = package_environment(device_type, index)
+        check_package(self.path, self.record, environment)
         if self.record is None:
             warnings.warn(f"{self.path} has no provenance record ({self.path.name}.json); it cannot be "
                           "checked against this torch and GPU", stacklevel=2)
@@ -110,9 +112,14 @@ class InductorSession:
             raise MatchrtError(f"CUDA graphs need a CUDA package on a CUDA GPU; {self.path.name} is a "
                                f"{device_type} package (use the inductor backend without CUDA graphs)")
         self.tf32 = bool(build_info.get("tf32", True))
+        load_index = index if self.device.type == "cuda" else -1
+        if load_check.wanted(device_type):  # a loader that segfaults becomes an error with a remedy
+            from ..runner import cache_dir
+
+            load_check.check_load_in_child(self.path, load_index, environment, cache_dir())
         start = time.perf_counter()
         try:
-            self.model = _load(self.path, index if self.device.type == "cuda" else -1, self.cuda_graph)
+            self.model = _load(self.path, load_index, self.cuda_graph)
         except Exception as exc:  # noqa: BLE001 - torch's loader errors are long and opaque
             hint = package_rebuild_command(self.record, self.path) if self.record else (
                 "matchrt build -m MATCHER --backend inductor -o MODEL.pt2 --force")
