@@ -115,12 +115,14 @@ class PairActor:
         prep = time.perf_counter() - start
         with self.gpu:
             records = self.matcher.run(stacked["inputs"], stacked["contexts"], stats)
+        encoding = time.perf_counter()
         payload = np.array([encode_record(r) for r in records], dtype=object)
+        post = stats.post_s + time.perf_counter() - encoding  # postprocess + encoding, not the lock wait
         n = max(1, len(records))
         return {"name0": batch["name0"], "name1": batch["name1"], "payload": payload,
                 "model_s": np.full(len(records), stats.model_s / n),
                 "prepare_s": np.full(len(records), prep / n),
-                "post_s": np.full(len(records), (time.perf_counter() - start - prep - stats.model_s) / n),
+                "post_s": np.full(len(records), post / n),
                 "read_s": batch["read_s"]}
 
 
