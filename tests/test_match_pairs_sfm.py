@@ -152,3 +152,20 @@ def test_ray_data_on_two_cpu_workers_gives_the_same_matches(reference, tmp_path)
         np.testing.assert_array_equal(rec.keypoints0, want.keypoints0)
         np.testing.assert_array_equal(rec.keypoints1, want.keypoints1)
         np.testing.assert_allclose(rec.scores, want.scores, atol=1e-5)
+
+
+def test_ray_reading_stage_reports_an_unreadable_image_in_one_line(tmp_path):
+    """Ray decodes images in CPU tasks: a file OpenCV cannot read still ends the job with one line
+    naming it (not Ray's nested traceback)."""
+    pytest.importorskip("ray.data", reason="needs the ray extra: pip install '.[ray]'")
+    images = tmp_path / "images"
+    images.mkdir()
+    first = sorted(IMAGES.glob("*.jpg"))[0]
+    (images / "good.jpg").write_bytes(first.read_bytes())
+    (images / "broken.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "pairs.txt").write_text("good.jpg broken.jpg\n")
+    proc = matchrt("match-pairs", str(images), "-m", "xfeat", "--pairs", str(tmp_path / "pairs.txt"),
+                   "--device", "cpu", "--num-workers", "1", "--ray", "local", "-o", str(tmp_path / "out"))
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 2, out
+    assert "cannot read" in out and "broken.jpg" in out and "Traceback" not in out, out
