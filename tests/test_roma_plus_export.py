@@ -167,8 +167,33 @@ def test_correlation_is_one_gridsample_per_scale(single) -> None:
     (graph,) = _graphs(single[1])
     corr = [n.name for n in graph.nodes
             if n.op_type == "GridSample" and fnmatch.fnmatchcase(n.name, "*/corr*/GridSample")]
-    # scales 16, 8, 4 in the first pass, 8 and 4 again in the upsampling pass
+    # scales 16, 8, 4 in the first pass, 8 and 4 again in the upsampling pass (at this size each
+    # window fits one chunk; larger ones are sampled in chunks, next test)
     assert len(corr) == 5
+
+
+def test_chunked_correlation_exports_and_runs_like_torch(monkeypatch, tmp_path) -> None:
+    """A window larger than WINDOW_CHUNK_BYTES becomes several GridSamples and a Concat in ONNX;
+    onnxruntime computes what torch computes."""
+    import onnxruntime as ort
+
+    from matchrt.plugins.roma_plus import refiner
+
+    b, c, h, w, r = 2, 16, 9, 11, 3  # 49 offsets
+    monkeypatch.setattr(refiner, "WINDOW_CHUNK_BYTES", 10 * b * c * h * w * 4)  # 10 offsets a chunk
+    torch.manual_seed(0)
+    fa, fb = torch.randn(b, c, h, w), torch.randn(b, c, h, w)
+    flow = torch.rand(b, 2, h, w) * 1.8 - 0.9
+    module = refiner.LocalCorrelation(r).eval()
+    path = tmp_path / "corr.onnx"
+    torch.onnx.export(module, (fa, fb, flow), str(path), input_names=["a", "b", "flow"],
+                      output_names=["corr"], opset_version=17, dynamo=False)
+    graph = onnx.load(str(path)).graph
+    assert sum(n.op_type == "GridSample" for n in graph.node) == 5  # 49 offsets, 10 a chunk
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"a": fa.numpy(), "b": fb.numpy(), "flow": flow.numpy()})[0]
+    want = module(fa, fb, flow).numpy()
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
 
 @pytest.mark.parametrize("which", ["exact", "single"])

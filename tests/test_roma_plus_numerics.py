@@ -93,8 +93,15 @@ def test_batched_pairs_are_independent() -> None:
     assert rel(cert[1], torch.cat((c1[:, 224:], c1[:, :224]), dim=1)) <= CERT_RTOL
 
 
-def test_local_correlation_is_the_windowed_dot_product() -> None:
-    """Against a direct per-offset computation (upstream's definition: window step 2 px)."""
+@pytest.mark.parametrize("chunk_bytes", [None, 3 * 2 * 8 * 6 * 7 * 4])
+def test_local_correlation_is_the_windowed_dot_product(chunk_bytes, monkeypatch) -> None:
+    """Against a direct per-offset computation (upstream's definition: window step 2 px), sampled
+    all at once and in chunks of 3 offsets (what bounds the window's memory at large sizes)."""
+    from matchrt.plugins.roma_plus import refiner
+
+    if chunk_bytes is not None:
+        monkeypatch.setattr(refiner, "WINDOW_CHUNK_BYTES", chunk_bytes)
+    assert len(refiner.offset_chunks(25, 2 * 8 * 6 * 7 * 4)) == (1 if chunk_bytes is None else 9)
     torch.manual_seed(0)
     b, c, h, w, r = 2, 8, 6, 7, 2
     fa, fb = torch.randn(b, c, h, w), torch.randn(b, c, h, w)

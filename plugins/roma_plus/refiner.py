@@ -12,6 +12,8 @@ upstream; Conv, BatchNormalization, Relu, Mul, ReduceSum) with static shapes.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -62,16 +64,31 @@ def window_offsets(radius: int, height: int, width: int, device: torch.device) -
     return torch.from_numpy(np.ascontiguousarray(offsets)).to(device)
 
 
+# the largest sampled window (and product) one GridSample of the local correlation may produce
+WINDOW_CHUNK_BYTES = 256 << 20
+
+
+def offset_chunks(count: int, bytes_per_offset: int, limit: Optional[int] = None) -> list[tuple[int, int]]:
+    """[start, end) ranges over `count` window offsets, each sampling at most `limit` bytes
+    (`WINDOW_CHUNK_BYTES` by default; at least one offset per chunk), of near-equal length."""
+    limit = WINDOW_CHUNK_BYTES if limit is None else limit
+    per = max(1, limit // max(1, bytes_per_offset))
+    pieces = -(-count // per)
+    size = -(-count // pieces)
+    return [(s, min(count, s + size)) for s in range(0, count, size)]
+
+
 class LocalCorrelation(nn.Module):
     """Correlation of each A feature with B features in a window around its flow target.
 
     ``forward(feat_a, feat_b, flow)``: feat_* B x C x H x W, flow B x 2 x H x W (normalised x, y)
     -> B x K x H x W, K = (2r+1)^2, entry k = <a, b(flow + offset_k)> / sqrt(C).
 
-    One GridSample over an H x (W*K) grid samples all K window positions at once (no loop over
-    offsets or pixels). Memory: B*C*H*W*K floats for the sampled window, and as much for the
-    products (scale 8 of a 560 input: 2*512*70*70*49*4 B = 0.98 GB each; scale 8 of the 864
-    upsampling pass: 2.3 GB), as upstream's per-image loop.
+    The window positions are sampled in chunks of offsets, one GridSample over an H x (W*k) grid
+    per chunk, each chunk reduced over C before the next is sampled: the sampled window and its
+    products never exceed `WINDOW_CHUNK_BYTES` each, whatever the batch and size (all K at once
+    they were B*C*H*W*K floats: 2.3 GB each at scale 8 of the 864 upsampling pass for one pair,
+    9.2 GB at batch 4). Each (pixel, offset) entry is the same sum as without chunks.
     fp16 hazards, kept in fp32 by explicit casts (and listed in the graph's fp32 layers):
     the window coordinates (a fp16 coordinate near 1 is off by up to 5e-4, a third of a pixel
     at 864) and the sum over C = 512 products.
@@ -82,17 +99,20 @@ class LocalCorrelation(nn.Module):
         self.radius = radius
 
     def forward(self, feat_a: torch.Tensor, feat_b: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = feat_a.shape
+        b, c, h, w = (int(v) for v in feat_a.shape)  # traced sizes -> constants (static export)
         offsets = window_offsets(self.radius, h, w, feat_a.device)  # K x 2
         k = offsets.shape[0]
         coords = flow.float().permute(0, 2, 3, 1)[:, :, :, None, :] + offsets[None, None, None]
-        coords = coords.reshape(b, h, w * k, 2)
-        # GridSample as upstream: bilinear, zeros padding, align_corners=False
-        window = F.grid_sample(feat_b.float(), coords, mode="bilinear", padding_mode="zeros",
-                               align_corners=False)  # B x C x H x (W*K)
-        window = window.reshape(b, c, h, w, k)
-        scaled_a = feat_a.float() / (c ** 0.5)
-        corr = (scaled_a[..., None] * window).sum(dim=1)  # B x H x W x K
+        feat_b32 = feat_b.float()
+        scaled_a = feat_a.float()[..., None] / (c ** 0.5)
+        parts = []
+        for start, end in offset_chunks(k, b * c * h * w * 4):
+            kc = end - start
+            # GridSample as upstream: bilinear, zeros padding, align_corners=False
+            window = F.grid_sample(feat_b32, coords[:, :, :, start:end].reshape(b, h, w * kc, 2),
+                                   mode="bilinear", padding_mode="zeros", align_corners=False)
+            parts.append((scaled_a * window.reshape(b, c, h, w, kc)).sum(dim=1))  # B x H x W x kc
+        corr = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         return corr.permute(0, 3, 1, 2)
 
 
