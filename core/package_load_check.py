@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from .errors import MatchrtError
+from .journal import atomic_write
 
 ENV = "MATCHRT_INDUCTOR_LOAD_CHECK"
 # what the child runs: load the package as the backend does (argv: path, device index)
@@ -88,7 +89,6 @@ def check_load_in_child(package: Path, device_index: int, environment: Mapping[s
         raise MatchrtError(f"torch could not load {package} with {where} ({last}). Rebuild it with "
                            "`matchrt build ... --backend inductor --force`")
     marker.parent.mkdir(parents=True, exist_ok=True)
-    tmp = marker.with_name(f".{marker.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"package": str(package), "environment": dict(environment)}))
-    os.replace(tmp, marker)
+    record = json.dumps({"package": str(package), "environment": dict(environment)}).encode()
+    atomic_write(marker, lambda f: f.write(record))
     return True
