@@ -19,6 +19,8 @@ Variants (the model's own precision policy, ``coarse_precision``):
                              IEEE fp32, the VGG encoder and the refiners in half precision
     fp16-reduced, bf16-reduced   coarse_precision=reduced: the coarse stage in half precision
                              too, as upstream's AMP
+    fp16-dinov2, fp16-dinov2-proj16, fp16-dinov2-decoder   coarse_precision=reduced:<regions>:
+                             only those coarse regions in fp16, the rest of it IEEE fp32
     fp16-tf32                coarse_precision=tf32: the coarse stage in fp32 with TF32 matrix
                              products, the encoder and refiners in fp16
     tf32-reduced             fp32 with TF32 in the coarse stage (TensorRT's fp32 default)
@@ -56,6 +58,9 @@ VARIANTS: dict[str, tuple[Optional[torch.dtype], str, bool]] = {
     "bf16": (torch.bfloat16, "fp32", False),
     "fp16-tf32": (torch.float16, "tf32", False),
     "fp16-reduced": (torch.float16, "reduced", False),
+    "fp16-dinov2": (torch.float16, "reduced:dinov2", False),
+    "fp16-dinov2-proj16": (torch.float16, "reduced:dinov2+proj16", False),
+    "fp16-dinov2-decoder": (torch.float16, "reduced:dinov2+decoder", False),
     "bf16-reduced": (torch.bfloat16, "reduced", False),
     "tf32-reduced": (None, "reduced", True),
     "fp32-noise": (None, "fp32", False),

@@ -227,15 +227,22 @@ def test_reduced_coarse_precision_leaves_the_coarse_stage_to_the_builder() -> No
     reduced = hooks.export_plan("roma_plus", loaded_model(),
                                 ExportOptions(SIDE, SIDE, extra={"coarse_precision": "reduced"}))
     assert strict.graphs[0].tf32 is False and reduced.graphs[0].tf32 is None
-    assert set(export_mod.COARSE_FP32_LAYERS) <= set(strict.graphs[0].fp32_layers)
+    assert set(export_mod.COARSE_FP32_LAYERS.values()) <= set(strict.graphs[0].fp32_layers)
     assert reduced.graphs[0].fp32_layers == export_mod.FP32_LAYERS
     assert reduced.graphs[0].module.model.coarse_precision == "reduced"
     assert loaded_model().coarse_precision == "fp32"  # the plan's view leaves the model alone
     # tf32: the coarse stage stays pinned to fp32 layers, with TF32 allowed in them
     tf32 = hooks.export_plan("roma_plus", loaded_model(), ExportOptions(SIDE, SIDE, extra={"coarse_precision": "tf32"}))
-    assert tf32.graphs[0].tf32 is True and set(export_mod.COARSE_FP32_LAYERS) <= set(tf32.graphs[0].fp32_layers)
-    with pytest.raises(MatchrtError, match="coarse_precision"):
-        hooks.export_plan("roma_plus", loaded_model(), ExportOptions(SIDE, SIDE, extra={"coarse_precision": "fp8"}))
+    assert tf32.graphs[0].tf32 is True and set(export_mod.COARSE_FP32_LAYERS.values()) <= set(tf32.graphs[0].fp32_layers)
+    # reduced:dinov2 leaves DINOv2 to the builder; proj.16 and the decoder stay IEEE fp32, TF32 off
+    mixed = hooks.export_plan("roma_plus", loaded_model(),
+                              ExportOptions(SIDE, SIDE, extra={"coarse_precision": "reduced: DINOv2"}))
+    layers = mixed.graphs[0].fp32_layers
+    assert mixed.graphs[0].tf32 is False and mixed.options["coarse_precision"] == "reduced:dinov2"
+    assert "*/dinov2/*" not in layers and {"*/proj16/*", "*/embedding_decoder/*"} <= set(layers)
+    for bad in ("fp8", "reduced:", "reduced:vgg"):
+        with pytest.raises(MatchrtError, match="coarse_precision"):
+            hooks.export_plan("roma_plus", loaded_model(), ExportOptions(SIDE, SIDE, extra={"coarse_precision": bad}))
 
 
 def test_runner_matches_from_original_images(exact) -> None:

@@ -147,6 +147,25 @@ def test_coarse_stage_stays_ieee_fp32_under_reduced_precision() -> None:
     assert rel(loose[0].float(), want[0]) > 1e-3 and rel(loose[2].float(), want[2]) > 1e-3
 
 
+def test_region_policy_relaxes_only_dinov2() -> None:
+    """coarse_precision=reduced:dinov2: DINOv2 runs in the autocast precision, proj.16 and the
+    decoder stay IEEE fp32 (fed DINOv2's bf16 tokens)."""
+    import copy
+
+    model = loaded_model()
+    mixed = copy.copy(model)
+    mixed.coarse_precision = "reduced:dinov2"
+    a, b = inputs(112)
+    with torch.no_grad():
+        fp32_tokens = _coarse_stage(model, a, b)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tokens, feat, logits, _ = _coarse_stage(mixed, a, b)
+        want_feat = model.coarse.proj16(tokens.float())
+    assert rel(tokens.float(), fp32_tokens) > 1e-3  # DINOv2 ran in bf16
+    assert feat.dtype == torch.float32 and logits.dtype == torch.float32
+    assert rel(feat, want_feat) <= 1e-6  # proj.16 in fp32 on those tokens
+
+
 def test_unknown_coarse_precision_is_refused() -> None:
     from matchrt.errors import MatchrtError
     from matchrt.plugins.roma_plus import hooks

@@ -21,7 +21,7 @@ from matchrt.plugins.roma_full import export as coarse_export
 from matchrt.plugins.roma_full.encoder import COARSE_SCALE, check_input_size
 from matchrt.types import ExportOptions, ExportPlan, GraphSpec
 
-from .model import COARSE_PRECISIONS, DEFAULT_UPSAMPLE, RomaPlus
+from .model import DEFAULT_UPSAMPLE, RomaPlus, coarse_region_modes
 
 NAME = "roma_plus"
 # gp_solve ("iterative" | "exact"), gp_method, gp_iters: as roma_full defines and validates them
@@ -47,13 +47,23 @@ FP32_LAYERS: list[str] = [
     "*/resize*/*",  # bilinear upsampling of flow and certainty between scales
     "*/layout*/*",  # attenuation, sigmoid, clamp and the warp's coordinate grid
 ]
-# with coarse_precision=fp32 (default) also the coarse stage, and TF32 off in the engine
-COARSE_FP32_LAYERS: list[str] = ["*/dinov2/*", "*/proj16/*", "*/embedding_decoder/*"]
+# the coarse stage's regions that coarse_precision keeps in fp32 (by default all: TF32 off in the engine)
+COARSE_FP32_LAYERS: dict[str, str] = {"dinov2": "*/dinov2/*", "proj16": "*/proj16/*",
+                                      "decoder": "*/embedding_decoder/*"}
 
 
 def fp32_layers(options: dict[str, Any]) -> list[str]:
     """The fp32 node patterns of a graph exported with ``options``."""
-    return FP32_LAYERS + (COARSE_FP32_LAYERS if options["coarse_precision"] != "reduced" else [])
+    modes = coarse_region_modes(options["coarse_precision"])
+    return FP32_LAYERS + [glob for region, glob in COARSE_FP32_LAYERS.items() if modes[region] != "reduced"]
+
+
+def graph_tf32(options: dict[str, Any]) -> Optional[bool]:
+    """TF32 of the build: off while a coarse region must be IEEE fp32, on with "tf32", else the default."""
+    modes = set(coarse_region_modes(options["coarse_precision"]).values())
+    if "tf32" in modes:
+        return True
+    return False if "fp32" in modes else None
 
 
 def truthy(value: Any) -> bool:
@@ -75,12 +85,8 @@ def resolve_options(extra: dict[str, Any]) -> dict[str, Any]:
                            f"of 8 (the VGG pyramid's stride); nearest: {lo} or {hi}")
     opts["symmetric"] = truthy(opts["symmetric"])
     opts["fuse"] = truthy(opts["fuse"])
-    opts["coarse_precision"] = str(opts["coarse_precision"]).strip().lower()
-    if opts["coarse_precision"] not in COARSE_PRECISIONS:
-        raise MatchrtError(f"roma_plus: coarse_precision={opts['coarse_precision']!r} is not one of "
-                           f"{', '.join(COARSE_PRECISIONS)}: 'fp32' keeps DINOv2, proj.16 and the decoder in "
-                           "IEEE fp32 under fp16/bf16 (exact coarse matches), 'tf32' in fp32 with TF32 matrix "
-                           "products, 'reduced' runs them in the run's precision (fastest, as upstream's AMP)")
+    opts["coarse_precision"] = str(opts["coarse_precision"]).strip().lower().replace(" ", "")
+    coarse_region_modes(opts["coarse_precision"])  # MatchrtError naming the values
     return opts
 
 
@@ -177,7 +183,7 @@ def build_plan(model: RomaPlus, options: ExportOptions) -> ExportPlan:
     view = configured(model, opts).eval()
     pinned = fp32_layers(opts)
     # strict coarse stage: IEEE fp32 in TensorRT; "tf32": fp32 layers with TF32 allowed
-    tf32 = {"fp32": False, "tf32": True}.get(opts["coarse_precision"])
+    tf32 = graph_tf32(opts)
     images = [torch.rand(b, 3, h, w), torch.rand(b, 3, h, w)]
     r = opts["upsample_res"]
     upsampled = [torch.rand(b, 3, r, r), torch.rand(b, 3, r, r)] if r else []

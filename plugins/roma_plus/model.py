@@ -52,8 +52,30 @@ ATTENUATION = 0.5  # certainty -= 0.5 * min(coarse certainty logit, 0)
 DEFAULT_COARSE = 560
 DEFAULT_UPSAMPLE = 864
 # "fp32": IEEE fp32; "tf32": fp32 tensors with TF32 matrix products (10-bit mantissa inputs,
-# fp32 accumulation); "reduced": the run's precision (fp16/bf16 autocast), as upstream's AMP
-COARSE_PRECISIONS = ("fp32", "tf32", "reduced")
+# fp32 accumulation); "reduced": the run's precision (fp16/bf16 autocast), as upstream's AMP;
+# "reduced:R1+R2": the named regions in the run's precision, the others IEEE fp32
+COARSE_PRECISIONS = ("fp32", "tf32", "reduced", "reduced:<regions>")
+# the coarse stage's regions a policy can relax (the GP and the anchor soft-argmax stay IEEE fp32)
+COARSE_REGIONS = ("dinov2", "proj16", "decoder")
+
+
+def coarse_region_modes(policy: str) -> dict[str, str]:
+    """Region -> "fp32" | "tf32" | "reduced" for a ``coarse_precision`` value; MatchrtError if unknown."""
+    if policy in ("fp32", "tf32", "reduced"):
+        return dict.fromkeys(COARSE_REGIONS, policy)
+    if policy.startswith("reduced:"):
+        regions = [r.strip() for r in policy[len("reduced:"):].split("+") if r.strip()]
+        unknown = [r for r in regions if r not in COARSE_REGIONS]
+        if regions and not unknown:
+            return {r: "reduced" if r in regions else "fp32" for r in COARSE_REGIONS}
+        raise MatchrtError(f"roma_plus: coarse_precision={policy!r} names no region or an unknown one "
+                           f"({', '.join(unknown) or 'none'}); regions: {', '.join(COARSE_REGIONS)}, "
+                           "joined by '+', e.g. reduced:dinov2")
+    raise MatchrtError(f"roma_plus: coarse_precision={policy!r} is not one of {', '.join(COARSE_PRECISIONS)}: "
+                       "'fp32' keeps DINOv2, proj.16 and the decoder in IEEE fp32 under fp16/bf16 (exact "
+                       "coarse matches), 'tf32' in fp32 with TF32 matrix products, 'reduced' runs them in the "
+                       "run's precision (fastest, as upstream's AMP), 'reduced:dinov2' (or another '+' list "
+                       f"of {', '.join(COARSE_REGIONS)}) only those")
 
 Pyramid = dict[int, torch.Tensor]
 Corresps = dict[int, tuple[torch.Tensor, torch.Tensor]]  # scale -> (flow B x 2 x h x w, certainty B x 1 x h x w)
@@ -159,7 +181,8 @@ class RomaPlus(nn.Module):
     Submodules: ``coarse`` (roma_full's RomaCoarse: ``encoder.cnn``, ``encoder.dinov2``,
     ``proj16``, ``gp``, ``embedding_decoder``), ``proj`` (scales 8, 4, 2, 1) and
     ``conv_refiner`` (scales 16, 8, 4, 2, 1). ``upsample_res`` = 0 turns the second pass off;
-    ``coarse_precision`` is "fp32" or "reduced" (see the module docstring).
+    ``coarse_precision`` is "fp32", "tf32", "reduced" or "reduced:<regions>" (see the module docstring
+    and ``coarse_region_modes``).
     """
 
     def __init__(self, gp_solve: str = "exact", gp_method: str = "newton_schulz",
@@ -184,17 +207,16 @@ class RomaPlus(nn.Module):
         self.upsample_res = int(upsample_res)
         self.symmetric = bool(symmetric)
         self.attenuate = bool(attenuate)
-        if coarse_precision not in COARSE_PRECISIONS:
-            raise MatchrtError(f"roma_plus: coarse_precision={coarse_precision!r} is not one of "
-                               f"{', '.join(COARSE_PRECISIONS)}")
+        coarse_region_modes(coarse_precision)  # checked here, read per call (a view may change it)
         self.coarse_precision = coarse_precision
 
-    def in_coarse_precision(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(*args)`` as the run goes ("reduced"), or in fp32 outside torch.compile: IEEE
-        ("fp32") or with TF32 matrix products ("tf32")."""
-        if self.coarse_precision == "reduced":
+    def in_coarse_precision(self, region: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` of a coarse ``region`` as the run goes ("reduced"), or in fp32 outside
+        torch.compile: IEEE ("fp32") or with TF32 matrix products ("tf32")."""
+        mode = coarse_region_modes(self.coarse_precision)[region]
+        if mode == "reduced":
             return fn(*args)
-        return strict_eager(fn, *args, tf32=self.coarse_precision == "tf32")
+        return strict_eager(fn, *args, tf32=mode == "tf32")
 
     def set_gp(self, solve: str, method: str = "newton_schulz", iters: Union[int, str, None] = None) -> None:
         """GP solve: "exact" (Cholesky; not exportable in-graph) or "iterative" with roma_full's
@@ -218,7 +240,7 @@ class RomaPlus(nn.Module):
         x = normalize_images(torch.cat((image0, image1), dim=0), self.coarse.imagenet_norm)
         pyr = self.coarse.encoder(x, with_cnn=True, with_coarse=False)
         if with_coarse:
-            pyr[COARSE_SCALE] = self.in_coarse_precision(self.coarse.encoder.dinov2, x)
+            pyr[COARSE_SCALE] = self.in_coarse_precision("dinov2", self.coarse.encoder.dinov2, x)
         return pyr
 
     def split(self, pyr: Pyramid) -> tuple[Pyramid, Pyramid]:
@@ -286,7 +308,10 @@ class RomaPlus(nn.Module):
         fp16 hazard: the GP's kernel exp((cos - 1) / 0.2) of fp16 dot products and its linear
         solve lose several digits; autocast and TF32 are switched off around it, inputs cast up.
         """
-        return self.in_coarse_precision(self._coarse_prediction, f_q16, f_s16)
+        modes = coarse_region_modes(self.coarse_precision)
+        if modes["proj16"] == modes["decoder"] != "reduced":  # one strict region around the GP too
+            return strict_eager(self._coarse_prediction, f_q16, f_s16, tf32=modes["decoder"] == "tf32")
+        return self._coarse_prediction(f_q16, f_s16)
 
     def _coarse_prediction(self, f_q16: torch.Tensor, f_s16: torch.Tensor) -> dict[str, torch.Tensor]:
         feat_q, feat_s = self.project16(f_q16, f_s16)
@@ -298,7 +323,7 @@ class RomaPlus(nn.Module):
     def project16(self, f_q16: torch.Tensor, f_s16: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """proj.16 (1x1 conv + BatchNorm) of query and support tokens, in the coarse precision."""
         proj = self.coarse.proj16
-        return self.in_coarse_precision(lambda q, s: (proj(q), proj(s)), f_q16, f_s16)
+        return self.in_coarse_precision("proj16", lambda q, s: (proj(q), proj(s)), f_q16, f_s16)
 
     def gp_system(self, f_q16: torch.Tensor, f_s16: torch.Tensor) -> dict[str, torch.Tensor]:
         """The GP's linear system for the exact split export: proj.16 features and kernel matrices.
@@ -318,7 +343,7 @@ class RomaPlus(nn.Module):
 
     def decode(self, gp_feats: torch.Tensor, feat_q: torch.Tensor, feat_s: torch.Tensor) -> dict[str, torch.Tensor]:
         """roma_full's coordinate decoder (coarse precision), the classification-to-flow step in fp32."""
-        gm_cls, gm_certainty = self.in_coarse_precision(self.coarse.embedding_decoder, gp_feats, feat_q)
+        gm_cls, gm_certainty = self.in_coarse_precision("decoder", self.coarse.embedding_decoder, gp_feats, feat_q)
         return {"gm_cls": gm_cls, "gm_certainty": gm_certainty, "flow": self.cls_to_flow(gm_cls),
                 "certainty": gm_certainty, "feat_q16": feat_q, "feat_s16": feat_s}
 
@@ -372,4 +397,4 @@ class RomaPlus(nn.Module):
         return self.finish(first, second)
 
 
-__all__ = ["RomaPlus", "FINE_SCALES", "DEFAULT_COARSE", "DEFAULT_UPSAMPLE", "COARSE_PRECISIONS"]
+__all__ = ["RomaPlus", "FINE_SCALES", "DEFAULT_COARSE", "DEFAULT_UPSAMPLE", "COARSE_PRECISIONS", "coarse_region_modes"]
