@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Optional
 
+from .cxx_toolchain import choose_compiler, configured_compiler
 from .errors import MatchrtError
 from .provenance import _driver_version, _normal, provenance_path, read_provenance, sha256_file
 from .tf32 import tf32_switches
@@ -495,6 +496,12 @@ def build_package(
             # a copy: inductor writes into the dict it is given; the names live in the record too,
             # for a torch whose AOTInductor keeps no metadata
             compile_configs = dict(configs)
+            compiler_configs, note = choose_compiler(configs)
+            if note:
+                say(note)
+            compile_configs.update(compiler_configs)
+            cxx = compile_configs.get("cpp.cxx") or configured_compiler()
+            record["build"]["cxx"] = str(cxx[-1] if isinstance(cxx, (list, tuple)) else cxx)
             if hasattr(torch._inductor.config.aot_inductor, "metadata"):
                 compile_configs["aot_inductor.metadata"] = meta
             torch._inductor.aoti_compile_and_package(program, package_path=str(partial),
