@@ -403,7 +403,7 @@ def _build_package(matcher: str, weights: dict[str, Path], random_weights: bool,
 
         def say(message: str) -> None:
             status.update(f"{message} ({time.perf_counter() - start:.0f} s)")
-            if message.startswith(("wrote", "building", "equivalent")) or "up to date" in message:
+            if message.startswith(("wrote", "building", "equivalent", "note:")) or "up to date" in message:
                 console.print(message, highlight=False)
 
         manifest = build_packages(host, plan, output, context, {

@@ -1,107 +1,113 @@
-"""The C++ compiler an AOTInductor build uses, checked against the C++ runtime the process loads.
+"""The C++ compiler of an AOTInductor build, probed before the build so its packages can load.
 
-AOTInductor compiles its wrapper with the compiler of ``torch._inductor.config.cpp.cxx`` (the
-``CXX`` environment variable, else ``g++``), and the package's ``.so`` later runs against the
-``libstdc++`` already loaded in the process. A compiler whose own ``libstdc++`` is newer than that
-one inlines template code (``std::regex`` in the runtime's device-string parser) that the older
-library cannot serve: every package, a two-layer CPU model included, then dies with SIGSEGV when
-loaded. Seen on the lent GPU machines (``CXX=/opt/gcc/bin/g++``, a newer GCC than the system's
-``libstdc++.so.6`` the process runs with): a native backtrace ends in
-``torch::aot_inductor::parse_device_str`` -> ``std::__detail::_Compiler<regex_traits<char>>``.
+AOTInductor compiles its wrapper with ``torch._inductor.config.cpp.cxx`` (the ``CXX`` environment
+variable, else ``g++``). The package's ``.so`` then runs inside a process where torch has already
+loaded the shared ``libstdc++.so.6``. A compiler that links ``libstdc++`` statically into shared
+objects (a wrapper script whose ``-B`` prefix holds only ``libstdc++.a``, as ``/opt/gcc/bin/g++``
+on the lent GPU machines) gives every package its own copy of the C++ runtime; the two copies'
+locale facets clash and the runtime's ``std::regex`` device-string parser crashes (SIGSEGV there,
+``std::bad_cast`` here), for CPU and CUDA packages alike, before the model is even created.
+
+The probe: compile a tiny shared object that uses ``std::regex`` with the compiler, load it in a
+child process after ``import torch`` and call it. A compiler that fails is replaced by the first
+of ``FALLBACKS`` that passes (the note says so); none: MatchrtError with the remedy.
 
 API:
-    libstdcxx_version(path) -> tuple | None      (6, 0, 33) from ``libstdc++.so.6.0.33``
-    loaded_libstdcxx() -> Path | None            the libstdc++ mapped into this process
-    compiler_libstdcxx(cxx) -> Path | None       the libstdc++ a compiler links against
-    pick_compiler(configured, candidates, runtime, library_of) -> (compiler, note)   pure choice
-    choose_compiler(user_configs) -> (inductor config updates, note)   for build_package
+    compiler_problem(cxx) -> str | None           why ``cxx``'s shared objects cannot run here
+    pick_compiler(configured, candidates, problem_of) -> (compiler, note)   pure choice
+    configured_compiler() -> str                  what Inductor would use now
+    choose_compiler(user_configs) -> (inductor config updates, compiler, note)
 """
 
 from __future__ import annotations
 
+import functools
 import os
-import re
 import shutil
+import signal
 import subprocess
-from pathlib import Path
+import sys
+import tempfile
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 from .errors import MatchrtError
 
-Version = tuple[int, ...]
-# compilers tried, in order, when the configured one is too new for the loaded libstdc++
-FALLBACKS = ("g++", "/usr/bin/g++", "c++", "/usr/bin/c++")
+# compilers tried, in order, when the configured one fails the probe
+FALLBACKS = ("/usr/bin/g++", "g++", "/usr/bin/c++", "c++")
+PROBE_SOURCE = r"""
+#include <regex>
+#include <string>
+extern "C" int matchrt_probe(const char* text) {
+  static const std::regex pattern("([a-zA-Z_]+)(?::([0-9]+))?");
+  std::smatch match;
+  std::string s(text);
+  return std::regex_match(s, match, pattern) ? 1 : 0;
+}
+"""
+LOAD_PROBE = ("import ctypes, sys, torch\n"
+              "sys.exit(0 if ctypes.CDLL(sys.argv[1]).matchrt_probe(b'cuda:0') == 1 else 3)\n")
 
 
-def libstdcxx_version(path: Optional[Path]) -> Optional[Version]:
-    """The version in a resolved ``libstdc++.so.6.0.N`` file name, or None."""
-    if path is None:
-        return None
-    match = re.search(r"libstdc\+\+\.so\.(\d+(?:\.\d+)*)$", Path(path).name)
-    return tuple(int(p) for p in match.group(1).split(".")) if match else None
+def _how_it_ended(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"died with {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"died with signal {-returncode}"
+    return f"exited with status {returncode}"
 
 
-def loaded_libstdcxx(maps: str = "/proc/self/maps") -> Optional[Path]:
-    """The libstdc++ file mapped into this process (Linux), resolved; None if none or unknown."""
-    try:
-        with open(maps) as f:
-            for line in f:
-                path = line.split()[-1] if line.strip() else ""
-                if "libstdc++.so" in path:
-                    return Path(os.path.realpath(path))
-    except OSError:
-        pass
-    return None
+@functools.lru_cache(maxsize=None)
+def compiler_problem(cxx: str) -> Optional[str]:
+    """None when a shared object built by ``cxx`` runs std::regex in a process that imported
+    torch; else what went wrong. A compiler that cannot build the probe is not judged (None):
+    Inductor's own error will be clearer."""
+    with tempfile.TemporaryDirectory(prefix="matchrt-cxx-") as tmp:
+        source, lib = os.path.join(tmp, "probe.cpp"), os.path.join(tmp, "probe.so")
+        with open(source, "w") as f:
+            f.write(PROBE_SOURCE)
+        try:
+            built = subprocess.run([cxx, "-shared", "-fPIC", "-O1", "-std=c++17", source, "-o", lib],
+                                   capture_output=True, text=True, timeout=180)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        if built.returncode != 0 or not os.path.exists(lib):
+            return None
+        try:
+            ran = subprocess.run([sys.executable, "-c", LOAD_PROBE, lib], capture_output=True, text=True,
+                                 timeout=180)
+        except subprocess.TimeoutExpired:
+            return "a shared object it built hung when loaded next to torch"
+        if ran.returncode == 0:
+            return None
+        return (f"a shared object it built using std::regex {_how_it_ended(ran.returncode)} when called "
+                "next to torch (it carries its own copy of libstdc++: the compiler links it statically)")
 
 
-def compiler_libstdcxx(cxx: str) -> Optional[Path]:
-    """The libstdc++ ``cxx`` links against (``-print-file-name``), resolved; None if it says nothing."""
-    try:
-        out = subprocess.run([cxx, "-print-file-name=libstdc++.so.6"], capture_output=True, text=True,
-                             timeout=30).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if not out or os.sep not in out:  # a bare name: the compiler does not know one (clang without gcc)
-        return None
-    return Path(os.path.realpath(out))
-
-
-def _too_new(library: Optional[Path], runtime: Version) -> bool:
-    version = libstdcxx_version(library)
-    return version is not None and version > runtime
-
-
-def pick_compiler(configured: str, candidates: Iterable[str], runtime: Optional[Path],
-                  library_of: Callable[[str], Optional[Path]]) -> tuple[str, Optional[str]]:
-    """The compiler to build with and, when it is not ``configured``, why.
-
-    ``configured`` stays unless its libstdc++ is newer than ``runtime`` (the loaded one); then the
-    first of ``candidates`` that is not newer is taken. None of them: MatchrtError naming both
-    libraries and the remedy.
-    """
-    runtime_version = libstdcxx_version(runtime)
-    if runtime_version is None:
+def pick_compiler(configured: str, candidates: Iterable[str],
+                  problem_of: Callable[[str], Optional[str]]) -> tuple[str, Optional[str]]:
+    """The compiler to build with and, when it is not ``configured``, why; MatchrtError if no
+    candidate passes ``problem_of`` either."""
+    problem = problem_of(configured)
+    if problem is None:
         return configured, None
-    own = library_of(configured)
-    if not _too_new(own, runtime_version):
-        return configured, None
+    seen = {os.path.realpath(shutil.which(configured) or configured)}
     for cxx in candidates:
         found = shutil.which(cxx)
-        if not found or os.path.realpath(found) == os.path.realpath(shutil.which(configured) or configured):
+        if not found or os.path.realpath(found) in seen:
             continue
-        library = library_of(found)
-        if library is not None and not _too_new(library, runtime_version):
-            return found, (f"C++ compiler {configured} links {own}, newer than the {runtime} this process "
-                           f"runs with (its packages would crash on load); building with {found} ({library})")
+        seen.add(os.path.realpath(found))
+        if problem_of(found) is None:
+            return found, (f"C++ compiler {configured}: {problem}; AOTInductor packages it builds would "
+                           f"crash when loaded, so {found} builds this one")
     raise MatchrtError(
-        f"the C++ compiler {configured} links {own}, newer than the {runtime} this process runs with: "
-        "AOTInductor packages it builds crash when loaded (SIGSEGV in the C++ runtime). Point CXX at a "
-        "compiler of the same or an older GCC (usually the system's /usr/bin/g++), or pass "
-        "--inductor-config cpp.cxx=PATH")
+        f"C++ compiler {configured}: {problem}. AOTInductor packages it builds crash when loaded, and none "
+        f"of {', '.join(candidates)} does better. Point CXX at a compiler that links libstdc++ dynamically "
+        "(usually the system's /usr/bin/g++) or pass --inductor-config cpp.cxx=PATH")
 
 
 def configured_compiler() -> str:
-    """The compiler torch's Inductor would use now (``cpp.cxx``'s first usable entry)."""
+    """The compiler torch's Inductor would use now (``cpp.cxx``'s first named entry)."""
     import torch._inductor.config as config
 
     cxx: Any = config.cpp.cxx
@@ -109,19 +115,18 @@ def configured_compiler() -> str:
     return str(entries[0]) if entries else os.environ.get("CXX", "g++")
 
 
-def choose_compiler(user_configs: Mapping[str, Any]) -> tuple[dict[str, Any], Optional[str]]:
-    """Inductor config updates that make the build use a compiler matching the loaded libstdc++.
+def choose_compiler(user_configs: Mapping[str, Any]) -> tuple[dict[str, Any], str, Optional[str]]:
+    """(Inductor config updates, the compiler, a note) for a build whose packages can load.
 
-    A ``cpp.cxx`` the user passed (``--inductor-config``) is taken as is.
+    A ``cpp.cxx`` the user passed (``--inductor-config``) is used as given, unprobed.
     """
     if "cpp.cxx" in user_configs:
-        return {}, None
+        given = user_configs["cpp.cxx"]
+        return {}, str(given[-1] if isinstance(given, (list, tuple)) else given), None
     configured = configured_compiler()
-    chosen, note = pick_compiler(configured, FALLBACKS, loaded_libstdcxx(), compiler_libstdcxx)
-    if chosen == configured:
-        return {}, None
-    return {"cpp.cxx": (None, chosen)}, note
+    chosen, note = pick_compiler(configured, FALLBACKS, compiler_problem)
+    updates = {"cpp.cxx": (None, chosen)} if chosen != configured else {}
+    return updates, chosen, note
 
 
-__all__ = ["libstdcxx_version", "loaded_libstdcxx", "compiler_libstdcxx", "pick_compiler",
-           "configured_compiler", "choose_compiler"]
+__all__ = ["compiler_problem", "pick_compiler", "configured_compiler", "choose_compiler", "FALLBACKS"]

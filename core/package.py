@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Optional
 
-from .cxx_toolchain import choose_compiler, configured_compiler
+from .cxx_toolchain import choose_compiler
 from .errors import MatchrtError
 from .provenance import _driver_version, _normal, provenance_path, read_provenance, sha256_file
 from .tf32 import tf32_switches
@@ -60,7 +60,7 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
 # fields of the "build" section that change a package
 BUILD_KEYS = ("precision", "device", "tf32", "autocast", "options", "input_shapes", "input_dtypes",
-              "inductor_configs")
+              "inductor_configs", "cxx")
 # fields of the "environment" section a package is bound to, per device type
 ENV_KEYS = {"cuda": ("torch", "gpu", "compute_capability"),
             "cpu": ("torch", "machine", "cpu", "vec_isa")}
@@ -473,6 +473,10 @@ def build_package(
     configs = dict(inductor_configs or {})
     tf32 = tf32_policy(precision, graph.tf32)
     record = _record(graph, output, context, precision, dev, tf32, plan_options or {}, configs)
+    # the C++ compiler is part of what a package is: one whose packages cannot load is replaced
+    compiler_configs, record["build"]["cxx"], note = choose_compiler(configs)
+    if note:
+        say(f"note: {note}")
     reason = package_cache_decision(read_provenance(output), record, output.exists())
     if reason is None and not force:
         say(f"{output} is up to date (same code, weights, settings, torch and device); --force rebuilds")
@@ -495,13 +499,7 @@ def build_package(
                     "matchrt.precision": precision}
             # a copy: inductor writes into the dict it is given; the names live in the record too,
             # for a torch whose AOTInductor keeps no metadata
-            compile_configs = dict(configs)
-            compiler_configs, note = choose_compiler(configs)
-            if note:
-                say(note)
-            compile_configs.update(compiler_configs)
-            cxx = compile_configs.get("cpp.cxx") or configured_compiler()
-            record["build"]["cxx"] = str(cxx[-1] if isinstance(cxx, (list, tuple)) else cxx)
+            compile_configs = dict(configs, **compiler_configs)
             if hasattr(torch._inductor.config.aot_inductor, "metadata"):
                 compile_configs["aot_inductor.metadata"] = meta
             torch._inductor.aoti_compile_and_package(program, package_path=str(partial),

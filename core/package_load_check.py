@@ -1,8 +1,9 @@
 """A package's first load on a machine happens in a child process, so a crashing loader is an error.
 
-torch's AOTInductor loader can die with a segmentation fault instead of raising: on two H200 machines
-(torch 2.11.0+cu130, driver 580) every CUDA package did, a two-layer toy included, even when the
-package's `.so` was handed to torch's runner directly. A segfault ends the user's process without a
+torch's AOTInductor loader can die with a segmentation fault instead of raising: on the lent H200 and
+H100 machines (torch 2.11.0+cu130) every package did, a two-layer toy included, because their CXX
+(/opt/gcc/bin/g++) linked libstdc++ statically into it (see cxx_toolchain, which now prevents that
+at build time). A segfault ends the user's process without a
 word (a `match-pairs` job loses its progress bar, a bench its other rows). So before the first load
 of a CUDA package in a given environment, matchrt loads it once in a child process: a crash there
 becomes a MatchrtError that says what happened and what to run instead, and a success is remembered
@@ -80,8 +81,10 @@ def check_load_in_child(package: Path, device_index: int, environment: Mapping[s
     if proc.returncode < 0:
         raise MatchrtError(
             f"torch's AOTInductor loader crashed ({_signal_name(proc.returncode)}) loading {package} "
-            f"with {where}: the loader itself fails here, rebuilding the package will not help. Run "
-            "the model with --backend torch-compile (or torch) instead, or try another torch release. "
+            f"with {where}. A package whose C++ compiler linked libstdc++ statically crashes so (its copy "
+            "clashes with torch's); matchrt now probes the compiler before building, so rebuild it with "
+            "`matchrt build ... --backend inductor --force`. If the rebuilt package crashes too, run the "
+            "model with --backend torch-compile (or torch) instead, or try another torch release. "
             f"(Checked in a child process; set {ENV}=0 to load in this process anyway.)")
     if proc.returncode != 0:
         lines = [ln for ln in (proc.stderr or "").strip().splitlines() if ln.strip()]

@@ -355,3 +355,55 @@ def test_first_load_is_checked_in_a_child_and_a_crashing_loader_is_an_error(buil
     InductorSession(built.path, {"device": "cpu"})
     monkeypatch.setenv(load_check.ENV, "0")
     assert not load_check.wanted("cuda")
+
+
+def _build_with(compiler_setting, built, tmp_path, *extra):
+    """Build the toy package into tmp_path with inductor's configured compiler set to `compiler_setting`."""
+    import torch._inductor.config as inductor_config
+
+    out = tmp_path / "toy-64x96-fp32-cpu.pt2"
+    with inductor_config.patch({"cpp.cxx": (None, compiler_setting)}):
+        r = invoke("build", "-m", "toy", "-c", built.ckpt, "--device", "cpu", "-o", out, *extra)
+    assert r.exit_code == 0, r.output
+    return out, r.output
+
+
+def test_a_compiler_that_links_libstdcxx_statically_is_replaced(built, tmp_path, monkeypatch):
+    """The GPU machines' failure, on CPU: CXX links libstdc++ into the package, which then crashed
+    every load. The build notices, builds with the system compiler instead, and the package loads
+    in a child process (the check that turned the old crash into an error)."""
+    import matchrt.package_load_check as load_check
+    from cxx_helpers import static_libstdcxx_compiler
+
+    from matchrt.backends.inductor_backend import InductorSession
+
+    bad = static_libstdcxx_compiler(tmp_path)
+    out, output = _build_with(bad, built, tmp_path)
+    record = read_provenance(out)
+    assert record["build"]["cxx"] != bad and "statically" in " ".join(output.split())
+    monkeypatch.setenv("MATCHRT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(load_check.ENV, "always")
+    assert InductorSession(out, {"device": "cpu"}).run(_inputs())["valid"].shape[0] == 1
+    # the compiler is part of the package's identity: the fixture's package (built with the
+    # configured compiler) is not taken for this one
+    assert "cxx" in (package_cache_decision(read_provenance(built.path), record) or "")
+
+
+@pytest.mark.slow
+def test_a_package_built_by_a_static_libstdcxx_compiler_crashes_on_load(built, tmp_path, monkeypatch):
+    """Why the probe exists (slow: a second compile): forced through --inductor-config cpp.cxx, the
+    same compiler makes a package that cannot load, reported as an error."""
+    import matchrt.package_load_check as load_check
+    from cxx_helpers import static_libstdcxx_compiler
+
+    from matchrt.backends.inductor_backend import InductorSession
+
+    bad = static_libstdcxx_compiler(tmp_path)
+    out, _ = _build_with("g++", built, tmp_path, "--inductor-config", f"cpp.cxx={bad}")
+    assert read_provenance(out)["build"]["cxx"] == bad
+    monkeypatch.setenv("MATCHRT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(load_check.ENV, "always")
+    # SIGSEGV on the GPU machines; here the two C++ runtimes' clash surfaces as std::bad_cast,
+    # which torch's C API turns into "API call failed"
+    with pytest.raises(MatchrtError, match="(?s)loader crashed|could not load.*API call failed"):
+        InductorSession(out, {"device": "cpu"})
