@@ -1,10 +1,13 @@
-"""Does torch's AOTInductor runtime load a package at all on this machine? (no matchrt involved)
+"""Does torch's AOTInductor runtime load a package on this machine, with and without matchrt's
+compiler probe?
 
-Builds a two-layer CUDA package (Conv2d + ReLU, ~2.4 MB, about a minute) and loads it in fresh
+Builds a two-layer CUDA package (Conv2d + ReLU, ~2.4 MB, about a minute) twice, in parallel: with
+the C++ compiler torch is configured with (CXX), and with the one matchrt's build would choose
+(matchrt.cxx_toolchain; the same unless CXX links libstdc++ statically). Each is loaded in fresh
 processes three ways: `aoti_load_package`, the same after initialising CUDA, and the package's
-wrapper `.so` handed to torch's runner directly. Each way prints `ok` or how its process died. On
-the lent H200s with torch 2.11.0+cu130 all three died with SIGSEGV (docs/bench/inductor_h200_load_segfault.txt);
-run this first on another machine kind before measuring matchrt's packages there.
+wrapper `.so` handed to torch's runner directly; each way prints `ok` or how its process died.
+On the lent H200s and H100 (torch 2.11.0+cu130, CXX=/opt/gcc/bin/g++) every load of the first kind
+died with SIGSEGV (docs/bench/inductor_load_segfault_root_cause.txt).
 
     python3 scripts/aoti_load_probe.py [WORK_DIR=/tmp/aoti_probe]
 """
@@ -20,12 +23,13 @@ import time
 import zipfile
 
 
-def build(path: str) -> None:
+def build(path: str, compiler: str) -> None:
     import torch
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU()).cuda().eval()
     program = torch.export.export(model, (torch.rand(1, 3, 32, 32, device="cuda"),))
-    torch._inductor.aoti_compile_and_package(program, package_path=path)
+    configs = {"cpp.cxx": (None, compiler)} if compiler else {}
+    torch._inductor.aoti_compile_and_package(program, package_path=path, inductor_configs=configs)
 
 
 def load(way: str, path: str) -> None:
@@ -63,18 +67,38 @@ def child(args: list[str], timeout: float = 300) -> str:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] in ("--build", "--load"):
-        build(sys.argv[2]) if sys.argv[1] == "--build" else load(sys.argv[2], sys.argv[3])
+        build(sys.argv[2], sys.argv[3]) if sys.argv[1] == "--build" else load(sys.argv[2], sys.argv[3])
         return
     import torch
 
+    from matchrt.cxx_toolchain import choose_compiler, configured_compiler
+    from matchrt.errors import MatchrtError
+
     work = sys.argv[1] if len(sys.argv) > 1 else "/tmp/aoti_probe"
     os.makedirs(work, exist_ok=True)
-    path = os.path.join(work, "toy_cuda.pt2")
     print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name(0)}", flush=True)
-    print("build:", child(["--build", path], timeout=600), flush=True)
-    if os.path.exists(path):
-        for way in ("plain", "cuda-initialised", "runner"):
-            print(f"load ({way}):", child(["--load", way, path]), flush=True)
+    compilers = {"configured": configured_compiler()}
+    try:
+        _, compilers["matchrt"], note = choose_compiler({})
+        print("matchrt's compiler probe:", note or f"{compilers['matchrt']} passes", flush=True)
+    except MatchrtError as exc:
+        print("matchrt's compiler probe:", exc, flush=True)
+    if compilers.get("matchrt") == compilers["configured"]:
+        del compilers["matchrt"]
+    paths = {k: os.path.join(work, f"toy_cuda_{k}.pt2") for k in compilers}
+    start = time.time()
+    builds = {k: subprocess.Popen([sys.executable, __file__, "--build", paths[k], cxx],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+              for k, cxx in compilers.items()}
+    for k, proc in builds.items():
+        _, err = proc.communicate(timeout=600)
+        tail = (err.strip().splitlines() or ["-"])[-1]
+        print(f"build with {compilers[k]} ({k}):", "ok" if proc.returncode == 0 else f"failed: {tail}",
+              f"({time.time() - start:.1f} s)", flush=True)
+    for k, path in paths.items():
+        if os.path.exists(path):
+            for way in ("plain", "cuda-initialised", "runner"):
+                print(f"load {k} ({way}):", child(["--load", way, path]), flush=True)
 
 
 if __name__ == "__main__":
