@@ -54,8 +54,8 @@ if [[ "$STEP" == all || "$STEP" == build ]]; then
     --device cuda -o "$PKG"
   for f in "$PKG".json "$PKG".matchrt.json; do [[ -f "$f" ]] && cp "$f" "$OUT/"; done
   if [[ -f "$PKG" ]]; then
-    log "package: $(du -h "$PKG" | cut -f1) ($(stat -c %s "$PKG") bytes); build_seconds: $(python3 -c \
-      "import json,sys; print(json.load(open(sys.argv[1]))['build_seconds'])" "$PKG.json")"
+    log "package: $(du -h "$PKG" | cut -f1) ($(stat -c %s "$PKG") bytes); $(python3 -c \
+      "import json,sys; r=json.load(open(sys.argv[1])); print('build_seconds:', r['build_seconds'], 'cxx:', r['build'].get('cxx'))" "$PKG.json")"
     # a fresh process: import, load (provenance check + aoti_load_package), first run, steady runs
     run_step load 120 python3 - "$PKG" "$OUT/$M.load.json" <<'EOF'
 import json, statistics, sys, time
