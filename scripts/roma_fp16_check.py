@@ -21,6 +21,8 @@ Variants (the model's own precision policy, ``coarse_precision``):
                              too, as upstream's AMP
     fp16-dinov2, fp16-dinov2-proj16, fp16-dinov2-decoder   coarse_precision=reduced:<regions>:
                              only those coarse regions in fp16, the rest of it IEEE fp32
+    fp16-tf32x3              coarse_precision=tf32x3: the linear layers of DINOv2 and the decoder
+                             as 3xTF32 products, the rest of the coarse stage IEEE fp32
     fp16-tf32                coarse_precision=tf32: the coarse stage in fp32 with TF32 matrix
                              products, the encoder and refiners in fp16
     tf32-reduced             fp32 with TF32 in the coarse stage (TensorRT's fp32 default)
@@ -57,6 +59,7 @@ VARIANTS: dict[str, tuple[Optional[torch.dtype], str, bool]] = {
     "fp16": (torch.float16, "fp32", False),
     "bf16": (torch.bfloat16, "fp32", False),
     "fp16-tf32": (torch.float16, "tf32", False),
+    "fp16-tf32x3": (torch.float16, "tf32x3", False),
     "fp16-reduced": (torch.float16, "reduced", False),
     "fp16-dinov2": (torch.float16, "reduced:dinov2", False),
     "fp16-dinov2-proj16": (torch.float16, "reduced:dinov2+proj16", False),

@@ -143,3 +143,35 @@ def test_row_candidates_select_every_pair_the_flat_topk_selects(threshold, k) ->
     assert torch.equal(conf[0, i_ids[0].long(), j_ids[0].long()], value[0])  # ids point at their values
     if threshold == 0.1:  # ten entries of 0.1 each, rounded above it: the bound's extra slot is used
         assert int((conf[0, 5] > threshold).sum()) == 10
+
+
+def test_split_tf32_linear_keeps_fp32_precision_where_tf32_loses_it() -> None:
+    """3xTF32: with every GEMM input rounded to TF32 (what tensor cores do), the split product
+    stays within ~1e-6 of the float64 result; plain TF32 strays ~1e-3."""
+    from matchrt.plugins.roma_plus.split_tf32 import SplitLinear, split_operand, tf32_head
+
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 96)
+    x = torch.randn(4, 50, 256)
+    exact = (x.double() @ linear.weight.double().T + linear.bias.double())
+    split = SplitLinear(linear)
+    err = lambda y: float((y.double() - exact).norm() / exact.norm())  # noqa: E731
+    assert err(split(x)) < 1e-6  # the layer itself (fp32 GEMM here)
+    # the same product with its operands rounded to TF32 as a tensor core takes them
+    tc = tf32_head(split_operand(x, False)) @ tf32_head(split.weight_split).T + linear.bias
+    plain_tf32 = tf32_head(x) @ tf32_head(linear.weight).T + linear.bias
+    assert err(tc) < 2e-6 and err(plain_tf32) > 1e-4
+    assert not split.state_dict().keys() - {"linear.weight", "linear.bias"}  # no new checkpoint keys
+
+
+def test_split_linears_copies_share_weights_and_export_plain(monkeypatch) -> None:
+    from matchrt.plugins.roma_plus.split_tf32 import SplitLinear, split_linears
+
+    block = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+    copy = split_linears(block)
+    assert isinstance(copy[0], SplitLinear) and isinstance(block[0], nn.Linear)  # the original stays
+    assert copy[0].linear.weight is block[0].weight
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(copy(x), block(x), rtol=1e-6, atol=1e-6)
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    assert torch.equal(copy[0](x), block[0](x))  # under ONNX export: the plain layer

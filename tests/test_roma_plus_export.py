@@ -240,6 +240,10 @@ def test_reduced_coarse_precision_leaves_the_coarse_stage_to_the_builder() -> No
     layers = mixed.graphs[0].fp32_layers
     assert mixed.graphs[0].tf32 is False and mixed.options["coarse_precision"] == "reduced:dinov2"
     assert "*/dinov2/*" not in layers and {"*/proj16/*", "*/embedding_decoder/*"} <= set(layers)
+    # tf32x3 (torch runs): exported graphs keep DINOv2 and the decoder as IEEE fp32 layers
+    split = hooks.export_plan("roma_plus", loaded_model(), ExportOptions(SIDE, SIDE, extra={"coarse_precision": "tf32x3"}))
+    assert split.graphs[0].tf32 is False
+    assert set(export_mod.COARSE_FP32_LAYERS.values()) <= set(split.graphs[0].fp32_layers)
     for bad in ("fp8", "reduced:", "reduced:vgg"):
         with pytest.raises(MatchrtError, match="coarse_precision"):
             hooks.export_plan("roma_plus", loaded_model(), ExportOptions(SIDE, SIDE, extra={"coarse_precision": bad}))

@@ -166,6 +166,27 @@ def test_region_policy_relaxes_only_dinov2() -> None:
     assert rel(feat, want_feat) <= 1e-6  # proj.16 in fp32 on those tokens
 
 
+def test_tf32x3_policy_runs_split_linears_with_fp32_results() -> None:
+    """coarse_precision=tf32x3: DINOv2's and the decoder's linear layers run as split products
+    (copies kept outside the state dict); on the CPU they compute fp32's coarse stage."""
+    import copy
+
+    from matchrt.plugins.roma_plus.split_tf32 import SplitLinear
+
+    model = loaded_model()
+    split = copy.copy(model)
+    split.coarse_precision = "tf32x3"
+    a, b = inputs(112)
+    with torch.no_grad():
+        want = _coarse_stage(model, a, b)
+        got = _coarse_stage(split, a, b)
+    for g, w in zip(got[:3], want[:3]):  # tokens, proj.16, logits: within the fp32 tolerance
+        assert rel(g, w) <= 1e-4
+    copies = list(split.__dict__["_split_modules"].values())
+    assert len(copies) == 2 and all(any(isinstance(m, SplitLinear) for m in c.modules()) for c in copies)
+    assert split.state_dict().keys() == model.state_dict().keys()
+
+
 def test_unknown_coarse_precision_is_refused() -> None:
     from matchrt.errors import MatchrtError
     from matchrt.plugins.roma_plus import hooks

@@ -69,7 +69,8 @@ INFO = MatcherInfo(
         "(no TF32) in fp16/bf16 runs and engines, so the coarse matches equal fp32's; 'reduced' runs them "
         "in the run's precision as upstream's AMP (faster; near-tie arg-maxes may flip); 'tf32' keeps them "
         "in fp32 with TF32 matrix products; 'reduced:dinov2' (a '+' list of dinov2, proj16, decoder) "
-        "relaxes only those regions",
+        "relaxes only those regions; 'tf32x3' runs DINOv2's and the decoder's linear layers as split "
+        "TF32 products (about fp32's precision; torch runs, not yet timed on a GPU)",
         "gp_solve=iterative (default): one graph, the GP solved in-graph (ONNX: roma_full's gp_method, "
         "gp_iters; torch runs: an in-graph Cholesky); gp_solve=exact: two graphs with roma_full's "
         "Cholesky solve between them",

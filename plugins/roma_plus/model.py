@@ -45,6 +45,7 @@ from matchrt.plugins.roma_full.model import RomaCoarse
 from matchrt.plugins.roma_full.ops import strict_fp32, swap_halves
 
 from .refiner import REFINER_SPECS, ConvRefiner, pixel_grid, upsample
+from .split_tf32 import split_linears
 
 FINE_SCALES: tuple[int, ...] = (8, 4, 2, 1)
 # proj.16 belongs to the coarse half (the GP needs it); the finer projections live here
@@ -55,8 +56,9 @@ DEFAULT_COARSE = 560
 DEFAULT_UPSAMPLE = 864
 # "fp32": IEEE fp32; "tf32": fp32 tensors with TF32 matrix products (10-bit mantissa inputs,
 # fp32 accumulation); "reduced": the run's precision (fp16/bf16 autocast), as upstream's AMP;
-# "reduced:R1+R2": the named regions in the run's precision, the others IEEE fp32
-COARSE_PRECISIONS = ("fp32", "tf32", "reduced", "reduced:<regions>")
+# "reduced:R1+R2": the named regions in the run's precision, the others IEEE fp32; "tf32x3": the
+# linear layers of DINOv2 and the decoder as 3xTF32 products (split_tf32.py), the rest IEEE fp32
+COARSE_PRECISIONS = ("fp32", "tf32", "tf32x3", "reduced", "reduced:<regions>")
 # the coarse stage's regions a policy can relax (the GP and the anchor soft-argmax stay IEEE fp32)
 COARSE_REGIONS = ("dinov2", "proj16", "decoder")
 
@@ -65,6 +67,8 @@ def coarse_region_modes(policy: str) -> dict[str, str]:
     """Region -> "fp32" | "tf32" | "reduced" for a ``coarse_precision`` value; MatchrtError if unknown."""
     if policy in ("fp32", "tf32", "reduced"):
         return dict.fromkeys(COARSE_REGIONS, policy)
+    if policy == "tf32x3":  # proj.16 is a 1x1 convolution: IEEE fp32
+        return {"dinov2": "tf32x3", "proj16": "fp32", "decoder": "tf32x3"}
     if policy.startswith("reduced:"):
         regions = [r.strip() for r in policy[len("reduced:"):].split("+") if r.strip()]
         unknown = [r for r in regions if r not in COARSE_REGIONS]
@@ -75,7 +79,8 @@ def coarse_region_modes(policy: str) -> dict[str, str]:
                            "joined by '+', e.g. reduced:dinov2")
     raise MatchrtError(f"roma_plus: coarse_precision={policy!r} is not one of {', '.join(COARSE_PRECISIONS)}: "
                        "'fp32' keeps DINOv2, proj.16 and the decoder in IEEE fp32 under fp16/bf16 (exact "
-                       "coarse matches), 'tf32' in fp32 with TF32 matrix products, 'reduced' runs them in the "
+                       "coarse matches), 'tf32' in fp32 with TF32 matrix products, 'tf32x3' their linear "
+                       "layers as three-way split TF32 products (about fp32's precision), 'reduced' runs them in the "
                        "run's precision (fastest, as upstream's AMP), 'reduced:dinov2' (or another '+' list "
                        f"of {', '.join(COARSE_REGIONS)}) only those")
 
@@ -220,6 +225,18 @@ class RomaPlus(nn.Module):
             return fn(*args)
         return strict_eager(fn, *args, tf32=mode == "tf32")
 
+    def region_module(self, region: str, module: nn.Module) -> nn.Module:
+        """``module`` as the region's policy runs it: with "tf32x3", a copy whose linear layers
+        are 3xTF32 products (built once per module and device, kept outside the state dict)."""
+        if coarse_region_modes(self.coarse_precision)[region] != "tf32x3":
+            return module
+        first = next(module.parameters())  # weights moved or reloaded: a new copy
+        key = (id(module), str(first.device), first.data_ptr(), first._version)
+        cache = self.__dict__.setdefault("_split_modules", {})
+        if key not in cache:
+            cache[key] = split_linears(module)
+        return cache[key]
+
     def set_gp(self, solve: str, method: str = "newton_schulz", iters: Union[int, str, None] = None) -> None:
         """GP solve: "exact" (Cholesky; not exportable in-graph) or "iterative" with roma_full's
         ``method`` ("newton_schulz" | "cg") and ``iters`` steps (None/"auto": roma_full's default)."""
@@ -242,7 +259,8 @@ class RomaPlus(nn.Module):
         x = normalize_images(torch.cat((image0, image1), dim=0), self.coarse.imagenet_norm)
         pyr = self.coarse.encoder(x, with_cnn=True, with_coarse=False)
         if with_coarse:
-            pyr[COARSE_SCALE] = self.in_coarse_precision("dinov2", self.coarse.encoder.dinov2, x)
+            dinov2 = self.region_module("dinov2", self.coarse.encoder.dinov2)
+            pyr[COARSE_SCALE] = self.in_coarse_precision("dinov2", dinov2, x)
         return pyr
 
     def split(self, pyr: Pyramid) -> tuple[Pyramid, Pyramid]:
@@ -311,7 +329,7 @@ class RomaPlus(nn.Module):
         solve lose several digits; autocast and TF32 are switched off around it, inputs cast up.
         """
         modes = coarse_region_modes(self.coarse_precision)
-        if modes["proj16"] == modes["decoder"] != "reduced":  # one strict region around the GP too
+        if "reduced" not in (modes["proj16"], modes["decoder"]):  # one strict region around the GP too
             return strict_eager(self._coarse_prediction, f_q16, f_s16, tf32=modes["decoder"] == "tf32")
         return self._coarse_prediction(f_q16, f_s16)
 
@@ -345,7 +363,8 @@ class RomaPlus(nn.Module):
 
     def decode(self, gp_feats: torch.Tensor, feat_q: torch.Tensor, feat_s: torch.Tensor) -> dict[str, torch.Tensor]:
         """roma_full's coordinate decoder (coarse precision), the classification-to-flow step in fp32."""
-        gm_cls, gm_certainty = self.in_coarse_precision("decoder", self.coarse.embedding_decoder, gp_feats, feat_q)
+        decoder = self.region_module("decoder", self.coarse.embedding_decoder)
+        gm_cls, gm_certainty = self.in_coarse_precision("decoder", decoder, gp_feats, feat_q)
         return {"gm_cls": gm_cls, "gm_certainty": gm_certainty, "flow": self.cls_to_flow(gm_cls),
                 "certainty": gm_certainty, "feat_q16": feat_q, "feat_s16": feat_s}
 
