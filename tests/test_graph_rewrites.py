@@ -175,3 +175,7 @@ def test_split_linears_copies_share_weights_and_export_plain(monkeypatch) -> Non
     torch.testing.assert_close(copy(x), block(x), rtol=1e-6, atol=1e-6)
     monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
     assert torch.equal(copy[0](x), block[0](x))  # under ONNX export: the plain layer
+    monkeypatch.undo()
+    program = torch.export.export(copy, (x,))  # traced for AOTInductor: plain layers too
+    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert not any("bitwise" in op or "cat" in op for op in ops), ops

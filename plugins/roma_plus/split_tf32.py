@@ -11,8 +11,9 @@ Used by roma_plus's ``coarse_precision=tf32x3`` for the linear layers of DINOv2 
 coordinate decoder (their attention stays IEEE fp32): the GP turns plain TF32's rounding into
 coarse arg-max flips (5.37% of the cells on an H200, against 1.75% from +-0.5/255 input noise),
 while an earlier three-call version of this scheme flipped 0.09% but was slower than IEEE fp32
-(three GEMMs, two sums, per-call weight splits). Torch runs only: under ONNX export the layer is
-the plain linear (IEEE fp32 layers in the graph).
+(three GEMMs, two sums, per-call weight splits). Torch runs only (eager, and torch.compile, which
+leaves the strict coarse stage eager): traced for ONNX or AOTInductor the layer is the plain
+linear (IEEE fp32 layers in the graph).
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ class SplitLinear(nn.Module):
         self.register_buffer("weight_split", split_operand(linear.weight.detach(), True), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.onnx.is_in_onnx_export():
+        # traced graphs (ONNX, torch.export for AOTInductor) keep the plain layer: they have one
+        # TF32 setting for the whole graph, so a split product would run as three IEEE ones
+        if torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
             return self.linear(x)
         with tf32_switches(True):
             return F.linear(split_operand(x, False), self.weight_split, self.linear.bias)
