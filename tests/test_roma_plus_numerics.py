@@ -182,7 +182,7 @@ def test_tf32x3_policy_runs_split_linears_with_fp32_results() -> None:
         got = _coarse_stage(split, a, b)
     for g, w in zip(got[:3], want[:3]):  # tokens, proj.16, logits: within the fp32 tolerance
         assert rel(g, w) <= 1e-4
-    copies = list(split.__dict__["_split_modules"].values())
+    copies = [c for _, c in split.__dict__["_split_modules"].values()]
     assert len(copies) == 2 and all(any(isinstance(m, SplitLinear) for m in c.modules()) for c in copies)
     assert split.state_dict().keys() == model.state_dict().keys()
 

@@ -64,7 +64,7 @@ COARSE_REGIONS = ("dinov2", "proj16", "decoder")
 
 
 def coarse_region_modes(policy: str) -> dict[str, str]:
-    """Region -> "fp32" | "tf32" | "reduced" for a ``coarse_precision`` value; MatchrtError if unknown."""
+    """Region -> "fp32" | "tf32" | "tf32x3" | "reduced" for a ``coarse_precision`` value; MatchrtError if unknown."""
     if policy in ("fp32", "tf32", "reduced"):
         return dict.fromkeys(COARSE_REGIONS, policy)
     if policy == "tf32x3":  # proj.16 is a 1x1 convolution: IEEE fp32
@@ -188,7 +188,7 @@ class RomaPlus(nn.Module):
     Submodules: ``coarse`` (roma_full's RomaCoarse: ``encoder.cnn``, ``encoder.dinov2``,
     ``proj16``, ``gp``, ``embedding_decoder``), ``proj`` (scales 8, 4, 2, 1) and
     ``conv_refiner`` (scales 16, 8, 4, 2, 1). ``upsample_res`` = 0 turns the second pass off;
-    ``coarse_precision`` is "fp32", "tf32", "reduced" or "reduced:<regions>" (see the module docstring
+    ``coarse_precision`` is "fp32", "tf32", "tf32x3", "reduced" or "reduced:<regions>" (see the module docstring
     and ``coarse_region_modes``).
     """
 
@@ -219,7 +219,8 @@ class RomaPlus(nn.Module):
 
     def in_coarse_precision(self, region: str, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` of a coarse ``region`` as the run goes ("reduced"), or in fp32 outside
-        torch.compile: IEEE ("fp32") or with TF32 matrix products ("tf32")."""
+        torch.compile: IEEE ("fp32", and "tf32x3", whose split layers switch TF32 on themselves)
+        or with TF32 matrix products ("tf32")."""
         mode = coarse_region_modes(self.coarse_precision)[region]
         if mode == "reduced":
             return fn(*args)
@@ -230,12 +231,12 @@ class RomaPlus(nn.Module):
         are 3xTF32 products (built once per module and device, kept outside the state dict)."""
         if coarse_region_modes(self.coarse_precision)[region] != "tf32x3":
             return module
-        first = next(module.parameters())  # weights moved or reloaded: a new copy
-        key = (id(module), str(first.device), first.data_ptr(), first._version)
-        cache = self.__dict__.setdefault("_split_modules", {})
-        if key not in cache:
-            cache[key] = split_linears(module)
-        return cache[key]
+        first = next(module.parameters())  # weights moved or reloaded: the copy is rebuilt
+        weights = (str(first.device), first.data_ptr(), first._version)
+        cache = self.__dict__.setdefault("_split_modules", {})  # id(module) -> (weights, copy)
+        if cache.get(id(module), (None,))[0] != weights:
+            cache[id(module)] = (weights, split_linears(module))
+        return cache[id(module)][1]
 
     def set_gp(self, solve: str, method: str = "newton_schulz", iters: Union[int, str, None] = None) -> None:
         """GP solve: "exact" (Cholesky; not exportable in-graph) or "iterative" with roma_full's
