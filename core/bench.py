@@ -28,6 +28,7 @@ from .compare import compare_outputs, is_sparse, match_set_agreement
 from .errors import MatchrtError
 from .geometry import auc, corner_error, estimate
 from .host import Host, get_host
+from .journal import atomic_write
 from .runner import Pipeline, artifact_pipeline, is_random, load_model, resolve_weights, torch_pipeline
 from .types import ExportOptions
 from .weights import sha256_file
@@ -211,10 +212,14 @@ class Bench:
     """Runs every combination of a `BenchConfig` and collects `BenchRow`s."""
 
     def __init__(self, config: BenchConfig, host: Optional[Host] = None,
-                 progress: Optional[Callable[[str], None]] = None):
+                 progress: Optional[Callable[[str], None]] = None,
+                 on_row: Optional[Callable[["Bench"], None]] = None):
         self.config = config
         self.host = host or get_host()
         self.progress = progress or (lambda msg: None)
+        # called after each row (done, failed or skipped): the CLI rewrites its JSON there, so a
+        # run that dies half-way (a native abort in a loaded artifact) keeps the rows it finished
+        self.on_row = on_row or (lambda bench: None)
         self.rows: list[BenchRow] = []
         self.meta: dict[str, Any] = {"matchers": {}}
         self._tmp: Optional[tempfile.TemporaryDirectory] = None
@@ -291,12 +296,13 @@ class Bench:
                     reason = self._unsupported(name, precision)
                     if reason:
                         row.status, row.reason = "skipped", reason
-                        continue
-                    try:
-                        self._run_combination(row, model, replace(export, batch=batch), prepared,
-                                              references)
-                    except Exception as exc:  # noqa: BLE001 - one failing column must not end the run
-                        self._record_failure(row, exc)
+                    else:
+                        try:
+                            self._run_combination(row, model, replace(export, batch=batch), prepared,
+                                                  references)
+                        except Exception as exc:  # noqa: BLE001 - one failing column must not end the run
+                            self._record_failure(row, exc)
+                    self.on_row(self)
 
     @staticmethod
     def _record_failure(row: BenchRow, exc: Exception) -> None:
@@ -670,10 +676,11 @@ def plot(rows: list[BenchRow], path: Path, random_weights: bool) -> Path:
 
 
 def write_json(bench: Bench, path: Path) -> Path:
+    """The bench's rows and provenance as JSON (temporary name, then renamed into place)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(bench.to_json(), indent=1, default=str))
-    return path
+    text = json.dumps(bench.to_json(), indent=1, default=str).encode()
+    return atomic_write(path, lambda f: f.write(text))
 
 
 def open_backend(host: Host, matcher: str, backend: str, precision: str, model: Any,

@@ -700,7 +700,8 @@ def bench(
                          batches=_batches(batch), sweeps=_sweeps(sweep))
     console = _console(stderr=True)
     with console.status("benchmarking") as status:
-        b = Bench(config, progress=lambda m: status.update(m))
+        b = Bench(config, progress=lambda m: status.update(m),
+                  on_row=(lambda bench: write_json(bench, json_out)) if json_out else None)
         rows = b.run()
     any_random = any(r.random_weights for r in rows)
     _console().print(render_table(rows, any_random, f"matchrt bench on {device}"))

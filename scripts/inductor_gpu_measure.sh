@@ -13,6 +13,7 @@
 # device machine between calls) under the name `matchrt bench` gives them, so the bench reuses
 # the package built here (provenance match) instead of compiling again. OUT_DIR gets logs, the
 # provenance records, load.json, and the bench's JSON / Markdown / PNG.
+# BUILD_MAX_S caps the build step (default 480 s).
 # Needs matchrt importable (scripts/device_setup.sh, then PYTHONPATH=/tmp/site).
 set -uo pipefail
 export PYTHONFAULTHANDLER=1  # a crash in the loaded package prints where Python was
@@ -50,7 +51,7 @@ run_step() {  # run_step NAME MAX_SECONDS CMD...: bounded by what is left of the
 log "machine: $(tr '\n' ' ' < "$OUT/$M.machine.txt")"
 
 if [[ "$STEP" == all || "$STEP" == build ]]; then
-  run_step build 480 "${MATCHRT[@]}" build -m "$M" --random-weights --backend inductor --precision fp16 \
+  run_step build "${BUILD_MAX_S:-480}" "${MATCHRT[@]}" build -m "$M" --random-weights --backend inductor --precision fp16 \
     --device cuda -o "$PKG"
   for f in "$PKG".json "$PKG".matchrt.json; do [[ -f "$f" ]] && cp "$f" "$OUT/"; done
   if [[ -f "$PKG" ]]; then

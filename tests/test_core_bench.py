@@ -53,6 +53,32 @@ def test_bench_toy_side_by_side(toy, tmp_path, image_pair):
     assert "| toy (random weights) | onnxruntime | fp32 |" in md and "Random weights" in md
 
 
+def test_a_bench_that_dies_half_way_keeps_the_rows_it_finished(toy, tmp_path, image_pair, monkeypatch):
+    """The JSON is rewritten after each row: a run killed in its second row (as a native abort in
+    a loaded artifact kills it) leaves a readable file holding the first."""
+    from matchrt.bench import Bench
+
+    real, calls = Bench._run_combination, []
+
+    def dies_second(self, row, *args):
+        calls.append(row.backend)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # not an Exception: nothing inside the bench catches it
+        return real(self, row, *args)
+
+    monkeypatch.setattr(Bench, "_run_combination", dies_second)
+    out_json = tmp_path / "bench.json"
+    r = CliRunner().invoke(app, [
+        "bench", "--matcher", "toy", "--backend", "torch,onnxruntime", "--precision", "fp32",
+        "--synthetic", "1", "--images", str(image_pair[0]), "--images", str(image_pair[1]),
+        "--runs", "1", "--warmup", "0", "--device", "cpu", "--random-weights", "--size", "64",
+        "--json", str(out_json), "--workdir", str(tmp_path / "work")])
+    assert r.exit_code != 0 and calls == ["torch", "onnxruntime"]
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [(x["backend"], x["status"]) for x in rows] == [("torch", "ok")]
+    assert not list(tmp_path.glob(".bench.json.tmp-*"))
+
+
 def test_sparse_outputs_without_matches_claim_no_fidelity(toy, tmp_path, image_pair):
     """No match on either side (random weights, high threshold): '-', not a perfect 0 error."""
     out_json = tmp_path / "bench.json"

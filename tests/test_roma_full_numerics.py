@@ -78,6 +78,18 @@ def test_exact_solve_solves_the_system(gp_system) -> None:
     assert float(torch.linalg.eigvalsh(k.double()).min()) > G.SIGMA_NOISE - 1e-4
 
 
+def test_in_graph_cholesky_solve_matches_the_exact_solve_for_a_batch(gp_system) -> None:
+    """The compiled/packaged path's solve (two triangular solves, no status read-back) solves the
+    same system as the exact one, for a batch of two matrices as the symmetric pass has."""
+    k = torch.cat((gp_system["k_ss"], gp_system["k_ss"].transpose(-1, -2)))
+    f = gp_system["basis"]
+    alpha64 = G.solve_exact(k.double(), f.double())
+    got = G.solve_cholesky(k, f)
+    assert got.shape == alpha64.shape and got.dtype == k.dtype
+    assert max_rel(got, alpha64) < 1e-3  # as fp32 Cholesky above
+    assert max_rel(got, G.solve_exact(k, f)) < 1e-4
+
+
 @pytest.mark.parametrize("method", ["newton_schulz", "cg"])
 def test_iterative_solve_reaches_the_exact_outputs(gp_system, method) -> None:
     exact = _decode(gp_system, G.solve_exact(gp_system["k_ss"], gp_system["basis"], float64=True))

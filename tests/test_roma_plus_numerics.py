@@ -171,7 +171,7 @@ def test_tf32x3_policy_runs_split_linears_with_fp32_results() -> None:
     (copies kept outside the state dict); on the CPU they compute fp32's coarse stage."""
     import copy
 
-    from matchrt.plugins.roma_plus.split_tf32 import SplitLinear
+    from matchrt.plugins.roma_plus.split_tf32 import SplitLinear, split_copy
 
     model = loaded_model()
     split = copy.copy(model)
@@ -182,8 +182,14 @@ def test_tf32x3_policy_runs_split_linears_with_fp32_results() -> None:
         got = _coarse_stage(split, a, b)
     for g, w in zip(got[:3], want[:3]):  # tokens, proj.16, logits: within the fp32 tolerance
         assert rel(g, w) <= 1e-4
-    copies = [c for _, c in split.__dict__["_split_modules"].values()]
-    assert len(copies) == 2 and all(any(isinstance(m, SplitLinear) for m in c.modules()) for c in copies)
+    # one copy per module, kept on the module shared by every view of the model (not per view)
+    copies = [split_copy(m) for m in (model.coarse.encoder.dinov2, model.coarse.embedding_decoder)]
+    assert all(any(isinstance(m, SplitLinear) for m in c.modules()) for c in copies)
+    again = copy.copy(model)
+    again.coarse_precision = "tf32x3"
+    with torch.no_grad():
+        _coarse_stage(again, a, b)
+    assert [split_copy(m) for m in (model.coarse.encoder.dinov2, model.coarse.embedding_decoder)] == copies
     assert split.state_dict().keys() == model.state_dict().keys()
 
 

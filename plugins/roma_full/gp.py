@@ -75,7 +75,11 @@ def solve_cholesky(k_ss: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """
     a = at_least_fp32(k_ss)
     chol, _ = torch.linalg.cholesky_ex(a)
-    return torch.cholesky_solve(at_least_fp32(rhs).expand(a.shape[0], -1, -1), chol).to(k_ss.dtype)
+    # L L^T x = rhs as two triangular solves (cuBLAS), not cholesky_solve: for a batch CUDA torch
+    # takes that from MAGMA, which allocates while it runs and aborts inside a CUDA graph capture
+    # (an AOTInductor package replayed as a CUDA graph died so on the H100)
+    y = torch.linalg.solve_triangular(chol, at_least_fp32(rhs).expand(a.shape[0], -1, -1), upper=False)
+    return torch.linalg.solve_triangular(chol.mT, y, upper=True).to(k_ss.dtype)
 
 
 def solve_cg(a: torch.Tensor, b: torch.Tensor, iters: int = DEFAULT_CG_ITERS) -> torch.Tensor:

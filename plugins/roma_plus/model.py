@@ -45,7 +45,7 @@ from matchrt.plugins.roma_full.model import RomaCoarse
 from matchrt.plugins.roma_full.ops import strict_fp32, swap_halves
 
 from .refiner import REFINER_SPECS, ConvRefiner, pixel_grid, upsample
-from .split_tf32 import split_linears
+from .split_tf32 import split_copy
 
 FINE_SCALES: tuple[int, ...] = (8, 4, 2, 1)
 # proj.16 belongs to the coarse half (the GP needs it); the finer projections live here
@@ -99,6 +99,18 @@ def strict_eager(fn: Callable[..., Any], *args: Any, tf32: bool = False) -> Any:
     args = tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
     with strict_fp32(args[0].device.type, tf32=tf32):
         return fn(*args)
+
+
+@torch.compiler.disable
+def split_eager(module: nn.Module, *args: Any) -> Any:
+    """``module(*args)`` in fp32 through its 3xTF32 copy (split_tf32.split_copy), never compiled.
+
+    The copy is looked up here, in eager code: found or built inside a compiled (CUDA-graph) region,
+    its split weights would be graph outputs that the next replay overwrites. Traced for ONNX or
+    torch.export, the plain module runs (IEEE fp32 layers in the graph)."""
+    if torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+        return strict_eager(module, *args)
+    return strict_eager(split_copy(module), *args)
 
 
 class ClassificationToFlow(nn.Module):
@@ -219,24 +231,14 @@ class RomaPlus(nn.Module):
 
     def in_coarse_precision(self, region: str, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` of a coarse ``region`` as the run goes ("reduced"), or in fp32 outside
-        torch.compile: IEEE ("fp32", and "tf32x3", whose split layers switch TF32 on themselves)
-        or with TF32 matrix products ("tf32")."""
+        torch.compile: IEEE ("fp32"), with TF32 matrix products ("tf32"), or ("tf32x3", ``fn``
+        a module) through the module's 3xTF32 copy, whose split layers switch TF32 on themselves."""
         mode = coarse_region_modes(self.coarse_precision)[region]
         if mode == "reduced":
             return fn(*args)
+        if mode == "tf32x3":
+            return split_eager(fn, *args)
         return strict_eager(fn, *args, tf32=mode == "tf32")
-
-    def region_module(self, region: str, module: nn.Module) -> nn.Module:
-        """``module`` as the region's policy runs it: with "tf32x3", a copy whose linear layers
-        are 3xTF32 products (built once per module and device, kept outside the state dict)."""
-        if coarse_region_modes(self.coarse_precision)[region] != "tf32x3":
-            return module
-        first = next(module.parameters())  # weights moved or reloaded: the copy is rebuilt
-        weights = (str(first.device), first.data_ptr(), first._version)
-        cache = self.__dict__.setdefault("_split_modules", {})  # id(module) -> (weights, copy)
-        if cache.get(id(module), (None,))[0] != weights:
-            cache[id(module)] = (weights, split_linears(module))
-        return cache[id(module)][1]
 
     def set_gp(self, solve: str, method: str = "newton_schulz", iters: Union[int, str, None] = None) -> None:
         """GP solve: "exact" (Cholesky; not exportable in-graph) or "iterative" with roma_full's
@@ -260,8 +262,7 @@ class RomaPlus(nn.Module):
         x = normalize_images(torch.cat((image0, image1), dim=0), self.coarse.imagenet_norm)
         pyr = self.coarse.encoder(x, with_cnn=True, with_coarse=False)
         if with_coarse:
-            dinov2 = self.region_module("dinov2", self.coarse.encoder.dinov2)
-            pyr[COARSE_SCALE] = self.in_coarse_precision("dinov2", dinov2, x)
+            pyr[COARSE_SCALE] = self.in_coarse_precision("dinov2", self.coarse.encoder.dinov2, x)
         return pyr
 
     def split(self, pyr: Pyramid) -> tuple[Pyramid, Pyramid]:
@@ -364,8 +365,7 @@ class RomaPlus(nn.Module):
 
     def decode(self, gp_feats: torch.Tensor, feat_q: torch.Tensor, feat_s: torch.Tensor) -> dict[str, torch.Tensor]:
         """roma_full's coordinate decoder (coarse precision), the classification-to-flow step in fp32."""
-        decoder = self.region_module("decoder", self.coarse.embedding_decoder)
-        gm_cls, gm_certainty = self.in_coarse_precision("decoder", decoder, gp_feats, feat_q)
+        gm_cls, gm_certainty = self.in_coarse_precision("decoder", self.coarse.embedding_decoder, gp_feats, feat_q)
         return {"gm_cls": gm_cls, "gm_certainty": gm_certainty, "flow": self.cls_to_flow(gm_cls),
                 "certainty": gm_certainty, "feat_q16": feat_q, "feat_s16": feat_s}
 
