@@ -105,6 +105,22 @@ def test_package_runs_in_a_new_process_like_eager_fp32(built, tmp_path):
           f"load in a new process {child['load_s'] * 1000:.0f} ms, run {child['run_ms']:.2f} ms")
 
 
+def test_loading_skips_torchs_cpu_isa_probe(built, monkeypatch):
+    """Loading a package does not run torch's CPU vector-ISA probe (child Python processes that
+    each import torch: 47 s before the first load in a process on the lent H100)."""
+    import torch._inductor.cpu_vec_isa as isa
+    from matchrt.backends.inductor_backend import InductorSession
+
+    def probe(*args, **kwargs):
+        raise AssertionError("the ISA probe ran")
+
+    monkeypatch.setattr(isa, "pick_vec_isa", probe)
+    monkeypatch.setattr(isa, "valid_vec_isa_list", probe)
+    session = InductorSession(built.path, {"device": "cpu"})
+    out = session.run(_inputs())
+    assert set(OUTPUTS) <= set(out)
+
+
 def test_match_and_check_pick_the_backend_from_the_suffix(built, tmp_path, image_pair):
     out = tmp_path / "out"
     r = invoke("match", *image_pair, "--engine", built.path, "--output-dir", out)

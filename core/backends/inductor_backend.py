@@ -63,9 +63,28 @@ def unavailable() -> Optional[str]:
 
 
 def _load(path: Path, device_index: int, single_threaded: bool) -> Any:
-    """`aoti_load_package` with the keyword arguments this torch has."""
+    """The package's model, from torch's package loader directly (else `aoti_load_package`).
+
+    Not through `aoti_load_package` where avoidable: torch's `load_pt2` first reads the machine's
+    CPU vector ISA (`get_device_information`), only to log a warning on a mismatch, and that probe
+    builds and loads test programs in child Python processes that each import torch: 46.6 s of the
+    first load in every process on the lent H100 (torch 2.11), 0.07 s for the next load. matchrt's
+    provenance check has already refused a package from another torch, GPU or CPU."""
+    import torch
     import torch._inductor
 
+    loader_cls = getattr(getattr(torch._C, "_aoti", None), "AOTIModelPackageLoader", None)
+    try:
+        from torch._inductor.package.package import AOTICompiledModel
+    except ImportError:  # pragma: no cover - torch without the wrapper: its public entry point
+        AOTICompiledModel = None
+    if loader_cls is not None and AOTICompiledModel is not None:
+        try:
+            loader = loader_cls(str(path), "model", single_threaded, 1, device_index)
+        except TypeError:  # pragma: no cover - another constructor signature: the public entry point
+            loader = None
+        if loader is not None:
+            return AOTICompiledModel(loader)
     params = inspect.signature(torch._inductor.aoti_load_package).parameters
     kwargs: dict[str, Any] = {}
     if "device_index" in params:
