@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
 from matchrt.fold import fold_batchnorm, folded_copy, shallow_module_copy
-from matchrt.plugins.eloftr.export import row_candidates, topk_above, topk_flat
+from matchrt.plugins.eloftr.export import topk_flat
 from matchrt.plugins.eloftr.model import ELoFTR, sample_up2, stable_softmax
 
 
@@ -108,41 +107,6 @@ def test_roma_plus_plan_folds_its_batchnorms_and_leaves_the_model_alone() -> Non
         warp_k, cert_k = kept.graphs[0].module(*images)
     torch.testing.assert_close(warp_f, warp_k, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(cert_f, cert_k, rtol=1e-3, atol=1e-5)
-
-
-def _pairs_above(value, i_ids, j_ids, threshold):
-    keep = value > threshold
-    return sorted(zip(i_ids[keep].tolist(), j_ids[keep].tolist(), value[keep].tolist()))
-
-
-@pytest.mark.parametrize("threshold,k", [(0.1, 64), (0.1, 4096), (0.02, 300), (0.0, 50)])
-def test_row_candidates_select_every_pair_the_flat_topk_selects(threshold, k) -> None:
-    """The per-row selection returns the same pairs above the threshold as a TopK over the whole
-    matrix, also where a row has the most entries the bound allows (ten equal columns) and
-    where more pairs pass than K holds."""
-    torch.manual_seed(0)
-    c, h, w = 16, 12, 12
-    f0 = torch.randn(1, c, h, w) * 4
-    f1 = torch.randn(1, c, h, w) * 4
-    f1.reshape(c, -1)[:, 100:109] = f0.reshape(c, -1)[:, 5:6] * 1.5  # row 5: with column 5, ten equal columns
-    f1.reshape(c, -1)[:, :60] = f0.reshape(c, -1)[:, :60] * 1.5  # many confident pairs
-    conf = ELoFTR.confidence(f0, f1)
-    n = h * w
-    m = row_candidates(threshold)
-    assert (m is None) == (threshold == 0.0)
-    if m is not None:  # the bound holds: no row has more entries above the threshold
-        assert int((conf > threshold).sum(dim=2).max()) <= m
-    value, i_ids, j_ids = topk_above(conf, k, threshold)
-    assert value.shape == (1, min(k, n * n)) and i_ids.dtype == j_ids.dtype == torch.int32
-    ref_value, flat = topk_flat(conf.reshape(1, n * n), min(k, n * n))
-    ref_i, ref_j = flat // n, flat % n
-    torch.testing.assert_close(value, ref_value, rtol=0, atol=0)  # the same confidences, sorted
-    # the same pairs; where more pass than K holds, equal confidences at the cut may be either
-    cut = float(value[0, -1]) if int((conf > threshold).sum()) > k else threshold
-    assert _pairs_above(value, i_ids, j_ids, cut) == _pairs_above(ref_value, ref_i, ref_j, cut)
-    assert torch.equal(conf[0, i_ids[0].long(), j_ids[0].long()], value[0])  # ids point at their values
-    if threshold == 0.1:  # ten entries of 0.1 each, rounded above it: the bound's extra slot is used
-        assert int((conf[0, 5] > threshold).sum()) == 10
 
 
 def test_split_tf32_linear_keeps_fp32_precision_where_tf32_loses_it() -> None:

@@ -11,7 +11,6 @@ invalid and zero.
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any, Optional
 
 import torch
@@ -101,46 +100,6 @@ def topk_flat(x: torch.Tensor, k: int, groups: int = TOPK_GROUPS) -> tuple[torch
     return value, int_div(pick, k) * size + local.reshape(b, k)
 
 
-# per-row candidates beyond which the flat selection is cheaper (thresholds below ~1/64)
-ROW_CANDIDATES_LIMIT = 64
-
-
-def row_candidates(threshold: float) -> Optional[int]:
-    """How many entries of one confidence row can lie above ``threshold``, or None if no useful bound.
-
-    A dual-softmax confidence is at most its row softmax, whose entries sum to 1: fewer than
-    1/threshold entries of a row exceed the threshold (one more allowed for fp16 rounding).
-    """
-    if threshold <= 0.0:
-        return None
-    m = math.floor(1.0 / threshold) + 1
-    return m if m <= ROW_CANDIDATES_LIMIT else None
-
-
-def topk_above(conf: torch.Tensor, k: int, threshold: float
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The k most confident pairs of conf (B x L x S): values (sorted) and INT32 row and column ids.
-
-    Exact for every pair above ``threshold``: each row's ``row_candidates`` largest entries hold
-    all of its entries above the threshold, so the top k of those B x (L*m) candidates is the top k
-    of the matrix wherever it matters. One TopK over the rows' last axis (a reduction-like pass)
-    and a small one over the candidates replace the selection over all L*S entries (117 M at
-    832). Without a bound (threshold 0 or tiny) the flat selection (``topk_flat``) runs.
-    """
-    b, n_rows, n_cols = (int(v) for v in conf.shape)
-    m = row_candidates(threshold)
-    if m is None or m >= n_cols or n_rows * m < k:
-        value, flat = topk_flat(conf.reshape(b, n_rows * n_cols), k)
-        i_ids = int_div(flat, n_cols)
-        return value, i_ids, flat - i_ids * n_cols
-    row_value, row_index = conf.topk(m, dim=2)  # B x L x m, each row's largest, sorted
-    value, pick = row_value.reshape(b, n_rows * m).topk(k, dim=1)  # B x k, into the candidates
-    pick = pick.to(torch.int32)
-    base = torch.arange(b, dtype=torch.int32, device=conf.device)[:, None] * (n_rows * m)
-    j_ids = row_index.to(torch.int32).reshape(b * n_rows * m).index_select(0, (base + pick).reshape(b * k))
-    return value, int_div(pick, m), j_ids.reshape(b, k)
-
-
 class CoarseSelect(nn.Module):
     """Dual-softmax confidence, border removal and the K most confident pairs above threshold."""
 
@@ -157,13 +116,15 @@ class CoarseSelect(nn.Module):
         keep = keep_masks(h, w, padding, feat0.device)  # 1 (or B) x L each
         conf = ELoFTR.confidence(feat0, feat1, padding, keep)  # B x L x S
         # every pair above the threshold is a match (no mutual-nearest step): the top K of the
-        # matrix are exactly the K most confident of them (taken from each row's few candidates).
+        # flattened matrix are exactly the K most confident of them.
         # TensorRT hazards: K is a constant (no data-dependent shape, K <= 3840); the flat index
         # (< L*S, checked to fit INT32 at export) is cast to INT32 right away and split into
         # (i, j) with integer ops only, never through floats (L*S exceeds fp16's 65504 and
         # fp32's exact 2^24).
         k = min(self.k, n * n)
-        value, i_ids, j_ids = topk_above(conf, k, self.threshold)
+        value, flat = topk_flat(conf.reshape(-1, n * n), k)
+        i_ids = int_div(flat, n)
+        j_ids = flat - i_ids * n
         valid = value > self.threshold
         return value, i_ids, j_ids, valid
 
