@@ -125,12 +125,13 @@ def _coarse_stage(model, a, b):
 
 
 def test_coarse_stage_stays_ieee_fp32_under_reduced_precision() -> None:
-    """coarse_precision=fp32 (default): under bf16 autocast DINOv2, proj.16, the GP and the
-    decoder compute what fp32 computes, so no coarse arg-max can flip; "reduced" runs them in bf16."""
+    """The default policy (tf32x3, whose split layers run only on TF32 GPUs: IEEE fp32 on the CPU):
+    under bf16 autocast DINOv2, proj.16, the GP and the decoder compute what fp32 computes, so no
+    coarse arg-max can flip; "reduced" runs them in bf16."""
     import copy
 
     model = loaded_model()
-    assert model.coarse_precision == "fp32"
+    assert model.coarse_precision == "tf32x3"
     reduced = copy.copy(model)
     reduced.coarse_precision = "reduced"
     a, b = inputs(112)
@@ -166,31 +167,40 @@ def test_region_policy_relaxes_only_dinov2() -> None:
     assert rel(feat, want_feat) <= 1e-6  # proj.16 in fp32 on those tokens
 
 
-def test_tf32x3_policy_runs_split_linears_with_fp32_results() -> None:
+def test_tf32x3_policy_runs_split_linears_with_fp32_results(monkeypatch) -> None:
     """coarse_precision=tf32x3: DINOv2's and the decoder's linear layers run as split products
-    (copies kept outside the state dict); on the CPU they compute fp32's coarse stage."""
+    (copies kept outside the state dict); forced on the CPU, they compute fp32's coarse stage."""
     import copy
 
+    from matchrt.plugins.roma_plus import split_tf32
     from matchrt.plugins.roma_plus.split_tf32 import SplitLinear, split_copy
 
-    model = loaded_model()
+    model = copy.copy(loaded_model())  # the default policy is tf32x3: the reference is fp32
+    model.coarse_precision = "fp32"
+    assert not split_tf32.split_pays(torch.device("cpu"))  # a CPU run of the default: plain fp32 layers
+    monkeypatch.setattr(split_tf32, "split_pays", lambda device: True)
     split = copy.copy(model)
     split.coarse_precision = "tf32x3"
     a, b = inputs(112)
-    with torch.no_grad():
-        want = _coarse_stage(model, a, b)
-        got = _coarse_stage(split, a, b)
-    for g, w in zip(got[:3], want[:3]):  # tokens, proj.16, logits: within the fp32 tolerance
-        assert rel(g, w) <= 1e-4
-    # one copy per module, kept on the module shared by every view of the model (not per view)
-    copies = [split_copy(m) for m in (model.coarse.encoder.dinov2, model.coarse.embedding_decoder)]
-    assert all(any(isinstance(m, SplitLinear) for m in c.modules()) for c in copies)
-    again = copy.copy(model)
-    again.coarse_precision = "tf32x3"
-    with torch.no_grad():
-        _coarse_stage(again, a, b)
-    assert [split_copy(m) for m in (model.coarse.encoder.dinov2, model.coarse.embedding_decoder)] == copies
-    assert split.state_dict().keys() == model.state_dict().keys()
+    regions = (model.coarse.encoder.dinov2, model.coarse.embedding_decoder)
+    try:
+        with torch.no_grad():
+            want = _coarse_stage(model, a, b)
+            got = _coarse_stage(split, a, b)
+        for g, w in zip(got[:3], want[:3]):  # tokens, proj.16, logits: within the fp32 tolerance
+            assert rel(g, w) <= 1e-4
+        # one copy per module, kept on the module shared by every view of the model (not per view)
+        copies = [split_copy(m) for m in regions]
+        assert all(any(isinstance(m, SplitLinear) for m in c.modules()) for c in copies)
+        again = copy.copy(model)
+        again.coarse_precision = "tf32x3"
+        with torch.no_grad():
+            _coarse_stage(again, a, b)
+        assert [split_copy(m) for m in regions] == copies
+        assert split.state_dict().keys() == model.state_dict().keys()
+    finally:  # the shared test model keeps no 4 GB of split weights for the tests after this one
+        for m in regions:
+            m.__dict__.pop(split_tf32._COPY_ATTR, None)
 
 
 def test_unknown_coarse_precision_is_refused() -> None:

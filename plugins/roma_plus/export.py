@@ -28,7 +28,7 @@ NAME = "roma_plus"
 DEFAULTS: dict[str, Any] = {
     "upsample_res": DEFAULT_UPSAMPLE,
     "symmetric": True,
-    "coarse_precision": "fp32",
+    "coarse_precision": "tf32x3",
     "fuse": True,
     **coarse_export.DEFAULTS,
 }

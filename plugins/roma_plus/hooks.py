@@ -65,12 +65,14 @@ INFO = MatcherInfo(
         "square inputs only (height = width, a multiple of 14); upstream default 560",
         "upsample_res (default 864, a multiple of 8; 0 = off) re-runs the fine scales on the images "
         "resized to R x R: extra graph inputs image0_upsampled/image1_upsampled, outputs at R x R",
-        "coarse_precision=fp32 (default) keeps DINOv2, proj.16 and the coordinate decoder in IEEE fp32 "
-        "(no TF32) in fp16/bf16 runs and engines, so the coarse matches equal fp32's; 'reduced' runs them "
+        "coarse_precision=tf32x3 (default) runs DINOv2's and the decoder's linear layers as split TF32 "
+        "products (about fp32's precision: 0.03% coarse flips on an H100; torch runs on Ampere or later, "
+        "4.4 GB of split weights), the rest of the coarse stage in IEEE fp32; exported graphs and CPUs run "
+        "them as 'fp32' does; 'fp32' keeps DINOv2, proj.16 and the coordinate decoder in IEEE fp32 (no "
+        "TF32) in fp16/bf16 runs and engines, so the coarse matches equal fp32's; 'reduced' runs them "
         "in the run's precision as upstream's AMP (faster; near-tie arg-maxes may flip); 'tf32' keeps them "
         "in fp32 with TF32 matrix products; 'reduced:dinov2' (a '+' list of dinov2, proj16, decoder) "
-        "relaxes only those regions; 'tf32x3' runs DINOv2's and the decoder's linear layers as split "
-        "TF32 products (about fp32's precision; torch runs, not yet timed on a GPU)",
+        "relaxes only those regions",
         "gp_solve=iterative (default): one graph, the GP solved in-graph (ONNX: roma_full's gp_method, "
         "gp_iters; torch runs: an in-graph Cholesky); gp_solve=exact: two graphs with roma_full's "
         "Cholesky solve between them",

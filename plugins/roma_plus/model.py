@@ -17,17 +17,20 @@ the A->B half only (B x H x W x 4, B x H x W).
 
 Precision policy under fp16/bf16 (autocast here, fp32 layer constraints in TensorRT): the GP,
 the anchor soft-argmax, correlation sums and all coordinate arithmetic always run in IEEE fp32.
-``coarse_precision="fp32"`` (default) also keeps DINOv2, proj.16 and the coordinate decoder in
+``coarse_precision="fp32"`` also keeps DINOv2, proj.16 and the coordinate decoder in
 IEEE fp32 (no TF32): the GP amplifies any rounding of its input features into flips of the
 4096-way arg-max between near-tied anchors, which move a match by up to the whole image.
 Measured on the H100 at 560/864 with the deterministic test weights (scripts/roma_fp16_check.py):
 an fp16 coarse stage flips 2.75% of the coarse cells (warp max deviation 1.09, mean 3e-2), TF32
 in it 1.3%, and so does +-0.5/255 noise on the images in strict fp32 (1.6%); the strict coarse
-stage flips none and the fp16 warp stays within 5.8e-6 of fp32 (bf16: 5.1e-5). It costs time:
-eager fp16 242 ms instead of 187 per pair. ``coarse_precision="reduced"`` runs the coarse stage in
-the run's precision as upstream's AMP does; ``"reduced:dinov2"`` (a "+" list of dinov2, proj16,
-decoder) only the named regions. On the H100 every relaxed policy flipped more coarse cells than
-the input noise (DINOv2 alone in fp16: 3.09% against 1.75%), so none is the default.
+stage flips none and the fp16 warp stays within 5.8e-6 of fp32 (bf16: 5.1e-5).
+``coarse_precision="tf32x3"`` (default) computes the linear layers of DINOv2 and the decoder as
+split-TF32 products of about fp32's precision (split_tf32.py: 0.03% flips on the H100, against
+1.75% from the input noise) and the rest as "fp32"; exported graphs and devices without TF32
+tensor cores run those layers as "fp32" does. ``"reduced"`` runs the coarse stage in the run's
+precision as upstream's AMP does; ``"reduced:dinov2"`` (a "+" list of dinov2, proj16, decoder)
+only the named regions. On the H100 every relaxed policy flipped more coarse cells than the
+input noise (DINOv2 alone in fp16: 3.09% against 1.75%).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from matchrt.plugins.roma_full.model import RomaCoarse
 from matchrt.plugins.roma_full.ops import strict_fp32, swap_halves
 
 from .refiner import REFINER_SPECS, ConvRefiner, pixel_grid, upsample
-from .split_tf32 import split_copy
+from . import split_tf32
 
 FINE_SCALES: tuple[int, ...] = (8, 4, 2, 1)
 # proj.16 belongs to the coarse half (the GP needs it); the finer projections live here
@@ -107,10 +110,12 @@ def split_eager(module: nn.Module, *args: Any) -> Any:
 
     The copy is looked up here, in eager code: found or built inside a compiled (CUDA-graph) region,
     its split weights would be graph outputs that the next replay overwrites. Traced for ONNX or
-    torch.export, the plain module runs (IEEE fp32 layers in the graph)."""
-    if torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+    torch.export, or on a device without TF32 tensor cores (CPU, pre-Ampere GPUs), the plain
+    module runs (IEEE fp32 layers)."""
+    if (torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+            or not split_tf32.split_pays(args[0].device)):
         return strict_eager(module, *args)
-    return strict_eager(split_copy(module), *args)
+    return strict_eager(split_tf32.split_copy(module), *args)
 
 
 class ClassificationToFlow(nn.Module):
@@ -206,7 +211,7 @@ class RomaPlus(nn.Module):
 
     def __init__(self, gp_solve: str = "exact", gp_method: str = "newton_schulz",
                  gp_iters: Union[int, str, None] = None, upsample_res: int = DEFAULT_UPSAMPLE,
-                 symmetric: bool = True, attenuate: bool = True, coarse_precision: str = "fp32") -> None:
+                 symmetric: bool = True, attenuate: bool = True, coarse_precision: str = "tf32x3") -> None:
         super().__init__()
         self.coarse = RomaCoarse()
         self.proj = nn.ModuleDict({

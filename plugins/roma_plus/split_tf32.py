@@ -84,4 +84,10 @@ def split_copy(module: nn.Module) -> nn.Module:
 
 _COPY_ATTR = "_matchrt_split_tf32"
 
-__all__ = ["tf32_head", "split_operand", "SplitLinear", "split_linears", "split_copy"]
+
+def split_pays(device: torch.device) -> bool:
+    """Does a 3xTF32 product beat an IEEE fp32 one here? Only on a GPU with TF32 tensor cores
+    (compute capability 8.0 and up); elsewhere the split would only triple the work."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+
+__all__ = ["tf32_head", "split_operand", "SplitLinear", "split_linears", "split_copy", "split_pays"]
