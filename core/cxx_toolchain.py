@@ -14,6 +14,7 @@ of ``FALLBACKS`` that passes (the note says so); none: MatchrtError with the rem
 
 API:
     compiler_problem(cxx) -> str | None           why ``cxx``'s shared objects cannot run here
+    signal_name(returncode) -> str                the signal that ended a child process
     pick_compiler(configured, candidates, problem_of) -> (compiler, note)   pure choice
     configured_compiler() -> str                  what Inductor would use now
     choose_compiler(user_configs) -> (inductor config updates, compiler, note)
@@ -48,13 +49,16 @@ LOAD_PROBE = ("import ctypes, sys, torch\n"
               "sys.exit(0 if ctypes.CDLL(sys.argv[1]).matchrt_probe(b'cuda:0') == 1 else 3)\n")
 
 
+def signal_name(returncode: int) -> str:
+    """The signal that ended a child process (its negative return code), e.g. "SIGSEGV"."""
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:
+        return f"signal {-returncode}"
+
+
 def _how_it_ended(returncode: int) -> str:
-    if returncode < 0:
-        try:
-            return f"died with {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"died with signal {-returncode}"
-    return f"exited with status {returncode}"
+    return f"died with {signal_name(returncode)}" if returncode < 0 else f"exited with status {returncode}"
 
 
 @functools.lru_cache(maxsize=None)
@@ -129,4 +133,5 @@ def choose_compiler(user_configs: Mapping[str, Any]) -> tuple[dict[str, Any], st
     return updates, chosen, note
 
 
-__all__ = ["compiler_problem", "pick_compiler", "configured_compiler", "choose_compiler", "FALLBACKS"]
+__all__ = ["compiler_problem", "pick_compiler", "configured_compiler", "choose_compiler", "signal_name",
+           "FALLBACKS"]

@@ -17,12 +17,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from .cxx_toolchain import signal_name
 from .errors import MatchrtError
 from .journal import atomic_write
 
@@ -53,13 +53,6 @@ def marker_path(package: Path, environment: Mapping[str, Any], cache: Path) -> P
     return cache / "inductor-load-checks" / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".ok")
 
 
-def _signal_name(code: int) -> str:
-    try:
-        return signal.Signals(-code).name
-    except ValueError:
-        return f"signal {-code}"
-
-
 def check_load_in_child(package: Path, device_index: int, environment: Mapping[str, Any],
                         cache: Path, timeout: Optional[float] = 900.0) -> bool:
     """Load `package` once in a child process unless a marker says it loaded here before.
@@ -80,7 +73,7 @@ def check_load_in_child(package: Path, device_index: int, environment: Mapping[s
         where += f" on {environment.get('gpu')} (driver {environment.get('driver')})"
     if proc.returncode < 0:
         raise MatchrtError(
-            f"torch's AOTInductor loader crashed ({_signal_name(proc.returncode)}) loading {package} "
+            f"torch's AOTInductor loader crashed ({signal_name(proc.returncode)}) loading {package} "
             f"with {where}. A package whose C++ compiler linked libstdc++ statically crashes so (its copy "
             "clashes with torch's); matchrt now probes the compiler before building, so rebuild it with "
             "`matchrt build ... --backend inductor --force`. If the rebuilt package crashes too, run the "

@@ -80,11 +80,9 @@ def _load(path: Path, device_index: int, single_threaded: bool) -> Any:
         AOTICompiledModel = None
     if loader_cls is not None and AOTICompiledModel is not None:
         try:
-            loader = loader_cls(str(path), "model", single_threaded, 1, device_index)
+            return AOTICompiledModel(loader_cls(str(path), "model", single_threaded, 1, device_index))
         except TypeError:  # pragma: no cover - another constructor signature: the public entry point
-            loader = None
-        if loader is not None:
-            return AOTICompiledModel(loader)
+            pass
     params = inspect.signature(torch._inductor.aoti_load_package).parameters
     kwargs: dict[str, Any] = {}
     if "device_index" in params:

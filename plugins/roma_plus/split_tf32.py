@@ -11,9 +11,9 @@ Used by roma_plus's ``coarse_precision=tf32x3`` for the linear layers of DINOv2 
 coordinate decoder (their attention stays IEEE fp32): the GP turns plain TF32's rounding into
 coarse arg-max flips (5.37% of the cells on an H200, against 1.75% from +-0.5/255 input noise),
 while an earlier three-call version of this scheme flipped 0.09% but was slower than IEEE fp32
-(three GEMMs, two sums, per-call weight splits). Torch runs only (eager, and torch.compile, which
-leaves the strict coarse stage eager): traced for ONNX or AOTInductor the layer is the plain
-linear (IEEE fp32 layers in the graph).
+(three GEMMs, two sums, per-call weight splits). Torch runs on TF32 GPUs only (eager, and
+torch.compile, which leaves the strict coarse stage eager): traced for ONNX or AOTInductor, or on
+a CPU, the layer is the plain linear (IEEE fp32 layers in the graph).
 """
 
 from __future__ import annotations
@@ -68,6 +68,9 @@ def split_linears(module: nn.Module) -> nn.Module:
     return out
 
 
+_COPY_ATTR = "_matchrt_split_tf32"  # where split_copy keeps a module's copy (a plain attribute)
+
+
 def split_copy(module: nn.Module) -> nn.Module:
     """The 3xTF32 copy of ``module`` (``split_linears``), built once and kept on the module itself,
     outside its state dict and children, so every view of a model shares one copy (a bench's
@@ -82,12 +85,10 @@ def split_copy(module: nn.Module) -> nn.Module:
     return module.__dict__[_COPY_ATTR][1]
 
 
-_COPY_ATTR = "_matchrt_split_tf32"
-
-
 def split_pays(device: torch.device) -> bool:
     """Does a 3xTF32 product beat an IEEE fp32 one here? Only on a GPU with TF32 tensor cores
     (compute capability 8.0 and up); elsewhere the split would only triple the work."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+
 
 __all__ = ["tf32_head", "split_operand", "SplitLinear", "split_linears", "split_copy", "split_pays"]
