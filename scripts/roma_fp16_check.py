@@ -23,6 +23,8 @@ Variants (the model's own precision policy, ``coarse_precision``):
                              only those coarse regions in fp16, the rest of it IEEE fp32
     fp16-tf32x3              coarse_precision=tf32x3: the linear layers of DINOv2 and the decoder
                              as 3xTF32 products, the rest of the coarse stage IEEE fp32
+    fp16-bf16x3, fp16-bf16x3-flash   coarse_precision=bf16x3: those layers as split bf16
+                             products; -flash: and their attention as split fp16 flash attention
     fp16-tf32                coarse_precision=tf32: the coarse stage in fp32 with TF32 matrix
                              products, the encoder and refiners in fp16
     tf32-reduced             fp32 with TF32 in the coarse stage (TensorRT's fp32 default)
@@ -60,6 +62,8 @@ VARIANTS: dict[str, tuple[Optional[torch.dtype], str, bool]] = {
     "bf16": (torch.bfloat16, "fp32", False),
     "fp16-tf32": (torch.float16, "tf32", False),
     "fp16-tf32x3": (torch.float16, "tf32x3", False),
+    "fp16-bf16x3": (torch.float16, "bf16x3", False),
+    "fp16-bf16x3-flash": (torch.float16, "bf16x3-flash", False),
     "fp16-reduced": (torch.float16, "reduced", False),
     "fp16-dinov2": (torch.float16, "reduced:dinov2", False),
     "fp16-dinov2-proj16": (torch.float16, "reduced:dinov2+proj16", False),

@@ -112,7 +112,7 @@ def test_roma_plus_plan_folds_its_batchnorms_and_leaves_the_model_alone() -> Non
 def test_split_tf32_linear_keeps_fp32_precision_where_tf32_loses_it() -> None:
     """3xTF32: with every GEMM input rounded to TF32 (what tensor cores do), the split product
     stays within ~1e-6 of the float64 result; plain TF32 strays ~1e-3."""
-    from matchrt.plugins.roma_plus.split_tf32 import SplitLinear, split_operand, tf32_head
+    from matchrt.plugins.roma_plus.split_products import SplitLinear, split_operand, tf32_head
 
     torch.manual_seed(0)
     linear = nn.Linear(256, 96)
@@ -129,7 +129,7 @@ def test_split_tf32_linear_keeps_fp32_precision_where_tf32_loses_it() -> None:
 
 
 def test_split_linears_copies_share_weights_and_export_plain(monkeypatch) -> None:
-    from matchrt.plugins.roma_plus.split_tf32 import SplitLinear, split_linears
+    from matchrt.plugins.roma_plus.split_products import SplitLinear, split_linears
 
     block = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
     copy = split_linears(block)
@@ -143,3 +143,122 @@ def test_split_linears_copies_share_weights_and_export_plain(monkeypatch) -> Non
     program = torch.export.export(copy, (x,))  # traced for AOTInductor: plain layers too
     ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert not any("bitwise" in op or "cat" in op for op in ops), ops
+
+
+def test_bf16x3_linear_stays_near_fp32_where_bf16_loses_it() -> None:
+    """bf16x3: two bf16 pieces per operand, fp32 accumulation: ~1e-5 of the float64 result,
+    where a plain bf16 product strays ~1e-2 (the weights are shared, no checkpoint key is added)."""
+    from matchrt.plugins.roma_plus.split_products import SplitLinear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 96)
+    x = torch.randn(4, 50, 256) * 30
+    exact = x.double() @ linear.weight.double().T + linear.bias.double()
+    err = lambda y: float((y.double() - exact).norm() / exact.norm())  # noqa: E731
+    split = SplitLinear(linear, "bf16x3")
+    assert split.weight_split.dtype == torch.bfloat16 and split.weight_split.shape == (96, 768)
+    out = split(x)
+    assert out.dtype == torch.float32 and out.shape == (4, 50, 96)
+    plain_bf16 = (x.bfloat16() @ linear.weight.bfloat16().T).float() + linear.bias
+    assert err(out) < 3e-5 and err(plain_bf16) > 1e-3
+    assert split.state_dict().keys() == {"linear.weight", "linear.bias"}
+
+
+def test_split_attention_scores_beat_plain_half_precision_attention() -> None:
+    """split_attention: scores from split fp16 pieces, values split too; only the softmax weights
+    are rounded to fp16. Closer to the float64 attention than plain fp16 attention, and fp32 out."""
+    from matchrt.plugins.roma_plus.split_products import split_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 96, 32) * 2 for _ in range(3))
+    scale = 32 ** -0.5
+    exact = torch.softmax((q.double() @ k.double().transpose(-1, -2)) * scale, -1) @ v.double()
+    err = lambda y: float((y.double() - exact).norm() / exact.norm())  # noqa: E731
+    out = split_attention(q, k, v, scale)
+    plain = nn.functional.scaled_dot_product_attention(q.half(), k.half(), v.half(), scale=scale)
+    assert out.dtype == torch.float32 and out.shape == v.shape
+    assert err(out) < 1e-3 and err(out) < err(plain) / 2
+
+
+def test_split_linears_kinds_replace_what_each_kind_splits() -> None:
+    from matchrt.plugins.roma_full.dinov2 import Attention
+    from matchrt.plugins.roma_plus.split_products import SplitAttention, SplitLinear, split_linears
+
+    block = nn.Sequential(Attention(64, 4), nn.Linear(64, 64))
+    for kind, attention_type in (("tf32x3", Attention), ("bf16x3", Attention), ("bf16x3-flash", SplitAttention)):
+        copy = split_linears(block, kind)
+        assert isinstance(copy[0], attention_type) and isinstance(copy[1], SplitLinear)
+        assert isinstance(copy[0].qkv, SplitLinear) and copy[0].qkv.linear.weight is block[0].qkv.weight
+        x = torch.randn(2, 10, 64)
+        with torch.no_grad():
+            torch.testing.assert_close(copy(x), block(x), rtol=2e-3, atol=2e-3)
+    assert isinstance(block[0].qkv, nn.Linear)  # the original keeps its layers
+
+
+def _random_refiner(feat_dim: int, emb_dim: int, radius: int):
+    from matchrt.plugins.roma_plus.refiner import ConvRefiner
+
+    torch.manual_seed(0)
+    refiner = ConvRefiner(feat_dim, emb_dim, radius).eval()
+    with torch.no_grad():
+        for module in refiner.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+                module.running_mean.uniform_(-1, 1)
+                module.running_var.uniform_(0.5, 2)
+            elif isinstance(module, nn.Conv2d):
+                module.weight.mul_(3.0)
+    return refiner
+
+
+def test_padded_refiner_widths_give_the_unpadded_outputs() -> None:
+    """pad_channels: an odd block width (2 x 5 + 3 + 9 = 22) padded to 24 and to 32, folded or
+    not, computes the same flow and certainty deltas; a width already aligned is left alone."""
+    import copy
+
+    from matchrt.plugins.roma_plus.refiner import pad_channels
+
+    refiner = _random_refiner(5, 3, 1)
+    assert refiner.block1[0].in_channels == 22
+    feat_a, feat_b = torch.randn(2, 5, 12, 10), torch.randn(2, 5, 12, 10)
+    flow = torch.rand(2, 2, 12, 10) * 1.6 - 0.8
+    with torch.no_grad():
+        want = refiner(feat_a, feat_b, flow, 1.5)
+        for multiple, fold in ((8, False), (8, True), (32, True)):
+            padded = folded_copy(refiner) if fold else copy.deepcopy(refiner)
+            assert pad_channels(padded, multiple) == -22 % multiple
+            widths = {m.in_channels for m in padded.modules() if isinstance(m, nn.Conv2d)} - {2}
+            assert widths == {-(-22 // multiple) * multiple}
+            for got, ref in zip(padded(feat_a, feat_b, flow, 1.5), want):  # fp32 tolerance (folding rounds)
+                assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-5
+    assert refiner.block1[0].in_channels == 22  # the original keeps its shapes
+    assert pad_channels(_random_refiner(8, 8, 0), 8) == 0  # 2 x 8 + 8 = 24: aligned already
+
+
+def test_roma_plus_plan_pads_its_refiners_without_changing_the_warp() -> None:
+    from roma_plus_helpers import loaded_model
+
+    from matchrt.errors import MatchrtError
+    from matchrt.plugins.roma_plus import hooks
+    from matchrt.types import ExportOptions
+
+    import pytest
+
+    model = loaded_model()
+    extra = {"upsample_res": 64}
+    padded = hooks.export_plan("roma_plus", model, ExportOptions(56, 56, extra=extra))
+    plain = hooks.export_plan("roma_plus", model, ExportOptions(56, 56, extra={**extra, "pad_channels": 0}))
+    width = lambda plan, s: plan.graphs[0].module.model.conv_refiner[s].block1[0].in_channels  # noqa: E731
+    assert [width(plain, s) for s in ("16", "8", "4")] == [1377, 1137, 569]  # the checkpoint's widths
+    assert [width(padded, s) for s in ("16", "8", "4")] == [1384, 1144, 576]  # the default: multiples of 8
+    assert model.conv_refiner["16"].block1[0].in_channels == 1377  # the model keeps its shapes
+    torch.manual_seed(0)
+    images = [torch.rand(1, 3, 56, 56), torch.rand(1, 3, 56, 56), torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64)]
+    with torch.no_grad():
+        warp_p, cert_p = padded.graphs[0].module(*images)
+        warp_u, cert_u = plain.graphs[0].module(*images)
+    torch.testing.assert_close(warp_p, warp_u, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cert_p, cert_u, rtol=1e-3, atol=1e-5)
+    with pytest.raises(MatchrtError, match="pad_channels"):
+        hooks.export_plan("roma_plus", model, ExportOptions(56, 56, extra={**extra, "pad_channels": "eight"}))

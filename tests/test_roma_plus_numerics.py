@@ -167,40 +167,44 @@ def test_region_policy_relaxes_only_dinov2() -> None:
     assert rel(feat, want_feat) <= 1e-6  # proj.16 in fp32 on those tokens
 
 
-def test_tf32x3_policy_runs_split_linears_with_fp32_results(monkeypatch) -> None:
-    """coarse_precision=tf32x3: DINOv2's and the decoder's linear layers run as split products
-    (copies kept outside the state dict); forced on the CPU, they compute fp32's coarse stage."""
+@pytest.mark.parametrize("kind,tolerance", [("tf32x3", 1e-4), ("bf16x3", 1e-4), ("bf16x3-flash", 1e-2)])
+def test_split_policies_run_split_products_with_fp32_results(monkeypatch, kind: str, tolerance: float) -> None:
+    """coarse_precision=tf32x3 / bf16x3 / bf16x3-flash: DINOv2's and the decoder's linear layers
+    (and for -flash their attention) run as split products (copies kept outside the state dict);
+    forced on the CPU, they compute fp32's coarse stage within fp32's tolerance (-flash: the fp16
+    one, its attention weights are rounded to fp16)."""
     import copy
 
-    from matchrt.plugins.roma_plus import split_tf32
-    from matchrt.plugins.roma_plus.split_tf32 import SplitLinear, split_copy
+    from matchrt.plugins.roma_plus import split_products
+    from matchrt.plugins.roma_plus.split_products import SplitAttention, SplitLinear, split_copy
 
-    model = copy.copy(loaded_model())  # the default policy is tf32x3: the reference is fp32
+    model = copy.copy(loaded_model())  # the reference: IEEE fp32
     model.coarse_precision = "fp32"
-    assert not split_tf32.split_pays(torch.device("cpu"))  # a CPU run of the default: plain fp32 layers
-    monkeypatch.setattr(split_tf32, "split_pays", lambda device: True)
+    assert not split_products.split_pays(torch.device("cpu"))  # a CPU run of the default: plain fp32 layers
+    monkeypatch.setattr(split_products, "split_pays", lambda device: True)
     split = copy.copy(model)
-    split.coarse_precision = "tf32x3"
+    split.coarse_precision = kind
     a, b = inputs(112)
     regions = (model.coarse.encoder.dinov2, model.coarse.embedding_decoder)
     try:
         with torch.no_grad():
             want = _coarse_stage(model, a, b)
             got = _coarse_stage(split, a, b)
-        for g, w in zip(got[:3], want[:3]):  # tokens, proj.16, logits: within the fp32 tolerance
-            assert rel(g, w) <= 1e-4
+        for g, w in zip(got[:3], want[:3]):  # tokens, proj.16, logits
+            assert g.dtype == torch.float32 and rel(g, w) <= tolerance
         # one copy per module, kept on the module shared by every view of the model (not per view)
-        copies = [split_copy(m) for m in regions]
+        copies = [split_copy(m, kind) for m in regions]
         assert all(any(isinstance(m, SplitLinear) for m in c.modules()) for c in copies)
+        assert all(any(isinstance(m, SplitAttention) for m in c.modules()) == kind.endswith("flash") for c in copies)
         again = copy.copy(model)
-        again.coarse_precision = "tf32x3"
+        again.coarse_precision = kind
         with torch.no_grad():
             _coarse_stage(again, a, b)
-        assert [split_copy(m) for m in regions] == copies
+        assert [split_copy(m, kind) for m in regions] == copies
         assert split.state_dict().keys() == model.state_dict().keys()
     finally:  # the shared test model keeps no 4 GB of split weights for the tests after this one
         for m in regions:
-            m.__dict__.pop(split_tf32._COPY_ATTR, None)
+            m.__dict__.pop(split_products._COPY_ATTR, None)
 
 
 def test_unknown_coarse_precision_is_refused() -> None:

@@ -10,6 +10,7 @@ gives B x H' x W' (x 4).
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Optional
 
 import torch
@@ -22,14 +23,16 @@ from matchrt.plugins.roma_full.encoder import COARSE_SCALE, check_input_size
 from matchrt.types import ExportOptions, ExportPlan, GraphSpec
 
 from .model import DEFAULT_UPSAMPLE, RomaPlus, coarse_region_modes
+from .refiner import pad_channels
 
 NAME = "roma_plus"
 # gp_solve ("iterative" | "exact"), gp_method, gp_iters: as roma_full defines and validates them
 DEFAULTS: dict[str, Any] = {
     "upsample_res": DEFAULT_UPSAMPLE,
     "symmetric": True,
-    "coarse_precision": "tf32x3",
+    "coarse_precision": "bf16x3-flash",
     "fuse": True,
+    "pad_channels": 8,
     **coarse_export.DEFAULTS,
 }
 
@@ -85,6 +88,14 @@ def resolve_options(extra: dict[str, Any]) -> dict[str, Any]:
                            f"of 8 (the VGG pyramid's stride); nearest: {lo} or {hi}")
     opts["symmetric"] = truthy(opts["symmetric"])
     opts["fuse"] = truthy(opts["fuse"])
+    try:
+        opts["pad_channels"] = int(opts["pad_channels"] or 0)
+    except (TypeError, ValueError):
+        opts["pad_channels"] = -1
+    if not 0 <= opts["pad_channels"] <= 256:
+        raise MatchrtError(f"roma_plus: pad_channels={extra.get('pad_channels')!r} must be a whole number from 0 "
+                           "to 256: the refiners' block width is padded to a multiple of it (8, the default, "
+                           "aligns half-precision matrix products; 0 or 1 leaves the widths as they are)")
     opts["coarse_precision"] = str(opts["coarse_precision"]).strip().lower().replace(" ", "")
     coarse_region_modes(opts["coarse_precision"])  # MatchrtError naming the values
     return opts
@@ -94,12 +105,20 @@ def configured(model: RomaPlus, options: dict[str, Any]) -> RomaPlus:
     """A shallow copy of ``model`` (shared weights) with the export options applied.
 
     With ``fuse`` (default) the BatchNorms of the VGG encoder, the projections and the refiners
-    are folded into their convolutions, in copies of those parts (the model keeps its keys).
+    are folded into their convolutions, and with ``pad_channels`` > 1 (default 8) the refiners'
+    block widths are padded with zero channels to a multiple of it (``refiner.pad_channels``), in
+    copies of those parts (the model keeps its keys and shapes).
     """
     view = shallow_module_copy(model)
+    refiners = folded_copy(model.conv_refiner) if options["fuse"] else None
+    if options["pad_channels"] > 1:
+        refiners = refiners if refiners is not None else copy.deepcopy(model.conv_refiner)
+        for refiner in refiners.values():
+            pad_channels(refiner, options["pad_channels"])
+    if refiners is not None:
+        view.conv_refiner = refiners
     if options["fuse"]:
         view.proj = folded_copy(model.proj)
-        view.conv_refiner = folded_copy(model.conv_refiner)
         coarse = shallow_module_copy(model.coarse)
         coarse.encoder = shallow_module_copy(model.coarse.encoder)
         coarse.encoder.cnn = folded_copy(model.coarse.encoder.cnn)

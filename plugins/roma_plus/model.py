@@ -48,7 +48,7 @@ from matchrt.plugins.roma_full.model import RomaCoarse
 from matchrt.plugins.roma_full.ops import strict_fp32, swap_halves
 
 from .refiner import REFINER_SPECS, ConvRefiner, pixel_grid, upsample
-from . import split_tf32
+from . import split_products
 
 FINE_SCALES: tuple[int, ...] = (8, 4, 2, 1)
 # proj.16 belongs to the coarse half (the GP needs it); the finer projections live here
@@ -61,17 +61,18 @@ DEFAULT_UPSAMPLE = 864
 # fp32 accumulation); "reduced": the run's precision (fp16/bf16 autocast), as upstream's AMP;
 # "reduced:R1+R2": the named regions in the run's precision, the others IEEE fp32; "tf32x3": the
 # linear layers of DINOv2 and the decoder as 3xTF32 products (split_tf32.py), the rest IEEE fp32
-COARSE_PRECISIONS = ("fp32", "tf32", "tf32x3", "reduced", "reduced:<regions>")
+COARSE_PRECISIONS = ("fp32", "tf32", "tf32x3", "bf16x3", "bf16x3-flash", "reduced", "reduced:<regions>")
 # the coarse stage's regions a policy can relax (the GP and the anchor soft-argmax stay IEEE fp32)
 COARSE_REGIONS = ("dinov2", "proj16", "decoder")
 
 
 def coarse_region_modes(policy: str) -> dict[str, str]:
-    """Region -> "fp32" | "tf32" | "tf32x3" | "reduced" for a ``coarse_precision`` value; MatchrtError if unknown."""
+    """Region -> "fp32" | "tf32" | a split kind (split_products.KINDS) | "reduced" for a
+    ``coarse_precision`` value; MatchrtError if unknown."""
     if policy in ("fp32", "tf32", "reduced"):
         return dict.fromkeys(COARSE_REGIONS, policy)
-    if policy == "tf32x3":  # proj.16 is a 1x1 convolution: IEEE fp32
-        return {"dinov2": "tf32x3", "proj16": "fp32", "decoder": "tf32x3"}
+    if policy in split_products.KINDS:  # proj.16 is a 1x1 convolution: IEEE fp32
+        return {"dinov2": policy, "proj16": "fp32", "decoder": policy}
     if policy.startswith("reduced:"):
         regions = [r.strip() for r in policy[len("reduced:"):].split("+") if r.strip()]
         unknown = [r for r in regions if r not in COARSE_REGIONS]
@@ -82,8 +83,9 @@ def coarse_region_modes(policy: str) -> dict[str, str]:
                            "joined by '+', e.g. reduced:dinov2")
     raise MatchrtError(f"roma_plus: coarse_precision={policy!r} is not one of {', '.join(COARSE_PRECISIONS)}: "
                        "'fp32' keeps DINOv2, proj.16 and the decoder in IEEE fp32 under fp16/bf16 (exact "
-                       "coarse matches), 'tf32' in fp32 with TF32 matrix products, 'tf32x3' their linear "
-                       "layers as three-way split TF32 products (about fp32's precision), 'reduced' runs them in the "
+                       "coarse matches), 'tf32' in fp32 with TF32 matrix products, 'tf32x3' / 'bf16x3' their "
+                       "linear layers as three-way split TF32 / bf16 products (about fp32's precision), "
+                       "'bf16x3-flash' those and their attention as split fp16 flash attention, 'reduced' runs them in the "
                        "run's precision (fastest, as upstream's AMP), 'reduced:dinov2' (or another '+' list "
                        f"of {', '.join(COARSE_REGIONS)}) only those")
 
@@ -105,17 +107,17 @@ def strict_eager(fn: Callable[..., Any], *args: Any, tf32: bool = False) -> Any:
 
 
 @torch.compiler.disable
-def split_eager(module: nn.Module, *args: Any) -> Any:
-    """``module(*args)`` in fp32 through its 3xTF32 copy (split_tf32.split_copy), never compiled.
+def split_eager(module: nn.Module, kind: str, *args: Any) -> Any:
+    """``module(*args)`` in fp32 through its split copy of ``kind`` (split_products.split_copy), never compiled.
 
     The copy is looked up here, in eager code: found or built inside a compiled (CUDA-graph) region,
     its split weights would be graph outputs that the next replay overwrites. Traced for ONNX or
     torch.export, or on a device without TF32 tensor cores (CPU, pre-Ampere GPUs), the plain
     module runs (IEEE fp32 layers)."""
     if (torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
-            or not split_tf32.split_pays(args[0].device)):
+            or not split_products.split_pays(args[0].device)):
         return strict_eager(module, *args)
-    return strict_eager(split_tf32.split_copy(module), *args)
+    return strict_eager(split_products.split_copy(module, kind), *args)
 
 
 class ClassificationToFlow(nn.Module):
@@ -211,7 +213,7 @@ class RomaPlus(nn.Module):
 
     def __init__(self, gp_solve: str = "exact", gp_method: str = "newton_schulz",
                  gp_iters: Union[int, str, None] = None, upsample_res: int = DEFAULT_UPSAMPLE,
-                 symmetric: bool = True, attenuate: bool = True, coarse_precision: str = "tf32x3") -> None:
+                 symmetric: bool = True, attenuate: bool = True, coarse_precision: str = "bf16x3-flash") -> None:
         super().__init__()
         self.coarse = RomaCoarse()
         self.proj = nn.ModuleDict({
@@ -241,8 +243,8 @@ class RomaPlus(nn.Module):
         mode = coarse_region_modes(self.coarse_precision)[region]
         if mode == "reduced":
             return fn(*args)
-        if mode == "tf32x3":
-            return split_eager(fn, *args)
+        if mode in split_products.KINDS:
+            return split_eager(fn, mode, *args)
         return strict_eager(fn, *args, tf32=mode == "tf32")
 
     def set_gp(self, solve: str, method: str = "newton_schulz", iters: Union[int, str, None] = None) -> None:

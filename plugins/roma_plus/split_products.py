@@ -1,0 +1,175 @@
+"""fp32 matrix products of the coarse stage as split products on tensor cores ("x3" policies).
+
+An fp32 operand is the sum of a head and a tail that a tensor core reads exactly, ``x = x_hi + x_lo``,
+and ``x W^T`` = x_hi W_hi^T + x_lo W_hi^T + x_hi W_lo^T (x_lo W_lo^T, about 2^-16 of it or less,
+dropped). The three products are one matrix product over threefold depth,
+``[x_hi | x_lo | x_hi] @ [W_hi | W_hi | W_lo]^T``, accumulated in fp32, with the weight side built
+once. Two kinds of pieces:
+
+- ``tf32x3``: heads of TF32's 10 mantissa bits (bit mask), tails in fp32, TF32 tensor cores.
+- ``bf16x3``: bf16 head and bf16 tail (16 mantissa bits together), bf16 tensor cores at twice the
+  TF32 rate, fp32 output (``torch.mm(..., out_dtype=torch.float32)``); bf16 keeps fp32's range.
+  Measured on an H100 for DINOv2's fc1 and fc2 at 560 (3202 tokens), against fp64: IEEE fp32
+  0.72 / 0.59 ms, mean relative error 5.0e-7; tf32x3 0.32 / 0.45 ms, 1.1e-5 / 4.3e-5; bf16x3 0.20 /
+  0.33 ms, 6.7e-6 / 2.1e-5 (splitting the activations included).
+
+``split_attention`` does the same for attention scores with fp16 pieces inside one fused
+(flash) attention call: ``[q_hi | q_hi | q_lo] . [k_hi | k_lo | k_hi]`` over a threefold head
+dimension gives the scores at about fp32's precision, and ``[v_hi | v_lo]`` the values; the kernel
+still rounds the softmax weights to fp16 before multiplying them with the values (relative
+error 2.2e-4 on an H100 for DINOv2's shapes, against 6.6e-4 for plain fp16 or TF32 attention and
+9e-7 for IEEE fp32, at 0.31 ms a layer instead of 0.79).
+
+Used by roma_plus's ``coarse_precision`` policies ``tf32x3``, ``bf16x3`` (linear layers of DINOv2
+and the decoder) and ``bf16x3-flash`` (those and their attention). Torch runs only, on GPUs with
+the tensor cores for it (``split_pays``): traced for ONNX or AOTInductor, or on a CPU, the model
+keeps the plain fp32 layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from matchrt.fold import shallow_module_copy
+from matchrt.plugins.roma_full.dinov2 import Attention
+from matchrt.tf32 import tf32_switches
+
+KINDS = ("tf32x3", "bf16x3", "bf16x3-flash")
+_TF32_MASK = -8192  # 0xFFFFE000 as int32: keeps sign, exponent and the 10 mantissa bits of TF32
+
+
+def tf32_head(x: torch.Tensor) -> torch.Tensor:
+    """x with the 13 mantissa bits TF32 does not hold cleared (exactly representable in TF32)."""
+    return (x.float().contiguous().view(torch.int32) & _TF32_MASK).view(torch.float32)
+
+
+def pieces(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(head, tail) of fp32 ``x``: TF32 head and fp32 tail (``tf32x3``), or two bf16 halves."""
+    x = x.float()
+    if kind == "tf32x3":
+        head = tf32_head(x)
+        return head, x - head
+    head = x.to(torch.bfloat16)
+    return head, (x - head.float()).to(torch.bfloat16)
+
+
+def split_operand(x: torch.Tensor, weight_side: bool, kind: str = "tf32x3") -> torch.Tensor:
+    """[x_hi | x_lo | x_hi] (activations) or [W_hi | W_hi | W_lo] (weights) along the last axis."""
+    head, tail = pieces(x, kind)
+    return torch.cat((head, head, tail) if weight_side else (head, tail, head), dim=-1)
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b of bf16 matrices with fp32 accumulation and an fp32 result (no rounding to bf16)."""
+    if a.device.type == "cuda":
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()  # bf16 -> fp32 is exact, and so are the products of two bf16 values
+
+
+class SplitLinear(nn.Module):
+    """An ``nn.Linear`` computed as one split product (``kind``); shares the layer's weight and bias."""
+
+    def __init__(self, linear: nn.Linear, kind: str = "tf32x3"):
+        super().__init__()
+        self.linear = linear
+        self.kind = "tf32x3" if kind == "tf32x3" else "bf16x3"
+        # built once, not a parameter (no checkpoint key): 3x the layer's weights (bf16: 1.5x)
+        self.register_buffer("weight_split", split_operand(linear.weight.detach(), True, self.kind),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # traced graphs (ONNX, torch.export for AOTInductor) keep the plain layer: they have one
+        # TF32 setting for the whole graph, so a split product would run as three IEEE ones
+        if torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+            return self.linear(x)
+        xs = split_operand(x, False, self.kind)
+        if self.kind == "tf32x3":
+            with tf32_switches(True):
+                return F.linear(xs, self.weight_split, self.linear.bias)
+        out = _mm_fp32(xs.reshape(-1, xs.shape[-1]), self.weight_split.t())
+        out = out.reshape(*x.shape[:-1], out.shape[-1])
+        return out if self.linear.bias is None else out + self.linear.bias.float()
+
+
+def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v (fp32 in and out) as one fused fp16 attention call over split operands.
+
+    fp16 pieces (11 bits each) rather than bf16: the kernel rounds the softmax weights to the
+    operands' type, and fp16 rounds them 4x finer. fp16 hazard: |q|, |k|, |v| above 65504 would
+    overflow (DINOv2's and the decoder's are orders of magnitude below).
+    """
+    def halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        head = x.float().to(torch.float16)
+        return head, (x.float() - head.float()).to(torch.float16)
+
+    (q1, q2), (k1, k2), (v1, v2) = halves(q), halves(k), halves(v)
+    out = F.scaled_dot_product_attention(torch.cat((q1, q1, q2), -1), torch.cat((k1, k2, k1), -1),
+                                         torch.cat((v1, v2), -1), scale=scale).float()
+    d = int(v.shape[-1])
+    return out[..., :d] + out[..., d:]
+
+
+class SplitAttention(nn.Module):
+    """roma_full's ``Attention`` with split products: its linear layers (``SplitLinear``) and, for
+    ``bf16x3-flash``, the attention itself (``split_attention``); shares the module's weights."""
+
+    def __init__(self, attention: Attention, kind: str):
+        super().__init__()
+        self.heads = attention.heads
+        self.scale = attention.scale
+        self.qkv = SplitLinear(attention.qkv, kind)
+        self.proj = SplitLinear(attention.proj, kind)
+        self.flash = kind == "bf16x3-flash"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.flash or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+            return Attention.forward(self, x)  # type: ignore[arg-type]  # same attributes
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        out = split_attention(qkv[0], qkv[1], qkv[2], self.scale)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+def split_linears(module: nn.Module, kind: str = "tf32x3") -> nn.Module:
+    """A copy of ``module`` sharing its parameters, every ``nn.Linear`` in it a ``SplitLinear``
+    (and, for ``bf16x3-flash``, every roma_full ``Attention`` a ``SplitAttention``)."""
+    if kind not in KINDS:
+        raise ValueError(f"split kind {kind!r}: one of {', '.join(KINDS)}")
+    if isinstance(module, nn.Linear):
+        return SplitLinear(module, kind)
+    if isinstance(module, Attention) and kind == "bf16x3-flash":
+        return SplitAttention(module, kind)
+    out = shallow_module_copy(module)
+    for name, child in module.named_children():
+        out._modules[name] = split_linears(child, kind)
+    return out
+
+
+_COPY_ATTR = "_matchrt_split_products"  # where split_copy keeps a module's copies (a plain attribute)
+
+
+def split_copy(module: nn.Module, kind: str = "tf32x3") -> nn.Module:
+    """The split copy of ``module`` (``split_linears``), built once and kept on the module itself,
+    outside its state dict and children, so every view of a model shares one copy (a bench's
+    reference and timed pipelines held two, 4.4 GB each for DINOv2 and the decoder in tf32x3).
+    One copy per module: asking for another kind, or after the weights moved or reloaded, drops
+    the old copy before the new one is built."""
+    first = next(module.parameters())
+    key = (kind, str(first.device), first.data_ptr(), first._version)
+    cached = module.__dict__.get(_COPY_ATTR)
+    if cached is None or cached[0] != key:
+        module.__dict__[_COPY_ATTR] = None
+        module.__dict__[_COPY_ATTR] = (key, split_linears(module, kind))
+    return module.__dict__[_COPY_ATTR][1]
+
+
+def split_pays(device: torch.device) -> bool:
+    """Does a split product beat an IEEE fp32 one here? Only on a GPU with TF32 and bf16 tensor
+    cores (compute capability 8.0 and up); elsewhere the split would only triple the work."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+
+
+__all__ = ["KINDS", "tf32_head", "pieces", "split_operand", "SplitLinear", "split_attention", "SplitAttention",
+           "split_linears", "split_copy", "split_pays"]
