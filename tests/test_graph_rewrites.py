@@ -262,3 +262,19 @@ def test_roma_plus_plan_pads_its_refiners_without_changing_the_warp() -> None:
     torch.testing.assert_close(cert_p, cert_u, rtol=1e-3, atol=1e-5)
     with pytest.raises(MatchrtError, match="pad_channels"):
         hooks.export_plan("roma_plus", model, ExportOptions(56, 56, extra={**extra, "pad_channels": "eight"}))
+
+
+def test_laid_out_pieces_are_bit_for_bit_the_concatenated_pieces() -> None:
+    """laid_out writes the pieces in place (fewer passes); the bits are those of cat(pieces)."""
+    from matchrt.plugins.roma_plus.split_products import laid_out, pieces
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 40) * 100
+    view = x.transpose(0, 1)  # a strided input, as attention's q / k / v are
+    head, tail = pieces(view, "bf16x3")
+    assert torch.equal(laid_out(view, torch.bfloat16, "hth"), torch.cat((head, tail, head), -1))
+    assert torch.equal(laid_out(view, torch.bfloat16, "hht"), torch.cat((head, head, tail), -1))
+    h16 = view.half()
+    t16 = (view - h16.float()).half()
+    assert torch.equal(laid_out(view, torch.float16, "ht"), torch.cat((h16, t16), -1))
+    assert float((head.float() + tail.float() - view).abs().max() / view.abs().max()) < 2 ** -16
