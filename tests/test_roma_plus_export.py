@@ -230,7 +230,7 @@ def test_reduced_coarse_precision_leaves_the_coarse_stage_to_the_builder() -> No
     assert set(export_mod.COARSE_FP32_LAYERS.values()) <= set(strict.graphs[0].fp32_layers)
     assert reduced.graphs[0].fp32_layers == export_mod.FP32_LAYERS
     assert reduced.graphs[0].module.model.coarse_precision == "reduced"
-    assert loaded_model().coarse_precision == "tf32x3"  # the default; the plan's view leaves the model alone
+    assert loaded_model().coarse_precision == "bf16x3-flash"  # the default; the plan's view leaves the model alone
     # tf32: the coarse stage stays pinned to fp32 layers, with TF32 allowed in them
     tf32 = hooks.export_plan("roma_plus", loaded_model(), ExportOptions(SIDE, SIDE, extra={"coarse_precision": "tf32"}))
     assert tf32.graphs[0].tf32 is True and set(export_mod.COARSE_FP32_LAYERS.values()) <= set(tf32.graphs[0].fp32_layers)
@@ -240,10 +240,11 @@ def test_reduced_coarse_precision_leaves_the_coarse_stage_to_the_builder() -> No
     layers = mixed.graphs[0].fp32_layers
     assert mixed.graphs[0].tf32 is False and mixed.options["coarse_precision"] == "reduced:dinov2"
     assert "*/dinov2/*" not in layers and {"*/proj16/*", "*/embedding_decoder/*"} <= set(layers)
-    # tf32x3 (torch runs): exported graphs keep DINOv2 and the decoder as IEEE fp32 layers
-    split = hooks.export_plan("roma_plus", loaded_model(), ExportOptions(SIDE, SIDE, extra={"coarse_precision": "tf32x3"}))
-    assert split.graphs[0].tf32 is False
-    assert set(export_mod.COARSE_FP32_LAYERS.values()) <= set(split.graphs[0].fp32_layers)
+    # the split policies (torch runs): exported graphs keep DINOv2 and the decoder as IEEE fp32 layers
+    for kind in ("tf32x3", "bf16x3", "bf16x3-flash"):
+        split = hooks.export_plan("roma_plus", loaded_model(), ExportOptions(SIDE, SIDE, extra={"coarse_precision": kind}))
+        assert split.graphs[0].tf32 is False
+        assert set(export_mod.COARSE_FP32_LAYERS.values()) <= set(split.graphs[0].fp32_layers)
     for bad in ("fp8", "reduced:", "reduced:vgg"):
         with pytest.raises(MatchrtError, match="coarse_precision"):
             hooks.export_plan("roma_plus", loaded_model(), ExportOptions(SIDE, SIDE, extra={"coarse_precision": bad}))

@@ -65,18 +65,21 @@ INFO = MatcherInfo(
         "square inputs only (height = width, a multiple of 14); upstream default 560",
         "upsample_res (default 864, a multiple of 8; 0 = off) re-runs the fine scales on the images "
         "resized to R x R: extra graph inputs image0_upsampled/image1_upsampled, outputs at R x R",
-        "coarse_precision=tf32x3 (default) runs DINOv2's and the decoder's linear layers as split TF32 "
-        "products (about fp32's precision: 0.03% coarse flips on an H100; torch runs on Ampere or later, "
-        "4.4 GB of split weights), the rest of the coarse stage in IEEE fp32; exported graphs and CPUs run "
-        "them as 'fp32' does; 'fp32' keeps DINOv2, proj.16 and the coordinate decoder in IEEE fp32 (no "
-        "TF32) in fp16/bf16 runs and engines, so the coarse matches equal fp32's; 'reduced' runs them "
-        "in the run's precision as upstream's AMP (faster; near-tie arg-maxes may flip); 'tf32' keeps them "
-        "in fp32 with TF32 matrix products; 'reduced:dinov2' (a '+' list of dinov2, proj16, decoder) "
-        "relaxes only those regions",
+        "coarse_precision=bf16x3-flash (default) runs DINOv2's and the decoder's linear layers as split bf16 "
+        "products and their attention as split fp16 flash attention (0.81% coarse flips on an H100 against "
+        "1.75% from +-0.5/255 input noise; torch runs on Ampere or later, 2.2 GB of split weights), the rest "
+        "of the coarse stage in IEEE fp32; exported graphs and CPUs run them as 'fp32' does; 'bf16x3' splits "
+        "the linear layers only (0.06%), 'tf32x3' as split TF32 products (0.03%, 4.4 GB); 'fp32' keeps "
+        "DINOv2, proj.16 and the coordinate decoder in IEEE fp32 (no TF32) in fp16/bf16 runs and engines, "
+        "so the coarse matches equal fp32's; 'reduced' runs them in the run's precision as upstream's AMP "
+        "(faster; near-tie arg-maxes may flip); 'tf32' keeps them in fp32 with TF32 matrix products; "
+        "'reduced:dinov2' (a '+' list of dinov2, proj16, decoder) relaxes only those regions",
         "gp_solve=iterative (default): one graph, the GP solved in-graph (ONNX: roma_full's gp_method, "
         "gp_iters; torch runs: an in-graph Cholesky); gp_solve=exact: two graphs with roma_full's "
         "Cholesky solve between them",
         "fuse=true (default): BatchNorms folded into the convolutions before them (fuse=false keeps them)",
+        "pad_channels=8 (default): the refiners' odd block widths (1377, 1137, 569) padded with zero "
+        "channels to a multiple of 8 for aligned half-precision kernels, same outputs (0 keeps them)",
         "outputs warp (B x H x 2W x 4) and certainty (B x H x 2W) as upstream's symmetric match; "
         "postprocess samples num_samples matches (sample_mode balanced|topk, seed)",
         "keypoints follow upstream: x = W / 2 * (x_norm + 1), pixel centres at i + 0.5",

@@ -24,10 +24,12 @@ Measured on the H100 at 560/864 with the deterministic test weights (scripts/rom
 an fp16 coarse stage flips 2.75% of the coarse cells (warp max deviation 1.09, mean 3e-2), TF32
 in it 1.3%, and so does +-0.5/255 noise on the images in strict fp32 (1.6%); the strict coarse
 stage flips none and the fp16 warp stays within 5.8e-6 of fp32 (bf16: 5.1e-5).
-``coarse_precision="tf32x3"`` (default) computes the linear layers of DINOv2 and the decoder as
-split-TF32 products of about fp32's precision (split_tf32.py: 0.03% flips on the H100, against
-1.75% from the input noise) and the rest as "fp32"; exported graphs and devices without TF32
-tensor cores run those layers as "fp32" does. ``"reduced"`` runs the coarse stage in the run's
+``coarse_precision="bf16x3-flash"`` (default), ``"bf16x3"`` and ``"tf32x3"`` compute the linear
+layers of DINOv2 and the decoder as split products of about fp32's precision (split_products.py;
+"bf16x3-flash" also their attention, as split fp16 flash attention) and the rest as "fp32": on
+the H100 they flip 0.81%, 0.06% and 0.03% of the coarse cells, against 1.75% from the input noise;
+exported graphs and devices without the tensor cores for them run those layers as "fp32" does.
+``"reduced"`` runs the coarse stage in the run's
 precision as upstream's AMP does; ``"reduced:dinov2"`` (a "+" list of dinov2, proj16, decoder)
 only the named regions. On the H100 every relaxed policy flipped more coarse cells than the
 input noise (DINOv2 alone in fp16: 3.09% against 1.75%).
@@ -59,8 +61,9 @@ DEFAULT_COARSE = 560
 DEFAULT_UPSAMPLE = 864
 # "fp32": IEEE fp32; "tf32": fp32 tensors with TF32 matrix products (10-bit mantissa inputs,
 # fp32 accumulation); "reduced": the run's precision (fp16/bf16 autocast), as upstream's AMP;
-# "reduced:R1+R2": the named regions in the run's precision, the others IEEE fp32; "tf32x3": the
-# linear layers of DINOv2 and the decoder as 3xTF32 products (split_tf32.py), the rest IEEE fp32
+# "reduced:R1+R2": the named regions in the run's precision, the others IEEE fp32; "tf32x3" /
+# "bf16x3": the linear layers of DINOv2 and the decoder as split TF32 / bf16 products, and
+# "bf16x3-flash" their attention too (split_products.py), the rest IEEE fp32
 COARSE_PRECISIONS = ("fp32", "tf32", "tf32x3", "bf16x3", "bf16x3-flash", "reduced", "reduced:<regions>")
 # the coarse stage's regions a policy can relax (the GP and the anchor soft-argmax stay IEEE fp32)
 COARSE_REGIONS = ("dinov2", "proj16", "decoder")
@@ -207,7 +210,7 @@ class RomaPlus(nn.Module):
     Submodules: ``coarse`` (roma_full's RomaCoarse: ``encoder.cnn``, ``encoder.dinov2``,
     ``proj16``, ``gp``, ``embedding_decoder``), ``proj`` (scales 8, 4, 2, 1) and
     ``conv_refiner`` (scales 16, 8, 4, 2, 1). ``upsample_res`` = 0 turns the second pass off;
-    ``coarse_precision`` is "fp32", "tf32", "tf32x3", "reduced" or "reduced:<regions>" (see the module docstring
+    ``coarse_precision`` is "fp32", "tf32", "tf32x3", "bf16x3", "bf16x3-flash", "reduced" or "reduced:<regions>" (see the module docstring
     and ``coarse_region_modes``).
     """
 
@@ -238,8 +241,8 @@ class RomaPlus(nn.Module):
 
     def in_coarse_precision(self, region: str, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` of a coarse ``region`` as the run goes ("reduced"), or in fp32 outside
-        torch.compile: IEEE ("fp32"), with TF32 matrix products ("tf32"), or ("tf32x3", ``fn``
-        a module) through the module's 3xTF32 copy, whose split layers switch TF32 on themselves."""
+        torch.compile: IEEE ("fp32"), with TF32 matrix products ("tf32"), or (a split kind, ``fn``
+        a module) through the module's split copy, whose layers pick their own tensor-core precision."""
         mode = coarse_region_modes(self.coarse_precision)[region]
         if mode == "reduced":
             return fn(*args)
