@@ -100,13 +100,18 @@ def test_roma_plus_plan_folds_its_batchnorms_and_leaves_the_model_alone() -> Non
     assert n_bn > 50 and count(kept) == n_bn
     assert count(folded) <= 1  # proj.16's BatchNorm belongs to the coarse stage and stays unfolded
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == n_bn  # model untouched
+    _assert_same_warp(folded, kept)
+
+
+def _assert_same_warp(plan_a, plan_b) -> None:
+    """Two roma_plus plans (56 coarse, 64 upsampled) give one warp and certainty, within fp32's tolerance."""
     torch.manual_seed(0)
     images = [torch.rand(1, 3, 56, 56), torch.rand(1, 3, 56, 56), torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64)]
     with torch.no_grad():
-        warp_f, cert_f = folded.graphs[0].module(*images)
-        warp_k, cert_k = kept.graphs[0].module(*images)
-    torch.testing.assert_close(warp_f, warp_k, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(cert_f, cert_k, rtol=1e-3, atol=1e-5)
+        warp_a, cert_a = plan_a.graphs[0].module(*images)
+        warp_b, cert_b = plan_b.graphs[0].module(*images)
+    torch.testing.assert_close(warp_a, warp_b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cert_a, cert_b, rtol=1e-3, atol=1e-5)
 
 
 def test_split_tf32_linear_keeps_fp32_precision_where_tf32_loses_it() -> None:
@@ -253,13 +258,7 @@ def test_roma_plus_plan_pads_its_refiners_without_changing_the_warp() -> None:
     assert [width(plain, s) for s in ("16", "8", "4")] == [1377, 1137, 569]  # the checkpoint's widths
     assert [width(padded, s) for s in ("16", "8", "4")] == [1384, 1144, 576]  # the default: multiples of 8
     assert model.conv_refiner["16"].block1[0].in_channels == 1377  # the model keeps its shapes
-    torch.manual_seed(0)
-    images = [torch.rand(1, 3, 56, 56), torch.rand(1, 3, 56, 56), torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64)]
-    with torch.no_grad():
-        warp_p, cert_p = padded.graphs[0].module(*images)
-        warp_u, cert_u = plain.graphs[0].module(*images)
-    torch.testing.assert_close(warp_p, warp_u, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(cert_p, cert_u, rtol=1e-3, atol=1e-5)
+    _assert_same_warp(padded, plain)
     with pytest.raises(MatchrtError, match="pad_channels"):
         hooks.export_plan("roma_plus", model, ExportOptions(56, 56, extra={**extra, "pad_channels": "eight"}))
 
