@@ -228,7 +228,7 @@ def pad_channels(refiner: ConvRefiner, multiple: int) -> int:
     Why: the widths at scales 16, 8 and 4 (1377, 1137, 569: features, embedding and a (2r+1)^2
     correlation window) are odd, and half-precision matrix products on misaligned widths fall back
     to slow kernels (on an H100: 23.8 of the 47.6 ms of roma_plus's compiled refiners, in the
-    point-wise convolutions of those three scales). The added channels enter as zeros
+    point-wise and depth-wise convolutions of those three scales). The added channels enter as zeros
     (``ConvRefiner.forward`` appends them), have zero weights in every layer and zero weights into
     the head: the outputs are those of the unpadded refiner. Returns the channels added.
     Call it on a copy (the checkpoint keys keep their shapes on the original).
