@@ -115,8 +115,8 @@ def split_eager(module: nn.Module, kind: str, *args: Any) -> Any:
 
     The copy is looked up here, in eager code: found or built inside a compiled (CUDA-graph) region,
     its split weights would be graph outputs that the next replay overwrites. Traced for ONNX or
-    torch.export, or on a device without TF32 tensor cores (CPU, pre-Ampere GPUs), the plain
-    module runs (IEEE fp32 layers)."""
+    torch.export, or on a device without TF32 / bf16 tensor cores (CPU, pre-Ampere GPUs), the
+    plain module runs (IEEE fp32 layers)."""
     if (torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
             or not split_products.split_pays(args[0].device)):
         return strict_eager(module, *args)

@@ -47,23 +47,21 @@ def tf32_head(x: torch.Tensor) -> torch.Tensor:
     return (x.float().contiguous().view(torch.int32) & _TF32_MASK).view(torch.float32)
 
 
-def pieces(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(head, tail) of fp32 ``x``: TF32 head and fp32 tail (``tf32x3``), or two bf16 halves."""
+def tf32_pieces(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(head, tail) of fp32 ``x`` for ``tf32x3``: the TF32 head and the fp32 rest (exact)."""
     x = x.float()
-    if kind == "tf32x3":
-        head = tf32_head(x)
-        return head, x - head
-    head = x.to(torch.bfloat16)
-    return head, (x - head.float()).to(torch.bfloat16)
+    head = tf32_head(x)
+    return head, x - head
 
 
 def laid_out(x: torch.Tensor, dtype: torch.dtype, order: str) -> torch.Tensor:
     """The half-precision pieces of fp32 ``x`` side by side on the last axis, in ``order`` ("h" the
     head ``dtype(x)``, "t" the tail ``dtype(x - head)``): e.g. "hht" -> [x_hi | x_hi | x_lo].
 
-    Written in place into one buffer (3 passes over x instead of the 7 of pieces + cat: in eager
+    Written in place into one buffer (3 passes over x instead of the 7 of separate casts + cat: in eager
     mode these copies cost more GPU time than the split products themselves). Bit for bit what
-    ``pieces`` and ``torch.cat`` give: x - head is exact in fp32 and is rounded once, on the store.
+    ``dtype(x)``, ``dtype(x - head)`` and ``torch.cat`` give: x - head is exact in fp32 and is
+    rounded once, on the store.
     """
     x = x.float()
     k = int(x.shape[-1])
@@ -84,7 +82,7 @@ def split_operand(x: torch.Tensor, weight_side: bool, kind: str = "tf32x3") -> t
     """[x_hi | x_lo | x_hi] (activations) or [W_hi | W_hi | W_lo] (weights) along the last axis."""
     if kind != "tf32x3":
         return laid_out(x, torch.bfloat16, "hht" if weight_side else "hth")
-    head, tail = pieces(x, kind)
+    head, tail = tf32_pieces(x)
     return torch.cat((head, head, tail) if weight_side else (head, tail, head), dim=-1)
 
 
@@ -196,5 +194,5 @@ def split_pays(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
-__all__ = ["KINDS", "tf32_head", "pieces", "laid_out", "split_operand", "SplitLinear", "split_attention", "SplitAttention",
+__all__ = ["KINDS", "tf32_head", "tf32_pieces", "laid_out", "split_operand", "SplitLinear", "split_attention", "SplitAttention",
            "split_linears", "split_copy", "split_pays"]
