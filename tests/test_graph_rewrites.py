@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -161,7 +162,8 @@ def test_bf16x3_linear_stays_near_fp32_where_bf16_loses_it() -> None:
     exact = x.double() @ linear.weight.double().T + linear.bias.double()
     err = lambda y: float((y.double() - exact).norm() / exact.norm())  # noqa: E731
     split = SplitLinear(linear, "bf16x3")
-    assert split.weight_split.dtype == torch.bfloat16 and split.weight_split.shape == (96, 768)
+    # 3 x 256 pieces, then the bias's three pieces and zeros up to a multiple of 8 columns
+    assert split.weight_split.dtype == torch.bfloat16 and split.weight_split.shape == (96, 776)
     out = split(x)
     assert out.dtype == torch.float32 and out.shape == (4, 50, 96)
     plain_bf16 = (x.bfloat16() @ linear.weight.bfloat16().T).float() + linear.bias
@@ -278,3 +280,89 @@ def test_laid_out_pieces_are_bit_for_bit_the_concatenated_pieces() -> None:
     t16 = (view - h16.float()).half()
     assert torch.equal(laid_out(view, torch.float16, "ht"), torch.cat((h16, t16), -1))
     assert float((head.float() + tail.float() - view).abs().max() / view.abs().max()) < 2 ** -16
+
+
+def test_split_bias_rides_in_the_product_to_fp32_precision() -> None:
+    """bf16x3 layers add the bias inside the matrix product: its three bf16 pieces sum to the fp32
+    bias exactly, and the activations get as many columns of ones, then zeros to 8-aligned rows."""
+    from matchrt.plugins.roma_plus.split_products import BIAS_PIECES, bias_pieces, extra_columns, laid_out
+
+    torch.manual_seed(0)
+    bias = torch.randn(300) * torch.logspace(-6, 6, 300)
+    pieces = bias_pieces(bias)
+    assert pieces.dtype == torch.bfloat16 and pieces.shape == (300, BIAS_PIECES)
+    assert torch.equal(pieces.double().sum(-1), bias.double())  # exact: 24 bits in three pieces of 8
+    x = torch.randn(5, 6, 20)
+    out = laid_out(x, torch.bfloat16, "hth", ones=BIAS_PIECES)
+    assert out.shape == (5, 6, 64) and extra_columns(60, BIAS_PIECES) == 4 and extra_columns(60, 0) == 0
+    assert torch.equal(out[..., :60], laid_out(x, torch.bfloat16, "hth"))
+    assert bool((out[..., 60:63] == 1).all()) and bool((out[..., 63:] == 0).all())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton piece kernel runs on CUDA tensors only")
+def test_piece_kernel_writes_the_bits_torch_writes(monkeypatch) -> None:
+    """On a GPU laid_out writes the pieces with one Triton pass; the bits are torch's, for contiguous
+    and strided (attention's q / k / v) inputs, bf16 and fp16 pieces, with and without columns of ones."""
+    from matchrt.plugins.roma_plus import piece_kernel
+    from matchrt.plugins.roma_plus.split_products import laid_out
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3202, 3, 16, 64, device="cuda") * torch.logspace(-3, 3, 64, device="cuda")
+    q = x[:, :, 0].permute(0, 2, 1, 3)  # B x heads x N x d, strided
+    flat = x.reshape(2, 3202, 3072)
+    cases = ((q, torch.float16, "hht", 0), (q, torch.float16, "ht", 0),
+             (flat, torch.bfloat16, "hth", 3), (flat[:, :, :1000], torch.bfloat16, "hth", 3))
+    assert piece_kernel.usable(q) and piece_kernel.usable(flat)
+    got = [laid_out(*case) for case in cases]
+    monkeypatch.setattr(piece_kernel, "usable", lambda t: False)  # torch writes them now
+    for case, g in zip(cases, got):
+        want = laid_out(*case)
+        assert torch.equal(g.view(torch.int16), want.view(torch.int16)), (case[2], tuple(case[0].shape))
+
+
+def test_shifted_depthwise_is_the_convolution_under_torch_compile_only(monkeypatch) -> None:
+    """-O depthwise=shifted: shifted products give the depth-wise convolution (fp32, and fp16 with
+    fp32 accumulation); eager, ONNX and torch.export keep the convolution itself."""
+    from matchrt.plugins.roma_plus.refiner import ShiftedDepthwise, shift_depthwise, shifted_products
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(24, 24, 5, 1, 2, groups=24)
+    x = torch.randn(2, 24, 13, 11)
+    with torch.no_grad():
+        want = conv(x)
+        got = shifted_products(x, conv.weight, conv.bias, 2)
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-6
+        half = shifted_products(x.half(), conv.weight, conv.bias, 2)
+        assert half.dtype == torch.float16 and float((half.float() - want).abs().max() / want.abs().max()) < 2e-3
+        wrapped = ShiftedDepthwise(conv)
+        assert torch.equal(wrapped(x), want)  # eager: the convolution
+        program = torch.export.export(wrapped, (x,))
+        targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+        assert targets == ["aten.conv2d.default"], targets
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # as dynamo sees it
+        monkeypatch.setattr(torch.compiler, "is_exporting", lambda: False)
+        assert torch.equal(wrapped(x), got)
+    with pytest.raises(ValueError, match="depth-wise"):
+        ShiftedDepthwise(nn.Conv2d(24, 24, 5, 2, 2, groups=24))
+    refiner = _random_refiner(5, 3, 1)
+    assert shift_depthwise(refiner) == 1 + 8
+    assert all(isinstance(b[0], ShiftedDepthwise) for b in (refiner.block1, *refiner.hidden_blocks))
+
+
+def test_roma_plus_shifted_depthwise_plan_gives_the_warp_and_names_bad_values() -> None:
+    from roma_plus_helpers import loaded_model
+
+    from matchrt.errors import MatchrtError
+    from matchrt.plugins.roma_plus import hooks
+    from matchrt.plugins.roma_plus.refiner import ShiftedDepthwise
+    from matchrt.types import ExportOptions
+
+    model = loaded_model()
+    extra = {"upsample_res": 64}
+    shifted = hooks.export_plan("roma_plus", model, ExportOptions(56, 56, extra={**extra, "depthwise": "shifted"}))
+    plain = hooks.export_plan("roma_plus", model, ExportOptions(56, 56, extra=extra))
+    assert isinstance(shifted.graphs[0].module.model.conv_refiner["1"].block1[0], ShiftedDepthwise)
+    assert isinstance(plain.graphs[0].module.model.conv_refiner["1"].block1[0], nn.Conv2d)
+    _assert_same_warp(shifted, plain)
+    with pytest.raises(MatchrtError, match="depthwise"):
+        hooks.export_plan("roma_plus", model, ExportOptions(56, 56, extra={**extra, "depthwise": "triton"}))

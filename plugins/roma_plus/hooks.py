@@ -80,6 +80,8 @@ INFO = MatcherInfo(
         "fuse=true (default): BatchNorms folded into the convolutions before them (fuse=false keeps them)",
         "pad_channels=8 (default): the refiners' odd block widths (1377, 1137, 569) padded with zero "
         "channels to a multiple of 8 for aligned half-precision kernels, same outputs (0 keeps them)",
+        "depthwise=conv (default): the refiners' depth-wise 5x5 convolutions as convolutions; 'shifted' "
+        "lets torch.compile fuse them as shifted products (eager and exported graphs keep convolutions)",
         "outputs warp (B x H x 2W x 4) and certainty (B x H x 2W) as upstream's symmetric match; "
         "postprocess samples num_samples matches (sample_mode balanced|topk, seed)",
         "keypoints follow upstream: x = W / 2 * (x_norm + 1), pixel centres at i + 0.5",
