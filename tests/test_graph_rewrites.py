@@ -339,9 +339,7 @@ def test_shifted_depthwise_is_the_convolution_under_torch_compile_only(monkeypat
         program = torch.export.export(wrapped, (x,))
         targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
         assert targets == ["aten.conv2d.default"], targets
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # as dynamo sees it
-        monkeypatch.setattr(torch.compiler, "is_exporting", lambda: False)
-        assert torch.equal(wrapped(x), got)
+        assert torch.equal(torch.compile(wrapped, backend="eager")(x), got)  # dynamo: the shifted products
     with pytest.raises(ValueError, match="depth-wise"):
         ShiftedDepthwise(nn.Conv2d(24, 24, 5, 2, 2, groups=24))
     refiner = _random_refiner(5, 3, 1)
@@ -366,3 +364,19 @@ def test_roma_plus_shifted_depthwise_plan_gives_the_warp_and_names_bad_values() 
     _assert_same_warp(shifted, plain)
     with pytest.raises(MatchrtError, match="depthwise"):
         hooks.export_plan("roma_plus", model, ExportOptions(56, 56, extra={**extra, "depthwise": "triton"}))
+
+
+def test_compiled_grids_are_the_numpy_constants() -> None:
+    """Under torch.compile the refiners' pixel grid and window offsets are built on the device in
+    float64; they are the numpy constants eager runs and exported graphs hold (to one float32 step)."""
+    from matchrt.plugins.roma_plus.refiner import pixel_grid, window_offsets
+
+    def grids(h: int, w: int):
+        return pixel_grid(2, h, w, torch.device("cpu")), window_offsets(3, h, w, torch.device("cpu"))
+
+    for h, w in ((864, 864), (37, 111), (1, 7)):
+        eager = grids(h, w)
+        compiled = torch.compile(grids, backend="eager", fullgraph=True)(h, w)
+        for e, c in zip(eager, compiled):
+            assert e.shape == c.shape and e.dtype == c.dtype == torch.float32
+            torch.testing.assert_close(c, e, rtol=0, atol=2 ** -24)

@@ -19,15 +19,12 @@ from typing import Any, Mapping
 import numpy as np
 
 from matchrt.errors import MatchrtError
+from matchrt.transfer import host_array
 from matchrt.types import Matches, PairContext
 
 NAME = "roma_full"
 DEFAULT_MAX_MATCHES = 5000
 DEFAULT_THRESHOLD = 0.0
-
-
-def _array(value: Any) -> np.ndarray:
-    return value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
 
 
 def to_pixels(xy: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -38,11 +35,11 @@ def to_pixels(xy: np.ndarray, height: int, width: int) -> np.ndarray:
 def postprocess(outputs: Mapping[str, Any], pair: PairContext, options: Mapping[str, Any],
                 index: int = 0) -> Matches:
     """Matches of pair ``index`` (top certainties above the threshold), original pixels."""
-    warp = _array(outputs["warp"]).astype(np.float32)
-    cert = _array(outputs["certainty"]).astype(np.float32)
-    if warp.ndim == 3:  # a single pair without batch axis
-        warp, cert = warp[None], cert[None]
-    warp, cert = warp[index], cert[index]  # h x 2w x 4, h x 2w
+    warp, cert = (v if hasattr(v, "ndim") else np.asarray(v) for v in (outputs["warp"], outputs["certainty"]))
+    if warp.ndim == 4:  # a batch: this pair's maps only leave the device
+        warp, cert = warp[index], cert[index]
+    warp = host_array(warp).astype(np.float32, copy=False)  # h x 2w x 4
+    cert = host_array(cert).astype(np.float32, copy=False)  # h x 2w
     try:
         limit = int(options.get("max_matches", DEFAULT_MAX_MATCHES))
         threshold = float(options.get("threshold", DEFAULT_THRESHOLD))

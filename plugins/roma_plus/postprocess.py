@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from matchrt.transfer import host_array
 from matchrt.types import Matches, PairContext
 
 from .sampling import sample_matches, to_pixels
@@ -67,5 +68,5 @@ def postprocess(outputs: Mapping[str, Any], pair: PairContext, options: Mapping[
     }
     return Matches(
         kp0[keep].cpu().numpy(), kp1[keep].cpu().numpy(), conf[keep].cpu().numpy(), meta,
-        warp=warp.detach().float().cpu().numpy(), certainty=certainty.detach().float().cpu().numpy(),
+        warp=host_array(warp.float()), certainty=host_array(certainty.float()),
     )
