@@ -380,3 +380,62 @@ def test_compiled_grids_are_the_numpy_constants() -> None:
         for e, c in zip(eager, compiled):
             assert e.shape == c.shape and e.dtype == c.dtype == torch.float32
             torch.testing.assert_close(c, e, rtol=0, atol=2 ** -24)
+
+
+def test_region_graphs_run_eager_then_capture_once_then_replay(monkeypatch) -> None:
+    """replay.replayed: the first call of an input kind runs eagerly, the second captures and
+    replays, later ones replay; another shape gets its own; a failed capture stays eager for good;
+    CPU inputs never capture."""
+    from matchrt.plugins.roma_plus import replay
+
+    calls: list[str] = []
+
+    class FakeCapture:
+        def __init__(self, fn, args):
+            if args[0].shape[0] == 7:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            calls.append("capture")
+            self.fn = fn
+
+        def __call__(self, args):
+            calls.append("replay")
+            return self.fn(*args)
+
+    module = nn.Linear(4, 3)
+    x = torch.randn(5, 4)
+    assert torch.equal(replay.replayed(module, x), module(x)) and replay._GRAPHS_ATTR not in module.__dict__
+    monkeypatch.setattr(replay, "replayable", lambda args: True)
+    monkeypatch.setattr(replay, "_Captured", FakeCapture)
+    for _ in range(4):
+        assert torch.equal(replay.replayed(module, x), module(x))
+    assert calls == ["capture", "replay", "replay", "replay"]  # a capture runs nothing: it replays too
+    replay.replayed(module, torch.randn(6, 4))
+    replay.replayed(module, torch.randn(6, 4))
+    assert calls[-2:] == ["capture", "replay"]
+    for _ in range(3):
+        replay.replayed(module, torch.randn(7, 4))  # the capture fails: eager from then on
+    assert calls.count("capture") == 2
+    assert module.state_dict().keys() == {"weight", "bias"}  # graphs live outside the state dict
+    replay.drop_graphs(module)
+    assert replay._GRAPHS_ATTR not in module.__dict__
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_region_graph_replay_gives_the_eager_bits() -> None:
+    """A split DINOv2-like block replayed from its CUDA graph returns the eager bits, for new inputs
+    too, and the outputs stay valid after the next replay."""
+    from matchrt.plugins.roma_full.dinov2 import Attention
+    from matchrt.plugins.roma_plus import replay
+    from matchrt.plugins.roma_plus.split_products import split_linears
+
+    torch.manual_seed(0)
+    block = split_linears(nn.Sequential(Attention(256, 4), nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256)),
+                          "bf16x3-flash").cuda().eval()
+    inputs = [torch.randn(2, 300, 256, device="cuda") for _ in range(4)]
+    with torch.inference_mode():
+        want = [block(x) for x in inputs]
+        got = [replay.replayed(block, x) for x in inputs]  # eager, capture, replay, replay
+    entries = list(block.__dict__[replay._GRAPHS_ATTR].values())
+    assert len(entries) == 1 and isinstance(entries[0], replay._Captured)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)

@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "fuse": True,
     "pad_channels": 8,
     "depthwise": "conv",
+    "coarse_graphs": True,
     **coarse_export.DEFAULTS,
 }
 
@@ -90,6 +91,7 @@ def resolve_options(extra: dict[str, Any]) -> dict[str, Any]:
                            f"of 8 (the VGG pyramid's stride); nearest: {lo} or {hi}")
     opts["symmetric"] = truthy(opts["symmetric"])
     opts["fuse"] = truthy(opts["fuse"])
+    opts["coarse_graphs"] = truthy(opts["coarse_graphs"])
     try:
         opts["pad_channels"] = int(opts["pad_channels"] or 0)
     except (TypeError, ValueError):
@@ -117,7 +119,7 @@ def configured(model: RomaPlus, options: dict[str, Any]) -> RomaPlus:
     block widths are padded with zero channels to a multiple of it (``refiner.pad_channels``), and
     with ``depthwise="shifted"`` torch.compile sees their depth-wise convolutions as shifted
     products (``refiner.ShiftedDepthwise``), in copies of those parts (the model keeps its keys
-    and shapes).
+    and shapes). ``coarse_graphs`` (default on) replays the split coarse regions as CUDA graphs.
     """
     view = shallow_module_copy(model)
     refiners = folded_copy(model.conv_refiner) if options["fuse"] else None
@@ -140,6 +142,7 @@ def configured(model: RomaPlus, options: dict[str, Any]) -> RomaPlus:
     view.upsample_res = options["upsample_res"]
     view.symmetric = options["symmetric"]
     view.coarse_precision = options["coarse_precision"]
+    view.coarse_graphs = options["coarse_graphs"]
     view.set_gp(options["gp_solve"], options["gp_method"], options["gp_iters"])
     return view
 

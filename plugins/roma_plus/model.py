@@ -37,6 +37,7 @@ input noise (DINOv2 alone in fp16: 3.09% against 1.75%).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Optional, Union
 
@@ -51,6 +52,7 @@ from matchrt.plugins.roma_full.ops import strict_fp32, swap_halves
 
 from .refiner import REFINER_SPECS, ConvRefiner, pixel_grid, upsample
 from . import split_products
+from .replay import replayed
 
 FINE_SCALES: tuple[int, ...] = (8, 4, 2, 1)
 # proj.16 belongs to the coarse half (the GP needs it); the finer projections live here
@@ -110,17 +112,19 @@ def strict_eager(fn: Callable[..., Any], *args: Any, tf32: bool = False) -> Any:
 
 
 @torch.compiler.disable
-def split_eager(module: nn.Module, kind: str, *args: Any) -> Any:
+def split_eager(module: nn.Module, kind: str, *args: Any, graphs: bool = False) -> Any:
     """``module(*args)`` in fp32 through its split copy of ``kind`` (split_products.split_copy), never compiled.
 
     The copy is looked up here, in eager code: found or built inside a compiled (CUDA-graph) region,
     its split weights would be graph outputs that the next replay overwrites. Traced for ONNX or
     torch.export, or on a device without TF32 / bf16 tensor cores (CPU, pre-Ampere GPUs), the
-    plain module runs (IEEE fp32 layers)."""
+    plain module runs (IEEE fp32 layers). With ``graphs`` the copy's launches are captured and
+    replayed as a CUDA graph (replay.replayed: the same kernels, less CPU time)."""
     if (torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
             or not split_products.split_pays(args[0].device)):
         return strict_eager(module, *args)
-    return strict_eager(split_products.split_copy(module, kind), *args)
+    copy = split_products.split_copy(module, kind)
+    return strict_eager(functools.partial(replayed, copy) if graphs else copy, *args)
 
 
 class ClassificationToFlow(nn.Module):
@@ -238,6 +242,7 @@ class RomaPlus(nn.Module):
         self.attenuate = bool(attenuate)
         coarse_region_modes(coarse_precision)  # checked here, read per call (a view may change it)
         self.coarse_precision = coarse_precision
+        self.coarse_graphs = False  # replay the split regions as CUDA graphs (export option coarse_graphs)
 
     def in_coarse_precision(self, region: str, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` of a coarse ``region`` as the run goes ("reduced"), or in fp32 outside
@@ -247,7 +252,7 @@ class RomaPlus(nn.Module):
         if mode == "reduced":
             return fn(*args)
         if mode in split_products.KINDS:
-            return split_eager(fn, mode, *args)
+            return split_eager(fn, mode, *args, graphs=self.coarse_graphs)
         return strict_eager(fn, *args, tf32=mode == "tf32")
 
     def set_gp(self, solve: str, method: str = "newton_schulz", iters: Union[int, str, None] = None) -> None:
