@@ -320,52 +320,6 @@ def test_piece_kernel_writes_the_bits_torch_writes(monkeypatch) -> None:
         assert torch.equal(g.view(torch.int16), want.view(torch.int16)), (case[2], tuple(case[0].shape))
 
 
-def test_shifted_depthwise_is_the_convolution_under_torch_compile_only(monkeypatch) -> None:
-    """-O depthwise=shifted: shifted products give the depth-wise convolution (fp32, and fp16 with
-    fp32 accumulation); eager, ONNX and torch.export keep the convolution itself."""
-    from matchrt.plugins.roma_plus.refiner import ShiftedDepthwise, shift_depthwise, shifted_products
-
-    torch.manual_seed(0)
-    conv = nn.Conv2d(24, 24, 5, 1, 2, groups=24)
-    x = torch.randn(2, 24, 13, 11)
-    with torch.no_grad():
-        want = conv(x)
-        got = shifted_products(x, conv.weight, conv.bias, 2)
-        assert float((got - want).abs().max() / want.abs().max()) < 1e-6
-        half = shifted_products(x.half(), conv.weight, conv.bias, 2)
-        assert half.dtype == torch.float16 and float((half.float() - want).abs().max() / want.abs().max()) < 2e-3
-        wrapped = ShiftedDepthwise(conv)
-        assert torch.equal(wrapped(x), want)  # eager: the convolution
-        program = torch.export.export(wrapped, (x,))
-        targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
-        assert targets == ["aten.conv2d.default"], targets
-        assert torch.equal(torch.compile(wrapped, backend="eager")(x), got)  # dynamo: the shifted products
-    with pytest.raises(ValueError, match="depth-wise"):
-        ShiftedDepthwise(nn.Conv2d(24, 24, 5, 2, 2, groups=24))
-    refiner = _random_refiner(5, 3, 1)
-    assert shift_depthwise(refiner) == 1 + 8
-    assert all(isinstance(b[0], ShiftedDepthwise) for b in (refiner.block1, *refiner.hidden_blocks))
-
-
-def test_roma_plus_shifted_depthwise_plan_gives_the_warp_and_names_bad_values() -> None:
-    from roma_plus_helpers import loaded_model
-
-    from matchrt.errors import MatchrtError
-    from matchrt.plugins.roma_plus import hooks
-    from matchrt.plugins.roma_plus.refiner import ShiftedDepthwise
-    from matchrt.types import ExportOptions
-
-    model = loaded_model()
-    extra = {"upsample_res": 64}
-    shifted = hooks.export_plan("roma_plus", model, ExportOptions(56, 56, extra={**extra, "depthwise": "shifted"}))
-    plain = hooks.export_plan("roma_plus", model, ExportOptions(56, 56, extra=extra))
-    assert isinstance(shifted.graphs[0].module.model.conv_refiner["1"].block1[0], ShiftedDepthwise)
-    assert isinstance(plain.graphs[0].module.model.conv_refiner["1"].block1[0], nn.Conv2d)
-    _assert_same_warp(shifted, plain)
-    with pytest.raises(MatchrtError, match="depthwise"):
-        hooks.export_plan("roma_plus", model, ExportOptions(56, 56, extra={**extra, "depthwise": "triton"}))
-
-
 def test_compiled_grids_are_the_numpy_constants() -> None:
     """Under torch.compile the refiners' pixel grid and window offsets are built on the device in
     float64; they are the numpy constants eager runs and exported graphs hold (to one float32 step)."""
@@ -439,3 +393,17 @@ def test_region_graph_replay_gives_the_eager_bits() -> None:
     assert len(entries) == 1 and isinstance(entries[0], replay._Captured)
     for g, w in zip(got, want):
         assert torch.equal(g, w)
+
+
+def test_roma_plus_plan_replays_its_split_regions_unless_asked_not_to() -> None:
+    from roma_plus_helpers import loaded_model
+
+    from matchrt.plugins.roma_plus import hooks
+    from matchrt.types import ExportOptions
+
+    model = loaded_model()
+    default = hooks.export_plan("roma_plus", model, ExportOptions(56, 56, extra={"upsample_res": 64}))
+    off = hooks.export_plan("roma_plus", model, ExportOptions(56, 56, extra={"upsample_res": 64, "coarse_graphs": "false"}))
+    assert default.graphs[0].module.model.coarse_graphs is True
+    assert off.graphs[0].module.model.coarse_graphs is False
+    assert model.coarse_graphs is False  # the loaded model itself runs every call eagerly

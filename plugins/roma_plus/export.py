@@ -23,7 +23,7 @@ from matchrt.plugins.roma_full.encoder import COARSE_SCALE, check_input_size
 from matchrt.types import ExportOptions, ExportPlan, GraphSpec
 
 from .model import DEFAULT_UPSAMPLE, RomaPlus, coarse_region_modes
-from .refiner import pad_channels, shift_depthwise
+from .refiner import pad_channels
 
 NAME = "roma_plus"
 # gp_solve ("iterative" | "exact"), gp_method, gp_iters: as roma_full defines and validates them
@@ -33,12 +33,10 @@ DEFAULTS: dict[str, Any] = {
     "coarse_precision": "bf16x3-flash",
     "fuse": True,
     "pad_channels": 8,
-    "depthwise": "conv",
     "coarse_graphs": True,
     **coarse_export.DEFAULTS,
 }
 
-DEPTHWISE = ("conv", "shifted")  # how torch.compile sees the refiners' depth-wise convolutions
 # ONNX node-name globs TensorRT keeps in fp32 in fp16/bf16 engines (module scopes of the graph;
 # the coordinate paths and the reductions that lose precision or overflow in half precision)
 FP32_LAYERS: list[str] = [
@@ -100,12 +98,6 @@ def resolve_options(extra: dict[str, Any]) -> dict[str, Any]:
         raise MatchrtError(f"roma_plus: pad_channels={extra.get('pad_channels')!r} must be a whole number from 0 "
                            "to 256: the refiners' block width is padded to a multiple of it (8, the default, "
                            "aligns half-precision matrix products; 0 or 1 leaves the widths as they are)")
-    opts["depthwise"] = str(opts["depthwise"]).strip().lower()
-    if opts["depthwise"] not in DEPTHWISE:
-        raise MatchrtError(f"roma_plus: depthwise={extra.get('depthwise')!r} is not one of {', '.join(DEPTHWISE)}: "
-                           "'conv' runs the refiners' depth-wise convolutions as convolutions everywhere, "
-                           "'shifted' lets torch.compile fuse them as shifted products (eager runs and exported "
-                           "graphs keep the convolutions)")
     opts["coarse_precision"] = str(opts["coarse_precision"]).strip().lower().replace(" ", "")
     coarse_region_modes(opts["coarse_precision"])  # MatchrtError naming the values
     return opts
@@ -115,11 +107,10 @@ def configured(model: RomaPlus, options: dict[str, Any]) -> RomaPlus:
     """A shallow copy of ``model`` (shared weights) with the export options applied.
 
     With ``fuse`` (default) the BatchNorms of the VGG encoder, the projections and the refiners
-    are folded into their convolutions, with ``pad_channels`` > 1 (default 8) the refiners'
-    block widths are padded with zero channels to a multiple of it (``refiner.pad_channels``), and
-    with ``depthwise="shifted"`` torch.compile sees their depth-wise convolutions as shifted
-    products (``refiner.ShiftedDepthwise``), in copies of those parts (the model keeps its keys
-    and shapes). ``coarse_graphs`` (default on) replays the split coarse regions as CUDA graphs.
+    are folded into their convolutions, and with ``pad_channels`` > 1 (default 8) the refiners'
+    block widths are padded with zero channels to a multiple of it (``refiner.pad_channels``), in
+    copies of those parts (the model keeps its keys and shapes). ``coarse_graphs`` (default on)
+    replays the split coarse regions as CUDA graphs (``replay.replayed``).
     """
     view = shallow_module_copy(model)
     refiners = folded_copy(model.conv_refiner) if options["fuse"] else None
@@ -127,10 +118,6 @@ def configured(model: RomaPlus, options: dict[str, Any]) -> RomaPlus:
         refiners = refiners if refiners is not None else copy.deepcopy(model.conv_refiner)
         for refiner in refiners.values():
             pad_channels(refiner, options["pad_channels"])
-    if options["depthwise"] == "shifted":
-        refiners = refiners if refiners is not None else copy.deepcopy(model.conv_refiner)
-        for refiner in refiners.values():
-            shift_depthwise(refiner)
     if refiners is not None:
         view.conv_refiner = refiners
     if options["fuse"]:

@@ -80,8 +80,6 @@ INFO = MatcherInfo(
         "fuse=true (default): BatchNorms folded into the convolutions before them (fuse=false keeps them)",
         "pad_channels=8 (default): the refiners' odd block widths (1377, 1137, 569) padded with zero "
         "channels to a multiple of 8 for aligned half-precision kernels, same outputs (0 keeps them)",
-        "depthwise=conv (default): the refiners' depth-wise 5x5 convolutions as convolutions; 'shifted' "
-        "lets torch.compile fuse them as shifted products (eager and exported graphs keep convolutions)",
         "coarse_graphs=true (default): torch runs on a GPU replay the split coarse regions (DINOv2, decoder) "
         "as CUDA graphs after two calls of one input shape (same kernels, less CPU time); false keeps them eager",
         "outputs warp (B x H x 2W x 4) and certainty (B x H x 2W) as upstream's symmetric match; "

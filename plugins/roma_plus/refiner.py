@@ -260,61 +260,6 @@ def pad_channels(refiner: ConvRefiner, multiple: int) -> int:
     return extra
 
 
-def shifted_products(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: int
-                     ) -> torch.Tensor:
-    """A depth-wise convolution (stride 1, zero padding) as a sum of k * k shifted, per-channel
-    scaled copies of ``x``, accumulated in fp32 and returned in x's dtype (as a half-precision
-    convolution with fp32 accumulation)."""
-    h, w = int(x.shape[-2]), int(x.shape[-1])
-    kh, kw = int(weight.shape[-2]), int(weight.shape[-1])
-    padded = F.pad(x, (padding, padding, padding, padding))
-    taps = weight.float().reshape(1, -1, kh * kw)
-    out = torch.zeros((), dtype=torch.float32, device=x.device) if bias is None else bias.float().reshape(1, -1, 1, 1)
-    for i in range(kh):
-        for j in range(kw):
-            out = out + padded[:, :, i:i + h, j:j + w].float() * taps[..., i * kw + j, None, None]
-    return out.to(x.dtype)
-
-
-class ShiftedDepthwise(nn.Module):
-    """A depth-wise convolution that torch.compile sees as shifted products (``shifted_products``)
-    and everything else (eager runs, ONNX, torch.export for AOTInductor) as the convolution.
-
-    Why: Inductor fuses the k * k products, their sum, the bias and the ReLU after them into one
-    Triton kernel over the tensor in place of cuDNN's depth-wise kernel plus a separate ReLU pass
-    (``-O depthwise=shifted``). Holds the convolution itself (keys ``conv.weight``, ``conv.bias``)."""
-
-    def __init__(self, conv: nn.Conv2d):
-        super().__init__()
-        if not (conv.groups == conv.in_channels == conv.out_channels and conv.stride == (1, 1)
-                and conv.dilation == (1, 1) and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
-                and conv.padding[0] == conv.padding[1]):
-            raise ValueError("ShiftedDepthwise takes a depth-wise convolution of stride 1 and even zero padding")
-        self.conv = conv
-
-    @property
-    def in_channels(self) -> int:
-        return self.conv.in_channels
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # torch.export (AOTInductor) traces without dynamo; some torch versions report
-        # is_exporting() inside torch.compile too, so dynamo's own flag decides
-        if torch.compiler.is_dynamo_compiling() and not torch.onnx.is_in_onnx_export():
-            return shifted_products(x, self.conv.weight, self.conv.bias, int(self.conv.padding[0]))
-        return self.conv(x)
-
-
-def shift_depthwise(refiner: ConvRefiner) -> int:
-    """Wrap, in place, every depth-wise convolution of the refiner's blocks in ``ShiftedDepthwise``
-    (call it on a copy). Returns how many it wrapped."""
-    count = 0
-    for block in (refiner.block1, *refiner.hidden_blocks):
-        if isinstance(block[0], nn.Conv2d):
-            block[0] = ShiftedDepthwise(block[0])
-            count += 1
-    return count
-
-
 def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear resize with align_corners=False (upstream's flow/certainty upsampling)."""
     if tuple(x.shape[-2:]) == tuple(size):
@@ -322,6 +267,6 @@ def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
-__all__ = ["ConvRefiner", "REFINER_SPECS", "ShiftedDepthwise", "local_correlation", "pad_channels", "pixel_grid",
-           "shift_depthwise", "shifted_products", "window_offsets", "upsample"]
+__all__ = ["ConvRefiner", "REFINER_SPECS", "local_correlation", "pad_channels", "pixel_grid",
+           "window_offsets", "upsample"]
 
