@@ -66,10 +66,10 @@ INFO = MatcherInfo(
         "upsample_res (default 864, a multiple of 8; 0 = off) re-runs the fine scales on the images "
         "resized to R x R: extra graph inputs image0_upsampled/image1_upsampled, outputs at R x R",
         "coarse_precision=bf16x3-flash (default) runs DINOv2's and the decoder's linear layers as split bf16 "
-        "products and their attention as split fp16 flash attention (0.81% coarse flips on an H100 against "
+        "products and their attention as split fp16 flash attention (1.03% coarse flips on an H100 against "
         "1.75% from +-0.5/255 input noise; torch runs on Ampere or later, 2.2 GB of split weights), the rest "
         "of the coarse stage in IEEE fp32; exported graphs and CPUs run them as 'fp32' does; 'bf16x3' splits "
-        "the linear layers only (0.06%), 'tf32x3' as split TF32 products (0.03%, 4.4 GB); 'fp32' keeps "
+        "the linear layers only (0.09%), 'tf32x3' as split TF32 products (0.03%, 4.4 GB); 'fp32' keeps "
         "DINOv2, proj.16 and the coordinate decoder in IEEE fp32 (no TF32) in fp16/bf16 runs and engines, "
         "so the coarse matches equal fp32's; 'reduced' runs them in the run's precision as upstream's AMP "
         "(faster; near-tie arg-maxes may flip); 'tf32' keeps them in fp32 with TF32 matrix products; "

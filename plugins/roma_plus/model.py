@@ -27,7 +27,7 @@ stage flips none and the fp16 warp stays within 5.8e-6 of fp32 (bf16: 5.1e-5).
 ``coarse_precision="bf16x3-flash"`` (default), ``"bf16x3"`` and ``"tf32x3"`` compute the linear
 layers of DINOv2 and the decoder as split products of about fp32's precision (split_products.py;
 "bf16x3-flash" also their attention, as split fp16 flash attention) and the rest as "fp32": on
-the H100 they flip 0.81%, 0.06% and 0.03% of the coarse cells, against 1.75% from the input noise;
+the H100 they flip 1.03%, 0.09% and 0.03% of the coarse cells, against 1.75% from the input noise;
 exported graphs and devices without the tensor cores for them run those layers as "fp32" does.
 ``"reduced"`` runs the coarse stage in the run's
 precision as upstream's AMP does; ``"reduced:dinov2"`` (a "+" list of dinov2, proj16, decoder)
