@@ -170,9 +170,10 @@ def test_region_policy_relaxes_only_dinov2() -> None:
 @pytest.mark.parametrize("kind,tolerance", [("tf32x3", 1e-4), ("bf16x3", 1e-4), ("bf16x3-flash", 1e-2)])
 def test_split_policies_run_split_products_with_fp32_results(monkeypatch, kind: str, tolerance: float) -> None:
     """coarse_precision=tf32x3 / bf16x3 / bf16x3-flash: DINOv2's and the decoder's linear layers
-    (and for -flash their attention) run as split products (copies kept outside the state dict);
-    forced on the CPU, they compute fp32's coarse stage within fp32's tolerance (-flash: the fp16
-    one, its attention weights are rounded to fp16)."""
+    (and for -flash their attention) run as split products (copies kept outside the state dict)
+    in half-precision runs; forced on the CPU, they compute fp32's coarse stage within fp32's
+    tolerance (-flash: the fp16 one, its attention weights are rounded to fp16). fp32 runs keep the
+    coarse stage IEEE fp32 under any policy."""
     import copy
 
     from matchrt.plugins.roma_plus import split_products
@@ -189,7 +190,11 @@ def test_split_policies_run_split_products_with_fp32_results(monkeypatch, kind: 
     try:
         with torch.no_grad():
             want = _coarse_stage(model, a, b)
-            got = _coarse_stage(split, a, b)
+            fp32_run = _coarse_stage(split, a, b)  # no autocast: an fp32 run, IEEE fp32 whatever the policy
+            assert not any(split_products._COPY_ATTR in m.__dict__ for m in regions)
+            assert all(torch.equal(g, w) for g, w in zip(fp32_run, want))
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # the policy governs half-precision runs
+                got = _coarse_stage(split, a, b)
         for g, w in zip(got[:3], want[:3]):  # tokens, proj.16, logits
             assert g.dtype == torch.float32 and rel(g, w) <= tolerance
         # one copy per module, kept on the module shared by every view of the model (not per view)
@@ -198,7 +203,7 @@ def test_split_policies_run_split_products_with_fp32_results(monkeypatch, kind: 
         assert all(any(isinstance(m, SplitAttention) for m in c.modules()) == kind.endswith("flash") for c in copies)
         again = copy.copy(model)
         again.coarse_precision = kind
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             _coarse_stage(again, a, b)
         assert [split_copy(m, kind) for m in regions] == copies
         assert split.state_dict().keys() == model.state_dict().keys()

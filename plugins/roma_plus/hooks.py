@@ -65,7 +65,8 @@ INFO = MatcherInfo(
         "square inputs only (height = width, a multiple of 14); upstream default 560",
         "upsample_res (default 864, a multiple of 8; 0 = off) re-runs the fine scales on the images "
         "resized to R x R: extra graph inputs image0_upsampled/image1_upsampled, outputs at R x R",
-        "coarse_precision=bf16x3-flash (default) runs DINOv2's and the decoder's linear layers as split bf16 "
+        "coarse_precision (fp16/bf16 runs; fp32 runs keep the coarse stage IEEE fp32): bf16x3-flash "
+        "(default) runs DINOv2's and the decoder's linear layers as split bf16 "
         "products and their attention as split fp16 flash attention (1.03% coarse flips on an H100 against "
         "1.75% from +-0.5/255 input noise; torch runs on Ampere or later, 2.2 GB of split weights), the rest "
         "of the coarse stage in IEEE fp32; exported graphs and CPUs run them as 'fp32' does; 'bf16x3' splits "

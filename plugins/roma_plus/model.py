@@ -244,11 +244,19 @@ class RomaPlus(nn.Module):
         self.coarse_precision = coarse_precision
         self.coarse_graphs = False  # replay the split regions as CUDA graphs (export option coarse_graphs)
 
+    def region_modes(self, device_type: str) -> dict[str, str]:
+        """Each coarse region's mode for a call on ``device_type``: the ``coarse_precision`` policy in
+        fp16/bf16 runs (autocast on), IEEE fp32 everywhere in fp32 runs (what --precision fp32 promises;
+        a split policy's flash attention rounds its softmax weights to fp16)."""
+        if not torch.is_autocast_enabled(device_type):
+            return dict.fromkeys(COARSE_REGIONS, "fp32")
+        return coarse_region_modes(self.coarse_precision)
+
     def in_coarse_precision(self, region: str, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` of a coarse ``region`` as the run goes ("reduced"), or in fp32 outside
         torch.compile: IEEE ("fp32"), with TF32 matrix products ("tf32"), or (a split kind, ``fn``
         a module) through the module's split copy, whose layers pick their own tensor-core precision."""
-        mode = coarse_region_modes(self.coarse_precision)[region]
+        mode = self.region_modes(args[0].device.type)[region]
         if mode == "reduced":
             return fn(*args)
         if mode in split_products.KINDS:
@@ -345,7 +353,7 @@ class RomaPlus(nn.Module):
         fp16 hazard: the GP's kernel exp((cos - 1) / 0.2) of fp16 dot products and its linear
         solve lose several digits; autocast and TF32 are switched off around it, inputs cast up.
         """
-        modes = coarse_region_modes(self.coarse_precision)
+        modes = self.region_modes(f_q16.device.type)
         if "reduced" not in (modes["proj16"], modes["decoder"]):  # one strict region around the GP too
             return strict_eager(self._coarse_prediction, f_q16, f_s16, tf32=modes["decoder"] == "tf32")
         return self._coarse_prediction(f_q16, f_s16)
