@@ -35,8 +35,9 @@ def kde(x: torch.Tensor, std: float = KDE_STD, chunk_bytes: int = KDE_CHUNK_BYTE
 
     The exponents come out of one IEEE fp32 matrix product of augmented rows,
     [x_i / std^2, -|x_i|^2 / (2 std^2), 1] . [x_j, 1, -|x_j|^2 / (2 std^2)] (the expansion cdist
-    uses too), then exp and a row sum in place: three passes over each block instead of cdist's
-    three plus square, scale, exp and sum. Memory: one block of rows x N exponents at a time,
+    uses too), then exp in place and a row sum: three passes over each block instead of cdist's
+    three plus square, scale, exp and sum (on an H100, 5.5 -> 3.6 ms a roma_plus pair with a clamp
+    pass this version drops). Memory: one block of rows x N exponents at a time,
     rows = max(1, chunk_bytes / (4 N)), never the N x N matrix (N = 20000: 1.6 GB) at once; 64 MB
     blocks by default. fp32 throughout (the exponentials of squared distances underflow early in fp16).
     """
@@ -52,7 +53,8 @@ def kde(x: torch.Tensor, std: float = KDE_STD, chunk_bytes: int = KDE_CHUNK_BYTE
     with tf32_switches(False):  # TF32's 10-bit inputs would move the exponents (~200 in size) by ~0.1
         for start in range(0, n, rows):
             block = left[start:start + rows] @ right.T
-            out[start:start + rows] = block.clamp_max_(0.0).exp_().sum(dim=1)  # <= 0 up to rounding
+            # exponents are <= 0 up to rounding (a row with itself: +-1e-5), harmless in exp
+            out[start:start + rows] = block.exp_().sum(dim=1)
     return out
 
 
