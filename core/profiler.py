@@ -22,6 +22,7 @@ import numpy as np
 
 from .errors import MatchrtError
 from .profiling import PREFIX, range_name, recording
+from .trace_regions import RegionRow, load_events, regions as trace_regions
 
 ROOT = "matchrt.pair"  # profiler range around one pair (graph run + postprocess)
 POSTPROCESS = "postprocess"
@@ -69,6 +70,8 @@ class ProfileReport:
     kernels: list[KernelRow]
     wall_ms: dict[str, Optional[float]] = field(default_factory=dict)
     stage_markers: bool = True
+    # GPU runs without stage markers: time per compiled graph / eager region (trace_regions)
+    regions: list[RegionRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -404,7 +407,8 @@ def _profile_pipeline(pipe: Any, config: ProfileConfig, images: tuple[Any, Any],
     if roots is None:
         notes.append(f"stages: not available with --backend {config.backend} (compiled graphs, "
                      "ONNX and engines carry no stage markers); the kernel table and the total are "
-                     "complete. Run --backend torch for the eager per-stage profile.")
+                     "complete, and on a GPU the region table charges kernels to the compiled graph or "
+                     "eager region that launched them. Run --backend torch for the eager per-stage profile.")
     on_gpu = config.device.startswith("cuda")
     activities = [torch.profiler.ProfilerActivity.CPU]
     if on_gpu:
@@ -443,7 +447,29 @@ def _profile_pipeline(pipe: Any, config: ProfileConfig, images: tuple[Any, Any],
         stage_markers=roots is not None, notes=notes, options=dict(pipe.options), provenance=prov)
     if config.trace:
         write_atomic(Path(config.trace), lambda tmp: prof.export_chrome_trace(str(tmp)))
+    if on_gpu and roots is None:  # no stages: charge kernels to compiled graphs and eager regions
+        report.regions = _regions(prof, config)
+        report.notes.extend(_launch_bound(report.regions))
     return report, prof
+
+
+def _regions(prof: Any, config: ProfileConfig) -> list[RegionRow]:
+    """The region table, read back from the chrome trace (written to a temporary file if not asked)."""
+    import tempfile
+
+    if config.trace:
+        return trace_regions(load_events(Path(config.trace)), config.runs)
+    with tempfile.TemporaryDirectory(prefix="matchrt-trace-") as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        return trace_regions(load_events(path), config.runs)
+
+
+def _launch_bound(rows: list[RegionRow]) -> list[str]:
+    """Notes on regions whose launching CPU time exceeds their kernels' GPU time (by a quarter)."""
+    return [f"{r.name}: {r.cpu_ms:.1f} ms of CPU for {r.gpu_ms:.1f} ms of GPU work ({r.launches:g} launches): "
+            "launch-bound, the GPU waits for Python; fewer launches or a CUDA graph pay here"
+            for r in rows if r.name != "eager" and r.cpu_ms > 1.25 * r.gpu_ms and r.cpu_ms > 1.0]
 
 
 def write_atomic(path: Path, write: Callable[[Path], Any]) -> Path:
@@ -491,12 +517,22 @@ def render(report: ProfileReport):
                            overflow="fold")
     for k in report.kernels:
         kernels.add_row(k.name[:100], f"{k.ms:.3f}", f"{100 * k.share:.1f}%", f"{k.calls:g}", k.stage)
+    tables: list[Any] = [stages, kernels]
+    if report.regions:
+        by_region = Table(title="GPU time by compiled graph / eager region (who launched each kernel)",
+                          title_style="bold")
+        for col in ("region", "GPU ms", "share", "CPU ms", "launches"):
+            by_region.add_column(col, justify="left" if col == "region" else "right")
+        for g in report.regions:
+            by_region.add_row(g.name, f"{g.gpu_ms:.3f}", f"{100 * g.share:.1f}%",
+                              f"{g.cpu_ms:.3f}" if g.cpu_ms else "-", f"{g.launches:g}")
+        tables.append(by_region)
     wall = report.wall_ms
     lines = [f"wall time per pair: {wall['profiled']:.2f} ms profiled"
              + (f", {wall['unprofiled']:.2f} ms without the profiler" if wall.get("unprofiled") else "")]
     lines += report.notes
-    return Group(stages, kernels, *(Text(line, style="yellow" if i else "") for i, line in enumerate(lines)))
+    return Group(*tables, *(Text(line, style="yellow" if i else "") for i, line in enumerate(lines)))
 
 
-__all__ = ["KernelRow", "ProfileConfig", "ProfileReport", "StageRow", "analyse", "render",
+__all__ = ["KernelRow", "ProfileConfig", "ProfileReport", "RegionRow", "StageRow", "analyse", "render",
            "run_profile", "write_json"]

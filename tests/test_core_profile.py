@@ -271,3 +271,52 @@ def test_device_side_ranges_take_their_nesting_from_the_cpu_side():
     assert rows["upsample pass/refiner.8"] == pytest.approx(18)
     assert "refiner.8" not in rows and rows.get(UNMARKED, 0.0) == pytest.approx(0)
     assert total == pytest.approx(42 / 1000)
+
+
+def _trace_event(cat, name, ts, dur, tid=1, corr=None):
+    e = {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 7, "tid": tid}
+    if corr is not None:
+        e["args"] = {"correlation": corr}
+    return e
+
+
+def test_trace_regions_charge_kernels_to_the_graph_or_eager_region_that_launched_them():
+    """Without stage markers (compiled runs) the chrome trace still says who launched each kernel:
+    an Inductor graph call, eager code inside a compiled frame, a matchrt stage, or nothing; a
+    region whose launching ranges hold the CPU longer than its kernels run is called launch-bound."""
+    from matchrt.profiler import RegionRow, _launch_bound
+    from matchrt.trace_regions import regions
+
+    events = [
+        _trace_event("user_annotation", "Torch-Compiled Region: 0/0", 0, 1000),
+        _trace_event("user_annotation", "## Call CompiledFxGraph fabcdef0123456789 ##", 10, 100),
+        _trace_event("user_annotation", "Torch-Compiled Region: 5/0", 200, 600),  # eager split region
+        _trace_event("user_annotation", PREFIX + POSTPROCESS, 1100, 50),
+        _trace_event("cuda_driver", "cuLaunchKernel", 20, 2, corr=1),
+        _trace_event("cuda_runtime", "cudaLaunchKernel", 300, 2, corr=2),
+        _trace_event("cuda_runtime", "cudaLaunchKernel", 400, 2, corr=3),
+        _trace_event("cuda_runtime", "cudaMemcpyAsync", 1110, 2, corr=4),
+        _trace_event("cuda_runtime", "cudaMemcpyAsync", 2000, 2, corr=5),  # outside every range
+        _trace_event("kernel", "triton_poi_fused", 30, 80, tid=9, corr=1),
+        _trace_event("kernel", "nvjet_gemm", 310, 100, tid=9, corr=2),
+        _trace_event("kernel", "pieces_kernel", 410, 20, tid=9, corr=3),
+        _trace_event("gpu_memcpy", "Memcpy DtoH", 1115, 10, tid=9, corr=4),
+        _trace_event("gpu_memcpy", "Memcpy HtoD", 2005, 40, tid=9, corr=5),
+        _trace_event("cpu_op", "aten::mm", 299, 5),  # an op without a region label changes nothing
+    ]
+    rows = {r.name: r for r in regions(events, runs=2)}
+    assert set(rows) == {"compiled graph fabcdef01234", "eager in compiled frame 5/0",
+                         "stage " + POSTPROCESS, "eager"}
+    frame = rows["eager in compiled frame 5/0"]
+    assert frame.gpu_ms == pytest.approx(120 / 2000) and frame.launches == 1.0
+    assert frame.cpu_ms == pytest.approx(600 / 2000)  # one range, counted once for both launches
+    graph = rows["compiled graph fabcdef01234"]
+    assert graph.gpu_ms == pytest.approx(80 / 2000) and graph.cpu_ms == pytest.approx(100 / 2000)
+    assert rows["eager"].gpu_ms == pytest.approx(40 / 2000) and rows["eager"].cpu_ms == 0
+    assert sum(r.share for r in rows.values()) == pytest.approx(1.0)
+    assert _launch_bound(list(rows.values())) == []  # all below 1 ms of CPU here
+    # as profiled on an H100 (roma_plus compiled, session 8): DINOv2's eager region, a graph, the inputs
+    bound = RegionRow("eager in compiled frame 5/0", gpu_ms=18.9, cpu_ms=47.2, launches=583, share=0.3)
+    notes = _launch_bound([bound, RegionRow("compiled graph fan7", 29.5, 31.6, 772, 0.4),
+                           RegionRow("eager", 3.5, 0.0, 4, 0.05)])
+    assert len(notes) == 1 and notes[0].startswith("eager in compiled frame 5/0") and "launch-bound" in notes[0]

@@ -1,0 +1,110 @@
+"""GPU and CPU time per region of a torch.profiler chrome trace, for runs without stage markers.
+
+A compiled run (torch.compile, AOTInductor) carries no stage markers, but its trace still says who
+launched each kernel: the CUDA runtime or driver call that launched it (same correlation id) sits
+inside CPU ranges such as ``## Call CompiledFxGraph <hash> ##`` (an Inductor graph), ``Torch-Compiled
+Region: i/j`` (a dynamo frame, whose eager parts run between its graphs) or a ``matchrt:`` stage.
+Each kernel is charged to the innermost such range around its launch:
+
+- ``compiled graph <hash>``: an Inductor graph;
+- ``eager in compiled frame i/j``: eager code inside a compiled call (compiler-disabled regions);
+- ``stage <name>``: a matchrt stage (postprocess, or stages of eager plugins);
+- ``eager``: none of these (e.g. copying the inputs to the GPU).
+
+Per region the table gives the GPU time of its kernels, the CPU time of the ranges that launched
+them and the number of launches. A region whose CPU time exceeds its GPU time is launch-bound:
+the GPU waits for Python, and fewer launches or a CUDA graph pay there, not faster kernels.
+"""
+
+from __future__ import annotations
+
+import bisect
+import gzip
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from .profiling import PREFIX
+
+GRAPH_CALL = "## Call CompiledFxGraph"
+COMPILED_FRAME = "Torch-Compiled Region"
+DEVICE_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
+LAUNCHES = ("cuda_runtime", "cuda_driver")
+
+
+@dataclass
+class RegionRow:
+    """One region, per profiled pair."""
+
+    name: str
+    gpu_ms: float  # kernel time of the kernels it launched
+    cpu_ms: float  # wall time of its innermost ranges around those launches
+    launches: float
+    share: float  # of all kernel time
+
+
+def _label(name: str) -> Optional[str]:
+    if name.startswith(GRAPH_CALL):
+        return "compiled graph " + name[len(GRAPH_CALL):].strip(" #")[:12]
+    if name.startswith(COMPILED_FRAME):
+        return "eager in compiled frame " + name.split(":", 1)[-1].strip()
+    if name.startswith(PREFIX):
+        return "stage " + name[len(PREFIX):]
+    return None
+
+
+def load_events(path: Path) -> list[dict[str, Any]]:
+    """The ``traceEvents`` of a chrome trace (``.json`` or ``.json.gz``)."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt") as f:  # type: ignore[operator]
+        return json.load(f)["traceEvents"]
+
+
+def regions(events: Iterable[dict[str, Any]], runs: int = 1) -> list[RegionRow]:
+    """The region table of a trace's events (see the module docstring), largest GPU time first."""
+    events = list(events)
+    runs = max(1, runs)
+    ranges: dict[Any, list[tuple[float, float, str, int]]] = {}
+    for e in events:
+        if e.get("cat") in ("cpu_op", "user_annotation") and "dur" in e:
+            label = _label(str(e.get("name", "")))
+            if label is not None:
+                ranges.setdefault((e.get("pid"), e.get("tid")), []).append(
+                    (float(e["ts"]), float(e["ts"]) + float(e["dur"]), label, id(e)))
+    starts = {}
+    for key, items in ranges.items():
+        items.sort()
+        starts[key] = [r[0] for r in items]
+    launch_of = {e["args"]["correlation"]: e for e in events
+                 if e.get("cat") in LAUNCHES and "correlation" in e.get("args", {})}
+    gpu: dict[str, float] = {}
+    cpu_ranges: dict[str, dict[int, float]] = {}
+    launches: dict[str, int] = {}
+    total = 0.0
+    for k in events:
+        if k.get("cat") not in DEVICE_WORK or "dur" not in k:
+            continue
+        us = float(k["dur"])
+        total += us
+        launch = launch_of.get(k.get("args", {}).get("correlation"))
+        label, owner = "eager", None
+        if launch is not None:
+            key = (launch.get("pid"), launch.get("tid"))
+            items, at = ranges.get(key, []), float(launch["ts"])
+            for i in range(bisect.bisect_right(starts.get(key, []), at) - 1, -1, -1):
+                start, end, name, ident = items[i]
+                if start <= at <= end:  # the latest-starting range around the launch: the innermost
+                    label, owner = name, (ident, end - start)
+                    break
+        gpu[label] = gpu.get(label, 0.0) + us
+        launches[label] = launches.get(label, 0) + 1
+        if owner is not None:
+            cpu_ranges.setdefault(label, {})[owner[0]] = owner[1]
+    rows = [RegionRow(name, us / 1000.0 / runs, sum(cpu_ranges.get(name, {}).values()) / 1000.0 / runs,
+                      launches[name] / runs, us / total if total else 0.0)
+            for name, us in gpu.items()]
+    return sorted(rows, key=lambda r: -r.gpu_ms)
+
+
+__all__ = ["RegionRow", "load_events", "regions"]
