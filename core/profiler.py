@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import MatchrtError
 from .profiling import PREFIX, range_name, recording
-from .trace_regions import RegionRow, load_events, regions as trace_regions
+from .trace_regions import RegionRow, innermost, load_events, regions as trace_regions
 
 ROOT = "matchrt.pair"  # profiler range around one pair (graph run + postprocess)
 POSTPROCESS = "postprocess"
@@ -171,17 +171,6 @@ def _device_stage_ranges(events: list[Any], cache: dict[int, tuple[str, ...]]
     return out
 
 
-def _innermost(ranges: list[tuple[float, float, tuple[str, ...]]], starts: list[float],
-               at: float) -> tuple[str, ...]:
-    """The path of the latest-starting range that contains time `at` (nested ranges), else ()."""
-    import bisect
-
-    for k in range(bisect.bisect_right(starts, at) - 1, -1, -1):
-        if ranges[k][0] <= at < ranges[k][1]:
-            return ranges[k][2]
-    return ()
-
-
 def _cpu_items(events: list[Any]) -> list[tuple[str, float, Any]]:
     """(op name, self CPU microseconds, the op) for every op inside a profiled pair."""
     items = []
@@ -240,7 +229,7 @@ def analyse(events: Iterable[Any], runs: int, on_gpu: bool, top: int = 15
     kernel_calls: dict[str, int] = {}
     for name, us, launcher, event in items:
         if device_ranges:
-            path = _innermost(device_ranges, starts, float(event.time_range.start))
+            path = innermost(device_ranges, starts, float(event.time_range.start))
         else:
             path = _path(launcher, cache) if launcher is not None else ()
         for k in range(1, len(path) + 1):

@@ -54,6 +54,15 @@ def _label(name: str) -> Optional[str]:
     return None
 
 
+def innermost(ranges: list[tuple[float, float, Any]], starts: list[float], at: float) -> Any:
+    """The payload of the latest-starting range that holds time ``at`` (of nested ranges sorted by
+    start, ``starts`` their starts): the innermost one; ``()`` if none does."""
+    for k in range(bisect.bisect_right(starts, at) - 1, -1, -1):
+        if ranges[k][0] <= at < ranges[k][1]:
+            return ranges[k][2]
+    return ()
+
+
 def load_events(path: Path) -> list[dict[str, Any]]:
     """The ``traceEvents`` of a chrome trace (``.json`` or ``.json.gz``)."""
     opener = gzip.open if str(path).endswith(".gz") else open
@@ -65,16 +74,17 @@ def regions(events: Iterable[dict[str, Any]], runs: int = 1) -> list[RegionRow]:
     """The region table of a trace's events (see the module docstring), largest GPU time first."""
     events = list(events)
     runs = max(1, runs)
-    ranges: dict[Any, list[tuple[float, float, str, int]]] = {}
+    ranges: dict[Any, list[tuple[float, float, tuple[str, int, float]]]] = {}  # thread -> (start, end, payload)
     for e in events:
         if e.get("cat") in ("cpu_op", "user_annotation") and "dur" in e:
             label = _label(str(e.get("name", "")))
             if label is not None:
+                start, dur = float(e["ts"]), float(e["dur"])
                 ranges.setdefault((e.get("pid"), e.get("tid")), []).append(
-                    (float(e["ts"]), float(e["ts"]) + float(e["dur"]), label, id(e)))
+                    (start, start + dur, (label, id(e), dur)))
     starts = {}
     for key, items in ranges.items():
-        items.sort()
+        items.sort(key=lambda r: (r[0], -r[1]))  # a range before the ranges it holds
         starts[key] = [r[0] for r in items]
     launch_of = {e["args"]["correlation"]: e for e in events
                  if e.get("cat") in LAUNCHES and "correlation" in e.get("args", {})}
@@ -91,12 +101,9 @@ def regions(events: Iterable[dict[str, Any]], runs: int = 1) -> list[RegionRow]:
         label, owner = "eager", None
         if launch is not None:
             key = (launch.get("pid"), launch.get("tid"))
-            items, at = ranges.get(key, []), float(launch["ts"])
-            for i in range(bisect.bisect_right(starts.get(key, []), at) - 1, -1, -1):
-                start, end, name, ident = items[i]
-                if start <= at <= end:  # the latest-starting range around the launch: the innermost
-                    label, owner = name, (ident, end - start)
-                    break
+            found = innermost(ranges.get(key, []), starts.get(key, []), float(launch["ts"]))
+            if found:
+                label, owner = found[0], found[1:]
         gpu[label] = gpu.get(label, 0.0) + us
         launches[label] = launches.get(label, 0) + 1
         if owner is not None:
@@ -107,4 +114,4 @@ def regions(events: Iterable[dict[str, Any]], runs: int = 1) -> list[RegionRow]:
     return sorted(rows, key=lambda r: -r.gpu_ms)
 
 
-__all__ = ["RegionRow", "load_events", "regions"]
+__all__ = ["RegionRow", "innermost", "load_events", "regions"]

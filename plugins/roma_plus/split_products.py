@@ -115,9 +115,10 @@ def split_operand(x: torch.Tensor, weight_side: bool, kind: str = "tf32x3",
     if kind != "tf32x3":
         if bias is None:
             return laid_out(x, torch.bfloat16, "hht" if weight_side else "hth")
-        w = laid_out(x, torch.bfloat16, "hht")
-        pad = extra_columns(int(w.shape[-1]), BIAS_PIECES) - BIAS_PIECES
-        return torch.cat((w, bias_pieces(bias), w.new_zeros(*w.shape[:-1], pad)), dim=-1)
+        w = laid_out(x, torch.bfloat16, "hht", ones=BIAS_PIECES)  # room for the pieces, zeros after
+        width = 3 * int(x.shape[-1])
+        w[..., width:width + BIAS_PIECES] = bias_pieces(bias)
+        return w
     head, tail = tf32_pieces(x)
     return torch.cat((head, head, tail) if weight_side else (head, tail, head), dim=-1)
 
