@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from matchrt.errors import MatchrtError
 from matchrt.types import ExportOptions, ExportPlan, GraphSpec
 
+from . import candidate_kernel
 from .model import (
-    COARSE_STRIDE, DEFAULT_THRESHOLD, SIDE_MULTIPLE, ELoFTR, Padding, content_extents, int_div,
-    keep_masks, refine, rope_tables,
+    COARSE_STRIDE, DEFAULT_THRESHOLD, DUAL_SOFTMAX_TEMPERATURE, SIDE_MULTIPLE, ELoFTR, Padding, content_extents,
+    int_div, keep_masks, refine, rope_tables,
 )
 
 NAME = "eloftr"
@@ -114,6 +115,10 @@ class CoarseSelect(nn.Module):
         # border cells (of the content, with padding) are zeroed inside the confidence pass:
         # two small vectors, not an L x S mask (which would be folded into a huge initializer)
         keep = keep_masks(h, w, padding, feat0.device)  # 1 (or B) x L each
+        k = min(self.k, n * n)
+        cap = candidate_kernel.capacity(n, n, self.threshold, k)
+        if cap is not None and candidate_kernel.usable(feat0):
+            return self._listed(feat0, feat1, padding, keep, k, cap)
         conf = ELoFTR.confidence(feat0, feat1, padding, keep)  # B x L x S
         # every pair above the threshold is a match (no mutual-nearest step): the top K of the
         # flattened matrix are exactly the K most confident of them.
@@ -121,12 +126,29 @@ class CoarseSelect(nn.Module):
         # (< L*S, checked to fit INT32 at export) is cast to INT32 right away and split into
         # (i, j) with integer ops only, never through floats (L*S exceeds fp16's 65504 and
         # fp32's exact 2^24).
-        k = min(self.k, n * n)
         value, flat = topk_flat(conf.reshape(-1, n * n), k)
         i_ids = int_div(flat, n)
         j_ids = flat - i_ids * n
         valid = value > self.threshold
         return value, i_ids, j_ids, valid
+
+    def _listed(self, feat0: torch.Tensor, feat1: torch.Tensor, padding: Optional[Padding],
+                keep: tuple[torch.Tensor, torch.Tensor], k: int, cap: int):
+        """The same selection through candidate_kernel (torch on CUDA): no confidence matrix, and
+        TopK over the short list of pairs above the threshold instead of all L x S."""
+        n = int(feat0.shape[2]) * int(feat0.shape[3])
+        if padding is None:  # the kernel scales the bare product itself: no scaled copy in memory
+            source = ELoFTR.similarity(feat0, feat1, scaled=False)
+            scale = 1.0 / DUAL_SOFTMAX_TEMPERATURE
+            sim = source * scale  # as ELoFTR.similarity scales it; only the reductions read it
+        else:
+            sim = source = ELoFTR.similarity(feat0, feat1, padding)
+            scale = 1.0
+        row, col = ELoFTR.normalizers(sim, keep)
+        keys = candidate_kernel.candidates(source, scale, row, col, self.threshold, cap)
+        value, flat, valid = candidate_kernel.decode(keys.topk(k, dim=1).values, sim.dtype)
+        i_ids = int_div(flat, n)
+        return value, i_ids, flat - i_ids * n, valid
 
 
 class FineRefine(nn.Module):

@@ -591,6 +591,41 @@ class ELoFTR(nn.Module):
         return self.loftr_coarse(feat_c[:b], feat_c[b:], image_size, rope, padding, fused)
 
     @staticmethod
+    def similarity(feat0: torch.Tensor, feat1: torch.Tensor, padding: Optional[Padding] = None,
+                   scaled: bool = True) -> torch.Tensor:
+        """Coarse similarity (B x L x S) of the transformed features (B x C x h x w): f0 . f1 / C.
+
+        `scaled`: divided by the dual-softmax temperature (as a product with its reciprocal, the
+        arithmetic torch's CUDA kernels use), with `padding`'s biases added; unscaled, the bare
+        product (no padding allowed), which CoarseSelect's GPU selection scales itself.
+        """
+        c, n = int(feat0.shape[1]), int(feat0.shape[2]) * int(feat0.shape[3])
+        f0 = feat0.reshape(-1, c, n).transpose(1, 2) / math.sqrt(c)
+        f1 = feat1.reshape(-1, c, n).transpose(1, 2) / math.sqrt(c)
+        product = f0 @ f1.transpose(1, 2)
+        if not scaled:
+            if padding is not None:
+                raise ValueError("an unscaled similarity takes no padding biases")
+            return product
+        sim = product * (1.0 / DUAL_SOFTMAX_TEMPERATURE)
+        if padding is not None:
+            bias0, bias1 = similarity_bias(*padding)
+            sim = sim + bias0 + bias1
+        return sim
+
+    @staticmethod
+    def normalizers(sim: torch.Tensor, keep: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-sum-exps of `sim` over S (B x L x 1) and over L (B x 1 x S), fp32; `keep` (see
+        `confidence`) adds 1e4 to those of dropped cells, so their confidences vanish."""
+        row = _logsumexp(sim, 2)
+        col = _logsumexp(sim, 1)
+        if keep is not None:  # exp(-1e4) == 0: a dropped cell's row and column vanish
+            row = row + ((1.0 - keep[0]) * 1e4)[:, :, None]
+            col = col + ((1.0 - keep[1]) * 1e4)[:, None, :]
+        return row, col
+
+    @staticmethod
     def confidence(feat0: torch.Tensor, feat1: torch.Tensor, padding: Optional[Padding] = None,
                    keep: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """Dual-softmax confidence (B x L x S) of the transformed coarse features (B x C x h x w).
@@ -605,18 +640,8 @@ class ELoFTR(nn.Module):
         the rows and columns of dropped cells after the softmaxes (upstream's border removal),
         inside the same pass.
         """
-        c, n = int(feat0.shape[1]), int(feat0.shape[2]) * int(feat0.shape[3])
-        f0 = feat0.reshape(-1, c, n).transpose(1, 2) / math.sqrt(c)
-        f1 = feat1.reshape(-1, c, n).transpose(1, 2) / math.sqrt(c)
-        sim = (f0 @ f1.transpose(1, 2)) / DUAL_SOFTMAX_TEMPERATURE
-        if padding is not None:
-            bias0, bias1 = similarity_bias(*padding)
-            sim = sim + bias0 + bias1
-        row = _logsumexp(sim, 2)  # B x L x 1, fp32
-        col = _logsumexp(sim, 1)  # B x 1 x S
-        if keep is not None:  # exp(-1e4) == 0: a dropped cell's row and column vanish
-            row = row + ((1.0 - keep[0]) * 1e4)[:, :, None]
-            col = col + ((1.0 - keep[1]) * 1e4)[:, None, :]
+        sim = ELoFTR.similarity(feat0, feat1, padding)
+        row, col = ELoFTR.normalizers(sim, keep)
         # every exponent is <= 0 (sim <= both log-sum-exps): no overflow in any precision
         return torch.exp(2.0 * sim.float() - row - col).to(sim.dtype)
 

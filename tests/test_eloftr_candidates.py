@@ -1,0 +1,110 @@
+"""eloftr's GPU coarse selection (candidate_kernel): the same matches as the confidence + TopK graph."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from matchrt.plugins.eloftr import candidate_kernel
+from matchrt.plugins.eloftr.export import CoarseSelect
+from matchrt.plugins.eloftr.model import ELoFTR
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+KERNEL_RUNS = candidate_kernel.triton is not None and (torch.cuda.is_available() or INTERPRETER)
+
+
+def matching_features(n_side: int = 12, seed: int = 0, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coarse features whose cells mostly have one clear partner (a shifted, noisy copy)."""
+    g = torch.Generator().manual_seed(seed)
+    f0 = torch.randn(batch, 256, n_side, n_side, generator=g)
+    f1 = torch.roll(f0, shifts=(1, 2), dims=(2, 3)) + 0.6 * torch.randn(f0.shape, generator=g)
+    return f0, f1
+
+
+def test_a_row_holds_no_more_pairs_above_the_threshold_than_the_limit() -> None:
+    for seed in range(3):
+        f0, f1 = matching_features(seed=seed)
+        f1 = f1 * 0.2  # flatter softmaxes: many middling confidences
+        conf = ELoFTR.confidence(f0, f1)[0]
+        for thr in (0.05, 0.1, 0.2):
+            limit = candidate_kernel.per_row_limit(thr)
+            assert int((conf > thr).sum(1).max()) <= limit
+            assert int((conf > thr).sum(0).max()) <= limit
+
+
+def test_capacity_holds_k_and_refuses_dense_thresholds() -> None:
+    assert candidate_kernel.capacity(10816, 10816, 0.1, 2048) == 10816 * 10
+    assert candidate_kernel.capacity(100, 100, 0.1, 2048) == 2048  # at least K slots for TopK
+    assert candidate_kernel.capacity(100, 100, 0.0, 16) is None  # threshold 0: every pair may pass
+    assert candidate_kernel.capacity(16, 16, 0.1, 16) is None  # 160 of 256: the matrix is no longer
+
+
+def test_keys_decode_to_confidence_and_index_with_ties_to_the_lower_index() -> None:
+    conf = torch.tensor([0.5, 0.25, 0.5, 0.75], dtype=torch.float32)
+    flat = torch.tensor([7, 3, 2, 11], dtype=torch.int64)
+    bits = conf.view(torch.int32).to(torch.int64)
+    keys = torch.cat([(bits << 32) | ((2**31 - 1) - flat), torch.tensor([-1, -1])])[None]
+    value, index, valid = candidate_kernel.decode(keys.topk(5, dim=1).values, torch.float16)
+    assert value.dtype == torch.float16 and index.dtype == torch.int32
+    assert value[0].tolist() == [0.75, 0.5, 0.5, 0.25, 0.0]
+    assert index[0].tolist() == [11, 2, 7, 3, 0]  # equal confidences: index 2 before 7
+    assert valid[0].tolist() == [True, True, True, True, False]
+
+
+def _selections(monkeypatch, f0: torch.Tensor, f1: torch.Tensor, k: int, threshold: float,
+                device: str, dtype: torch.dtype | None = None):
+    select = CoarseSelect(k, threshold)
+    f0, f1 = f0.to(device), f1.to(device)
+    autocast = torch.autocast("cuda", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
+    with monkeypatch.context() as m, torch.inference_mode(), autocast:
+        m.setattr(candidate_kernel, "usable", lambda t: False)
+        reference = select(f0, f1)
+    with monkeypatch.context() as m, torch.inference_mode(), autocast:
+        if device == "cpu":  # Triton's interpreter: the kernel launched directly on CPU tensors
+            m.setattr(candidate_kernel, "usable", lambda t: True)
+            m.setattr(candidate_kernel, "candidates", candidate_kernel.interpreted)
+        assert candidate_kernel.usable(f0)
+        listed = select(f0, f1)
+    return reference, listed
+
+
+def _assert_same_matches(reference, listed, everything: bool) -> None:
+    value, i_ids, j_ids, valid = reference
+    l_value, l_i, l_j, l_valid = listed
+    assert l_value.dtype == value.dtype
+    assert torch.equal(l_valid, valid)
+    # the kernel's exp may differ from torch's by an ulp of the confidence's dtype
+    rtol = 1e-6 if value.dtype == torch.float32 else 1e-3
+    torch.testing.assert_close(l_value[valid], value[valid], rtol=rtol, atol=0)
+    assert l_i.dtype == i_ids.dtype == torch.int32
+    if everything:  # every pair above the threshold fits in K: the same set of pairs
+        for b in range(valid.shape[0]):
+            ours = set(zip(l_i[b][l_valid[b]].tolist(), l_j[b][l_valid[b]].tolist()))
+            theirs = set(zip(i_ids[b][valid[b]].tolist(), j_ids[b][valid[b]].tolist()))
+            assert ours == theirs
+    assert int(valid.sum()) > 8  # the features do make matches
+    assert (l_value[~l_valid] == 0).all() and (l_i[~l_valid] == 0).all()
+
+
+@pytest.mark.skipif(not KERNEL_RUNS, reason="needs Triton and a CUDA GPU (or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("k", [256, 24])
+def test_listed_selection_equals_the_topk_graph(monkeypatch, k: int) -> None:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    f0, f1 = matching_features(batch=2)
+    reference, listed = _selections(monkeypatch, f0, f1, k, 0.1, device)
+    _assert_same_matches(reference, listed, everything=k == 256)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or candidate_kernel.triton is None, reason="needs a CUDA GPU")
+def test_listed_selection_under_fp16_autocast_and_torch_compile(monkeypatch) -> None:
+    f0, f1 = matching_features(n_side=24, seed=1)
+    reference, listed = _selections(monkeypatch, f0, f1, 512, 0.1, "cuda", torch.float16)
+    _assert_same_matches(reference, listed, everything=True)
+    compiled = torch.compile(CoarseSelect(512, 0.1), dynamic=False)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+        again = compiled(f0.cuda(), f1.cuda())
+    value, _, _, valid = reference
+    assert torch.equal(again[3], valid)
+    torch.testing.assert_close(again[0][valid], value[valid], rtol=2e-3, atol=0)  # Inductor's own exp
