@@ -107,4 +107,5 @@ def test_listed_selection_under_fp16_autocast_and_torch_compile(monkeypatch) -> 
         again = compiled(f0.cuda(), f1.cuda())
     value, _, _, valid = reference
     assert torch.equal(again[3], valid)
-    torch.testing.assert_close(again[0][valid], value[valid], rtol=2e-3, atol=0)  # Inductor's own exp
+    # Inductor keeps the scaled fp16 similarity in fp32 registers (eager rounds it): fp16's tolerance
+    torch.testing.assert_close(again[0][valid], value[valid], rtol=1e-2, atol=0)
