@@ -31,6 +31,7 @@ except ImportError:  # CPU-only torch: CoarseSelect keeps the TopK graph
 
 OP_NAME = "matchrt_eloftr::threshold_candidates"
 ROUNDING_MARGIN = 1.05  # rounded confidences may exceed exact ones (fp16 similarity ulps): room for 5% more
+LOG_SLACK = 0.01  # the pre-test's margin in log space (fp16 rounding of the confidence: < 0.001)
 SPARSE_ENOUGH = 8  # use the list only when it is at least this many times shorter than the matrix
 
 
@@ -69,7 +70,7 @@ if triton is not None:
 
     @triton.jit
     def _candidates_kernel(sim_ptr, row_ptr, col_ptr, keys_ptr, count_ptr, L, S, cap, scale, threshold,
-                           ROUND_SIM: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr):
+                           log_floor, ROUND_SIM: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr):
         b = tl.program_id(2)
         i = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
         j = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -82,26 +83,32 @@ if triton is not None:
             x = x.to(raw.dtype).to(tl.float32)
         r = tl.load(row_ptr + pair * L + i, mask=i < L, other=0.0)
         c = tl.load(col_ptr + pair * S + j, mask=j < S, other=0.0)
-        conf = tl.exp(2.0 * x - r[:, None] - c[None, :]).to(raw.dtype).to(tl.float32)
-        keep = inside & (conf > threshold)
-        kept = keep.to(tl.int32)
-        n = tl.sum(tl.sum(kept, axis=1), axis=0)
-        if n > 0:
-            start = tl.atomic_add(count_ptr + b, n)
-            slot = start + tl.cumsum(tl.reshape(kept, (BLOCK_L * BLOCK_S,)), axis=0) - 1
-            key = (conf.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - flat).to(tl.int64)
-            mask = tl.reshape(keep, (BLOCK_L * BLOCK_S,)) & (slot < cap)
-            tl.store(keys_ptr + pair * cap + slot, tl.reshape(key, (BLOCK_L * BLOCK_S,)), mask=mask)
+        z = 2.0 * x - r[:, None] - c[None, :]
+        # log-space pre-test, looser than the threshold by more than any rounding: most blocks
+        # hold no candidate and end here, without an exponent
+        near = inside & (z > log_floor)
+        if tl.max(tl.max(near.to(tl.int32), axis=1), axis=0) > 0:
+            conf = tl.exp(z).to(raw.dtype).to(tl.float32)
+            keep = near & (conf > threshold)
+            kept = keep.to(tl.int32)
+            n = tl.sum(tl.sum(kept, axis=1), axis=0)
+            if n > 0:
+                start = tl.atomic_add(count_ptr + b, n)
+                slot = start + tl.cumsum(tl.reshape(kept, (BLOCK_L * BLOCK_S,)), axis=0) - 1
+                key = (conf.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - flat).to(tl.int64)
+                mask = tl.reshape(keep, (BLOCK_L * BLOCK_S,)) & (slot < cap)
+                tl.store(keys_ptr + pair * cap + slot, tl.reshape(key, (BLOCK_L * BLOCK_S,)), mask=mask)
 
     def _launch(sim: torch.Tensor, scale: float, row: torch.Tensor, col: torch.Tensor, threshold: float,
-                cap: int, round_sim: bool, launcher: Any, block_l: int = 16, block_s: int = 256,
-                warps: int = 8) -> torch.Tensor:
+                cap: int, round_sim: bool, launcher: Any, block_l: int = 16, block_s: int = 128,
+                warps: int = 4) -> torch.Tensor:
         b, rows, cols = (int(n) for n in sim.shape)
         keys = torch.full((b, cap), -1, dtype=torch.int64, device=sim.device)
         count = torch.zeros(b, dtype=torch.int32, device=sim.device)
         grid = (triton.cdiv(rows, block_l), triton.cdiv(cols, block_s), b)
+        log_floor = math.log(threshold) - LOG_SLACK
         launcher(_candidates_kernel)[grid](sim, row, col, keys, count, rows, cols, cap, scale, threshold,
-                                           ROUND_SIM=round_sim, BLOCK_L=block_l, BLOCK_S=block_s,
+                                           log_floor, ROUND_SIM=round_sim, BLOCK_L=block_l, BLOCK_S=block_s,
                                            num_warps=warps)
         return keys
 
