@@ -28,7 +28,6 @@ from typing import Any, Callable, Optional
 
 from .. import package_load_check as load_check
 from ..errors import MatchrtError
-from ..transfer import Uploader
 from ..hookspecs import hookimpl
 from ..package import (
     PackageContext,
@@ -152,7 +151,6 @@ class InductorSession:
         dtypes = build_info.get("input_dtypes") or {}
         self.input_dtypes = {n: getattr(torch, dtypes.get(n, "float32")) for n in self.input_names}
         self._boxed = getattr(getattr(self.model, "loader", None), "boxed_run", None)
-        self.upload = Uploader(self.device)
         self._graph: Any = None
         self._graph_key: Any = None
         self._static_in: list[Any] = []
@@ -171,8 +169,8 @@ class InductorSession:
         missing = [n for n in self.input_names if n not in inputs]
         if missing:
             raise MatchrtError(f"{self.path.name} needs inputs {missing}")
-        on_device = self.upload({n: inputs[n] for n in self.input_names}, self.input_dtypes)
-        args = [on_device[n] for n in self.input_names]
+        args = [torch.as_tensor(inputs[n]).to(device=self.device, dtype=self.input_dtypes[n]).contiguous()
+                for n in self.input_names]
         # the package runs on the current stream of the current device: make that its GPU
         device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
         with device, tf32_allowed(self.tf32 or self.device.type != "cuda"), torch.inference_mode():

@@ -6,7 +6,6 @@ from contextlib import nullcontext
 from typing import Any, Optional
 
 from ..hookspecs import hookimpl
-from ..transfer import Uploader
 from ..types import BackendInfo, GraphSpec
 
 DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
@@ -40,13 +39,11 @@ class TorchSession:
             mode = "reduce-overhead" if options.get("cuda_graph") else "default"
             module = torch.compile(module, mode=mode, dynamic=False)
         self.module = module
-        self.upload = Uploader(self.device)
 
     def run(self, inputs: dict[str, Any]) -> dict[str, Any]:
         import torch
 
-        on_device = self.upload({n: inputs[n] for n in self.input_names})
-        args = [on_device[n] for n in self.input_names]
+        args = [torch.as_tensor(inputs[n]).to(self.device) for n in self.input_names]
         autocast: Any = nullcontext()
         if self.precision in DTYPES:
             autocast = torch.autocast(self.device.type, dtype=getattr(torch, DTYPES[self.precision]))

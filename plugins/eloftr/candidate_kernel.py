@@ -100,7 +100,7 @@ if triton is not None:
                 tl.store(keys_ptr + pair * cap + slot, tl.reshape(key, (BLOCK_L * BLOCK_S,)), mask=mask)
 
     def _launch(sim: torch.Tensor, scale: float, row: torch.Tensor, col: torch.Tensor, threshold: float,
-                cap: int, round_sim: bool, launcher: Any, block_l: int = 16, block_s: int = 128,
+                cap: int, round_sim: bool, launcher: Any, block_l: int = 8, block_s: int = 128,
                 warps: int = 4) -> torch.Tensor:
         b, rows, cols = (int(n) for n in sim.shape)
         keys = torch.full((b, cap), -1, dtype=torch.int64, device=sim.device)
