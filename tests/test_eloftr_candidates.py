@@ -65,7 +65,6 @@ def _selections(monkeypatch, f0: torch.Tensor, f1: torch.Tensor, k: int, thresho
         if device == "cpu":  # Triton's interpreter: the kernel launched directly on CPU tensors
             m.setattr(candidate_kernel, "usable", lambda t: True)
             m.setattr(candidate_kernel, "candidates", candidate_kernel.interpreted)
-            m.setattr(candidate_kernel, "normalizers", candidate_kernel.interpreted_normalizers)
         assert candidate_kernel.usable(f0)
         listed = select(f0, f1)
     return reference, listed
@@ -76,8 +75,8 @@ def _assert_same_matches(reference, listed, everything: bool) -> None:
     l_value, l_i, l_j, l_valid = listed
     assert l_value.dtype == value.dtype
     assert torch.equal(l_valid, valid)
-    # the kernels round the exponent and the log-sum-exps (tiles combined) apart from torch
-    rtol = 1e-5 if value.dtype == torch.float32 else 1e-3  # an ulp of a log-sum-exp near 30: 4e-6
+    # the kernel's exp may differ from torch's by an ulp of the confidence's dtype
+    rtol = 1e-6 if value.dtype == torch.float32 else 1e-3
     torch.testing.assert_close(l_value[valid], value[valid], rtol=rtol, atol=0)
     assert l_i.dtype == i_ids.dtype == torch.int32
     if everything:  # every pair above the threshold fits in K: the same set of pairs
@@ -96,19 +95,6 @@ def test_listed_selection_equals_the_topk_graph(monkeypatch, k: int) -> None:
     f0, f1 = matching_features(batch=2)
     reference, listed = _selections(monkeypatch, f0, f1, k, 0.1, device)
     _assert_same_matches(reference, listed, everything=k == 256)
-
-
-@pytest.mark.skipif(not KERNEL_RUNS, reason="needs Triton and a CUDA GPU (or TRITON_INTERPRET=1)")
-@pytest.mark.parametrize("shape", [(2, 150, 300), (1, 64, 64)])
-def test_normalizers_from_tile_partials_are_the_log_sum_exps(shape: tuple[int, int, int]) -> None:
-    """Both log-sum-exps of the scaled similarity from one pass (ragged tiles included)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    sim = (torch.randn(shape, generator=torch.Generator().manual_seed(2)) * 3).to(device)
-    run = candidate_kernel.normalizers if device == "cuda" else candidate_kernel.interpreted_normalizers
-    row, col = run(sim, 10.0)
-    assert row.shape == (shape[0], shape[1], 1) and col.shape == (shape[0], 1, shape[2])
-    torch.testing.assert_close(row, torch.logsumexp(sim * 10.0, 2, keepdim=True), rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(col, torch.logsumexp(sim * 10.0, 1, keepdim=True), rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or candidate_kernel.triton is None, reason="needs a CUDA GPU")

@@ -30,7 +30,6 @@ except ImportError:  # CPU-only torch: CoarseSelect keeps the TopK graph
     triton = None
 
 OP_NAME = "matchrt_eloftr::threshold_candidates"
-PARTIALS_OP = "matchrt_eloftr::normalizer_partials"
 ROUNDING_MARGIN = 1.05  # rounded confidences may exceed exact ones (fp16 similarity ulps): room for 5% more
 LOG_SLACK = 0.01  # the pre-test's margin in log space (fp16 rounding of the confidence: < 0.001)
 SPARSE_ENOUGH = 8  # use the list only when it is at least this many times shorter than the matrix
@@ -100,56 +99,6 @@ if triton is not None:
                 mask = tl.reshape(keep, (BLOCK_L * BLOCK_S,)) & (slot < cap)
                 tl.store(keys_ptr + pair * cap + slot, tl.reshape(key, (BLOCK_L * BLOCK_S,)), mask=mask)
 
-    @triton.jit
-    def _partials_kernel(sim_ptr, rmax_ptr, rsum_ptr, cmax_ptr, csum_ptr, L, S, scale,
-                         ROUND_SIM: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr):
-        tile_l = tl.program_id(0)
-        tile_s = tl.program_id(1)
-        b = tl.program_id(2)
-        i = tile_l * BLOCK_L + tl.arange(0, BLOCK_L)
-        j = tile_s * BLOCK_S + tl.arange(0, BLOCK_S)
-        inside = (i < L)[:, None] & (j < S)[None, :]
-        pair = b.to(tl.int64)
-        raw = tl.load(sim_ptr + pair * L * S + i[:, None] * S + j[None, :], mask=inside, other=0.0)
-        x = raw.to(tl.float32) * scale
-        if ROUND_SIM:
-            x = x.to(raw.dtype).to(tl.float32)
-        x = tl.where(inside, x, -1e30)  # outside the matrix: no weight (finite: no inf - inf)
-        # each row's and each column's (max, sum of exp(x - max)) over this tile
-        row_max = tl.max(x, axis=1)
-        row_sum = tl.sum(tl.exp(x - row_max[:, None]), axis=1)
-        col_max = tl.max(x, axis=0)
-        col_sum = tl.sum(tl.exp(x - col_max[None, :]), axis=0)
-        tiles_s = tl.num_programs(1)
-        tiles_l = tl.num_programs(0)
-        r_at = (pair * L + i) * tiles_s + tile_s  # B x L x tiles_s
-        tl.store(rmax_ptr + r_at, row_max, mask=i < L)
-        tl.store(rsum_ptr + r_at, row_sum, mask=i < L)
-        c_at = (pair * tiles_l + tile_l) * S + j  # B x tiles_l x S
-        tl.store(cmax_ptr + c_at, col_max, mask=j < S)
-        tl.store(csum_ptr + c_at, col_sum, mask=j < S)
-
-    def _launch_partials(sim: torch.Tensor, scale: float, round_sim: bool, launcher: Any,
-                         block_l: int = 64, block_s: int = 128, warps: int = 8
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        b, rows, cols = (int(n) for n in sim.shape)
-        tiles_l, tiles_s = triton.cdiv(rows, block_l), triton.cdiv(cols, block_s)
-        rmax = torch.empty((b, rows, tiles_s), dtype=torch.float32, device=sim.device)
-        rsum = torch.empty_like(rmax)
-        cmax = torch.empty((b, tiles_l, cols), dtype=torch.float32, device=sim.device)
-        csum = torch.empty_like(cmax)
-        launcher(_partials_kernel)[(tiles_l, tiles_s, b)](sim, rmax, rsum, cmax, csum, rows, cols, scale,
-                                                          ROUND_SIM=round_sim, BLOCK_L=block_l,
-                                                          BLOCK_S=block_s, num_warps=warps)
-        return rmax, rsum, cmax, csum
-
-    @torch.library.triton_op(PARTIALS_OP, mutates_args=())
-    def normalizer_partials(sim: torch.Tensor, scale: float, round_sim: bool
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-tile (max, sum of exponentials) of every row (B x L x tiles) and every column
-        (B x tiles x S) of sim' = sim * scale: one read of the matrix for both log-sum-exps."""
-        return _launch_partials(sim, scale, round_sim, torch.library.wrap_triton)
-
     def _launch(sim: torch.Tensor, scale: float, row: torch.Tensor, col: torch.Tensor, threshold: float,
                 cap: int, round_sim: bool, launcher: Any, block_l: int = 8, block_s: int = 128,
                 warps: int = 4) -> torch.Tensor:
@@ -177,34 +126,12 @@ def candidates(sim: torch.Tensor, scale: float, row: torch.Tensor, col: torch.Te
     b, rows, cols = (int(n) for n in sim.shape)
     if rows * cols >= 2**31:
         raise ValueError(f"the coarse matrix has {rows} x {cols} entries: more than INT32 indices address")
-    # the scaled similarity is rounded to sim's dtype, as the eager graph's tensor is, in this
-    # kernel and in `normalizers`: both see the same values
-    round_sim = scale != 1.0
+    # eager torch rounds the scaled similarity to its dtype before the log-sum-exps; Inductor keeps
+    # it in fp32 registers: the kernel does as the graph that computed row and col did
+    round_sim = scale != 1.0 and not torch.compiler.is_compiling()
     return torch.ops.matchrt_eloftr.threshold_candidates(
         sim.contiguous(), float(scale), row.reshape(b, rows).float().contiguous(),
         col.reshape(b, cols).float().contiguous(), float(threshold), int(cap), round_sim)
-
-
-def _combine(top: torch.Tensor, total: torch.Tensor, dim: int) -> torch.Tensor:
-    """log-sum-exp from per-tile (max, sum of exp(x - max)) pairs along `dim`."""
-    peak = top.amax(dim=dim, keepdim=True)
-    return peak + torch.log((total * torch.exp(top - peak)).sum(dim=dim, keepdim=True))
-
-
-def normalizers(sim: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-sum-exps of sim' = sim * scale over S (B x L x 1) and over L (B x 1 x S), fp32, from one
-    pass over `sim` (B x L x S) and a small combination of the tiles' partials."""
-    rmax, rsum, cmax, csum = torch.ops.matchrt_eloftr.normalizer_partials(sim.contiguous(), float(scale),
-                                                                          scale != 1.0)
-    return _combine(rmax, rsum, 2), _combine(cmax, csum, 1)
-
-
-def interpreted_normalizers(sim: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """`normalizers` with the partials kernel launched directly (Triton's CPU interpreter in tests)."""
-    if triton is None:
-        raise RuntimeError("Triton is not installed")
-    rmax, rsum, cmax, csum = _launch_partials(sim.contiguous(), float(scale), scale != 1.0, lambda kernel: kernel)
-    return _combine(rmax, rsum, 2), _combine(cmax, csum, 1)
 
 
 def interpreted(sim: torch.Tensor, scale: float, row: torch.Tensor, col: torch.Tensor, threshold: float,
@@ -218,5 +145,4 @@ def interpreted(sim: torch.Tensor, scale: float, row: torch.Tensor, col: torch.T
                    lambda kernel: kernel)
 
 
-__all__ = ["OP_NAME", "PARTIALS_OP", "candidates", "capacity", "decode", "interpreted", "interpreted_normalizers",
-           "normalizers", "per_row_limit", "usable"]
+__all__ = ["OP_NAME", "candidates", "capacity", "decode", "interpreted", "per_row_limit", "usable"]

@@ -134,19 +134,19 @@ class CoarseSelect(nn.Module):
 
     def _listed(self, feat0: torch.Tensor, feat1: torch.Tensor, padding: Optional[Padding],
                 keep: tuple[torch.Tensor, torch.Tensor], k: int, cap: int):
-        """The same selection through candidate_kernel (torch on CUDA): both log-sum-exps from one
-        pass over the similarity, no confidence matrix, and TopK over the short list of pairs
-        above the threshold instead of all L x S."""
+        """The same selection through candidate_kernel (torch on CUDA): no confidence matrix, and
+        TopK over the short list of pairs above the threshold instead of all L x S."""
         n = int(feat0.shape[2]) * int(feat0.shape[3])
-        if padding is None:  # the kernels scale the bare product themselves: no scaled copy in memory
+        if padding is None:  # the kernel scales the bare product itself: no scaled copy in memory
             source = ELoFTR.similarity(feat0, feat1, scaled=False)
             scale = 1.0 / DUAL_SOFTMAX_TEMPERATURE
+            sim = source * scale  # as ELoFTR.similarity scales it; only the reductions read it
         else:
-            source = ELoFTR.similarity(feat0, feat1, padding)
+            sim = source = ELoFTR.similarity(feat0, feat1, padding)
             scale = 1.0
-        row, col = ELoFTR.dropped(*candidate_kernel.normalizers(source, scale), keep)
+        row, col = ELoFTR.normalizers(sim, keep)
         keys = candidate_kernel.candidates(source, scale, row, col, self.threshold, cap)
-        value, flat, valid = candidate_kernel.decode(keys.topk(k, dim=1).values, source.dtype)
+        value, flat, valid = candidate_kernel.decode(keys.topk(k, dim=1).values, sim.dtype)
         i_ids = int_div(flat, n)
         return value, i_ids, flat - i_ids * n, valid
 

@@ -643,16 +643,12 @@ class ELoFTR(nn.Module):
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-sum-exps of `sim` over S (B x L x 1) and over L (B x 1 x S), fp32; `keep` (see
         `confidence`) adds 1e4 to those of dropped cells, so their confidences vanish."""
-        return ELoFTR.dropped(_logsumexp(sim, 2), _logsumexp(sim, 1), keep)
-
-    @staticmethod
-    def dropped(row: torch.Tensor, col: torch.Tensor, keep: Optional[tuple[torch.Tensor, torch.Tensor]]
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-sum-exps with 1e4 added where `keep` drops a cell: exp(-1e4) == 0, so a dropped
-        cell's row and column vanish from the confidence."""
-        if keep is None:
-            return row, col
-        return row + ((1.0 - keep[0]) * 1e4)[:, :, None], col + ((1.0 - keep[1]) * 1e4)[:, None, :]
+        row = _logsumexp(sim, 2)
+        col = _logsumexp(sim, 1)
+        if keep is not None:  # exp(-1e4) == 0: a dropped cell's row and column vanish
+            row = row + ((1.0 - keep[0]) * 1e4)[:, :, None]
+            col = col + ((1.0 - keep[1]) * 1e4)[:, None, :]
+        return row, col
 
     @staticmethod
     def confidence(feat0: torch.Tensor, feat1: torch.Tensor, padding: Optional[Padding] = None,
