@@ -407,33 +407,3 @@ def test_roma_plus_plan_replays_its_split_regions_unless_asked_not_to() -> None:
     assert default.graphs[0].module.model.coarse_graphs is True
     assert off.graphs[0].module.model.coarse_graphs is False
     assert model.coarse_graphs is False  # the loaded model itself runs every call eagerly
-
-
-def test_pooled_sum_is_the_aggregation_convolution() -> None:
-    """The transformer's 4 x 4 depth-wise, stride-4 query pooling as a patch-weighted sum."""
-    import torch.nn as nn
-
-    from matchrt.plugins.eloftr.model import POOL, pooled_sum
-
-    torch.manual_seed(0)
-    conv = nn.Conv2d(16, 16, POOL, stride=POOL, bias=False, groups=16)
-    x = torch.randn(2, 16, 12, 20)
-    torch.testing.assert_close(pooled_sum(x, conv), conv(x), rtol=1e-5, atol=1e-6)
-
-
-def test_only_reduced_precision_layers_pool_with_the_patch_sum(monkeypatch) -> None:
-    """fp32 graphs (and their ONNX exports) keep the convolution; autocast runs take the sum."""
-    from matchrt.plugins.eloftr import model as eloftr_model
-
-    calls = []
-    real = eloftr_model.pooled_sum
-    monkeypatch.setattr(eloftr_model, "pooled_sum", lambda x, conv: calls.append(1) or real(x, conv))
-    layer = eloftr_model.AggregatedAttentionLayer(rope=False).eval()
-    x = torch.randn(1, 256, 8, 8)
-    with torch.inference_mode():
-        fp32 = layer(x, x)
-        assert not calls
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            low = layer(x, x)
-        assert calls == [1]
-    torch.testing.assert_close(low.float(), fp32, rtol=0.05, atol=0.05)

@@ -279,26 +279,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def pooled_sum(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """`conv` (depth-wise, kernel = stride = POOL, no bias or padding) applied to x as a weighted
-    sum over each POOL x POOL patch: reshape, multiply, reduce.
-
-    For Inductor this is one fused reduction instead of cuDNN's grouped direct convolution
-    (0.39 ms of eloftr's compiled fp16 kernels on an H100, 16 calls reading 11-22 MB each). The
-    sum runs in x's dtype (fp32 after the first layer's residual), as LayerNorm reads it.
-    """
-    n, c, h, w = (int(v) for v in x.shape)
-    patches = x.reshape(n, c, h // POOL, POOL, w // POOL, POOL)
-    weight = conv.weight.reshape(1, c, 1, POOL, 1, POOL).to(x.dtype)
-    return (patches * weight).sum(dim=(3, 5))
-
-
-def reduced_precision(x: torch.Tensor) -> bool:
-    """Does x's layer run under fp16/bf16 autocast (where another summation order is within
-    tolerance)? fp32 graphs, exports included, keep their operators and their rounding."""
-    return torch.is_autocast_enabled(x.device.type)
-
-
 class AggregatedAttentionLayer(nn.Module):
     """One self- or cross-attention layer on a 4x4-pooled grid, upsampled back, plus an MLP."""
 
@@ -330,12 +310,7 @@ class AggregatedAttentionLayer(nn.Module):
         c, h, w = int(x.shape[1]), int(x.shape[2]), int(x.shape[3])
         hq, wq = h // POOL, w // POOL
         d = c // self.nhead
-        # fp16/bf16 runs pool with a patch sum; fp32 graphs and the reference (fused=False) keep
-        # upstream's convolution and its rounding (random weights leave fp32 near-ties that
-        # another summation order flips: ONNX parity is checked at 1e-4)
-        use_sum = fused and reduced_precision(x)
-        pooled = pooled_sum(x, self.aggregate) if use_sum else self.aggregate(x)
-        query = self.norm1(pooled.permute(0, 2, 3, 1))  # N x h/4 x w/4 x C
+        query = self.norm1(self.aggregate(x).permute(0, 2, 3, 1))  # N x h/4 x w/4 x C
         src = self.norm1(self.max_pool(source).permute(0, 2, 3, 1))
         q, k, v = self.q_proj(query), self.k_proj(src), self.v_proj(src)
         if self.rope:
