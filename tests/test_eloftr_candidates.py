@@ -9,7 +9,7 @@ import torch
 
 from matchrt.plugins.eloftr import candidate_kernel
 from matchrt.plugins.eloftr.export import CoarseSelect
-from matchrt.plugins.eloftr.model import ELoFTR
+from matchrt.plugins.eloftr.model import COARSE_STRIDE, ELoFTR, content_extents
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 KERNEL_RUNS = candidate_kernel.triton is not None and (torch.cuda.is_available() or INTERPRETER)
@@ -54,19 +54,20 @@ def test_keys_decode_to_confidence_and_index_with_ties_to_the_lower_index() -> N
 
 
 def _selections(monkeypatch, f0: torch.Tensor, f1: torch.Tensor, k: int, threshold: float,
-                device: str, dtype: torch.dtype | None = None):
+                device: str, dtype: torch.dtype | None = None, masks=None):
     select = CoarseSelect(k, threshold)
     f0, f1 = f0.to(device), f1.to(device)
+    padding = None if masks is None else content_extents(tuple(m.to(device) for m in masks))
     autocast = torch.autocast("cuda", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
     with monkeypatch.context() as m, torch.inference_mode(), autocast:
         m.setattr(candidate_kernel, "usable", lambda t: False)
-        reference = select(f0, f1)
+        reference = select(f0, f1, padding)
     with monkeypatch.context() as m, torch.inference_mode(), autocast:
         if device == "cpu":  # Triton's interpreter: the kernel launched directly on CPU tensors
             m.setattr(candidate_kernel, "usable", lambda t: True)
             m.setattr(candidate_kernel, "candidates", candidate_kernel.interpreted)
         assert candidate_kernel.usable(f0)
-        listed = select(f0, f1)
+        listed = select(f0, f1, padding)
     return reference, listed
 
 
@@ -95,6 +96,21 @@ def test_listed_selection_equals_the_topk_graph(monkeypatch, k: int) -> None:
     f0, f1 = matching_features(batch=2)
     reference, listed = _selections(monkeypatch, f0, f1, k, 0.1, device)
     _assert_same_matches(reference, listed, everything=k == 256)
+
+
+@pytest.mark.skipif(not KERNEL_RUNS, reason="needs Triton and a CUDA GPU (or TRITON_INTERPRET=1)")
+def test_listed_selection_with_padded_inputs(monkeypatch) -> None:
+    """resize=pad: pairs with padded cells stay out of both softmaxes on the listed path too."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    f0, f1 = matching_features(n_side=16, seed=3, batch=2)
+    side = 16 * COARSE_STRIDE
+    masks = torch.zeros(2, 1, side, side), torch.zeros(2, 1, side, side)
+    masks[0][0, :, :13 * COARSE_STRIDE, :] = 1  # content 13 x 16 cells, then 16 x 11 cells
+    masks[0][1, :, :, :11 * COARSE_STRIDE] = 1
+    masks[1][0, :, :, :] = 1
+    masks[1][1, :, :12 * COARSE_STRIDE, :12 * COARSE_STRIDE] = 1
+    reference, listed = _selections(monkeypatch, f0, f1, 512, 0.1, device, masks=masks)
+    _assert_same_matches(reference, listed, everything=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or candidate_kernel.triton is None, reason="needs a CUDA GPU")
