@@ -21,12 +21,13 @@ import numpy as np
 from .errors import MatchrtError
 from .pairs import Pair
 
+# COLMAP's RANSAC and mapper are unseeded by default (random_seed -1): on 2 cores three mappings of
+# one database of the ten Sacre Coeur images gave 1102 to 1821 points, and one CI run 339. Seeded, a
+# re-run gives the same database and, up to the order the mapper's threads finish in, the same
+# model; pass another random_seed in the options for another draw.
+SEED = 0
 # pycolmap's verification defaults, with hloc's RANSAC settings for learned matches (more trials,
 # a lower inlier ratio than SIFT needs)
-# COLMAP seeds its RANSAC and its mapper from the clock unless told otherwise: the same matches then
-# gave 339 to 1821 points on the ten Sacre Coeur images. A fixed seed makes a re-run give the same
-# database and the same model (on the same number of threads); pass another seed for another draw.
-SEED = 0
 VERIFY_DEFAULTS: dict[str, Any] = {"ransac": {"max_num_trials": 20000, "min_inlier_ratio": 0.1, "random_seed": SEED}}
 MAPPING_DEFAULTS: dict[str, Any] = {"random_seed": SEED}
 
