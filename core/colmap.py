@@ -22,9 +22,9 @@ from .errors import MatchrtError
 from .pairs import Pair
 
 # COLMAP's RANSAC and mapper are unseeded by default (random_seed -1): on 2 cores three mappings of
-# one database of the ten Sacre Coeur images gave 1102 to 1821 points, and one CI run 339. Seeded, a
-# re-run gives the same database and, up to the order the mapper's threads finish in, the same
-# model; pass another random_seed in the options for another draw.
+# one database of the ten Sacre Coeur images gave 1102 to 1821 points, and one CI run 339. Seeded,
+# the same matches give the same database, and the mapping varies only with the order its threads
+# finish in (1723 to 1951 points); pass another random_seed in the options for another draw.
 SEED = 0
 # pycolmap's verification defaults, with hloc's RANSAC settings for learned matches (more trials,
 # a lower inlier ratio than SIFT needs)

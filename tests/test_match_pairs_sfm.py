@@ -88,16 +88,17 @@ def test_all_45_pairs_reconstruct_all_ten_images(reference):
     assert not list(reference.rglob(".*.tmp-*"))
 
 
-def test_the_seeded_reconstruction_repeats(reference, tmp_path):
-    """COLMAP's RANSAC and mapper are seeded: mapping the same database again gives the same model
-    up to the order its threads finish in (on 2 cores, three seeded mappings of one database agreed
-    within 2 points; unseeded, three mappings of one database gave 1102 to 1821)."""
-    from matchrt.colmap import reconstruct
+def test_the_seeded_verification_repeats(reference, tmp_path):
+    """COLMAP's verification RANSAC is seeded: the same matches give the same database (unseeded,
+    three builds from one run's matches kept 16051, 16092 and 16184 inlier matches)."""
+    from matchrt.colmap import write_database
 
-    first = reconstruct(reference / "database.db", IMAGES, tmp_path / "a")
-    again = reconstruct(reference / "database.db", IMAGES, tmp_path / "b")
-    assert first["registered_images"] == again["registered_images"] == 10
-    assert abs(first["points"] - again["points"]) <= 0.05 * first["points"], (first, again)
+    pairs = [tuple(line.split()) for line in (reference / "pairs.txt").read_text().splitlines() if line]
+    counts = [write_database(tmp_path / f"{k}.db", IMAGES, reference / "features.h5", reference / "matches.h5",
+                             pairs) for k in range(2)]
+    for c in counts:
+        c.pop("path")
+    assert counts[0] == counts[1] and counts[0]["verified_pairs"] >= 40
 
 
 def test_a_killed_run_resumes_to_the_same_files(reference, tmp_path):
