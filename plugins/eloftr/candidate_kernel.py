@@ -123,18 +123,24 @@ if triton is not None:
         return _launch(sim, scale, row, col, threshold, cap, round_sim, torch.library.wrap_triton)
 
 
-def candidates(sim: torch.Tensor, scale: float, row: torch.Tensor, col: torch.Tensor, threshold: float,
-               cap: int) -> torch.Tensor:
-    """The candidate keys of `sim` (B x L x S, contiguous); see threshold_candidates."""
+def _operands(sim: torch.Tensor, row: torch.Tensor, col: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """sim (B x L x S), row (B x L) and col (B x S) as the kernel reads them: contiguous, fp32 sums."""
     b, rows, cols = (int(n) for n in sim.shape)
     if rows * cols >= 2**31:
         raise ValueError(f"the coarse matrix has {rows} x {cols} entries: more than INT32 indices address")
+    return sim.contiguous(), row.reshape(b, rows).float().contiguous(), col.reshape(b, cols).float().contiguous()
+
+
+def candidates(sim: torch.Tensor, scale: float, row: torch.Tensor, col: torch.Tensor, threshold: float,
+               cap: int) -> torch.Tensor:
+    """The candidate keys of `sim` (B x L x S); see threshold_candidates."""
+    sim, row, col = _operands(sim, row, col)
     # eager torch rounds the scaled similarity to its dtype before the log-sum-exps; Inductor keeps
     # it in fp32 registers: the kernel does as the graph that computed row and col did
     round_sim = scale != 1.0 and not torch.compiler.is_compiling()
-    return torch.ops.matchrt_eloftr.threshold_candidates(
-        sim.contiguous(), float(scale), row.reshape(b, rows).float().contiguous(),
-        col.reshape(b, cols).float().contiguous(), float(threshold), int(cap), round_sim)
+    return torch.ops.matchrt_eloftr.threshold_candidates(sim, float(scale), row, col, float(threshold), int(cap),
+                                                         round_sim)
 
 
 def interpreted(sim: torch.Tensor, scale: float, row: torch.Tensor, col: torch.Tensor, threshold: float,
@@ -142,10 +148,8 @@ def interpreted(sim: torch.Tensor, scale: float, row: torch.Tensor, col: torch.T
     """The same kernel launched directly (Triton's CPU interpreter in tests: TRITON_INTERPRET=1)."""
     if triton is None:
         raise RuntimeError("Triton is not installed")
-    b, rows, cols = (int(n) for n in sim.shape)
-    return _launch(sim.contiguous(), float(scale), row.reshape(b, rows).float().contiguous(),
-                   col.reshape(b, cols).float().contiguous(), float(threshold), int(cap), scale != 1.0,
-                   lambda kernel: kernel)
+    sim, row, col = _operands(sim, row, col)
+    return _launch(sim, float(scale), row, col, float(threshold), int(cap), scale != 1.0, lambda kernel: kernel)
 
 
 __all__ = ["OP_NAME", "candidates", "capacity", "decode", "interpreted", "per_row_limit", "usable"]

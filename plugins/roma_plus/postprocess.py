@@ -68,5 +68,5 @@ def postprocess(outputs: Mapping[str, Any], pair: PairContext, options: Mapping[
     }
     return Matches(
         kp0[keep].cpu().numpy(), kp1[keep].cpu().numpy(), conf[keep].cpu().numpy(), meta,
-        warp=host_array(warp.float()), certainty=host_array(certainty.float()),
+        warp=host_array(warp), certainty=host_array(certainty),  # fp32 maps (host_array widens halves)
     )
