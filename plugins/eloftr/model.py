@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from matchrt.depthwise import DepthwiseConv2d
+
 from .padding import (
     Extent, border_keep, coarse_extent, grid_mask, key_bias, pooled_extent, repeat_edges,
     similarity_bias, unpooled,
@@ -286,7 +288,9 @@ class AggregatedAttentionLayer(nn.Module):
         super().__init__()
         self.rope = rope
         self.nhead = nhead
-        self.aggregate = nn.Conv2d(d_model, d_model, POOL, stride=POOL, bias=False, groups=d_model)
+        # depth-wise 4 x 4 pooling of the queries: one Triton pass on GPUs (matchrt.depthwise),
+        # an ordinary grouped Conv2d in exports and on CPUs (same parameters and keys)
+        self.aggregate = DepthwiseConv2d(d_model, POOL, stride=POOL, bias=False)
         self.max_pool = nn.MaxPool2d(POOL, POOL)
         self.q_proj = nn.Linear(d_model, d_model, bias=False)
         self.k_proj = nn.Linear(d_model, d_model, bias=False)
