@@ -49,9 +49,11 @@ def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
 
 
 def tiles(channels: int, width: int) -> tuple[int, int, int]:
-    """(BLOCK_C, BLOCK_H, BLOCK_W): channels per program up to 64, the rest of the tile in pixels,
-    as wide as the output row allows (a row of 16 pixels at most, powers of two)."""
-    block_c = min(64, triton.next_power_of_2(max(channels, 1)))
+    """(BLOCK_C, BLOCK_H, BLOCK_W) of one program's tile: the largest channel block (128 to 16) that
+    pads the channels by at most 1/16 (else 32, or fewer for narrow inputs), pixels for the rest of
+    TILE_ELEMENTS, rows of up to 16."""
+    fitting = [b for b in (128, 64, 32, 16) if (-channels % b) * 16 <= channels]
+    block_c = fitting[0] if fitting else min(32, triton.next_power_of_2(max(channels, 1)))
     pixels = max(16, TILE_ELEMENTS // block_c)
     block_w = min(16, triton.next_power_of_2(max(width, 1)))
     return block_c, max(1, pixels // block_w), block_w
@@ -60,10 +62,12 @@ def tiles(channels: int, width: int) -> tuple[int, int, int]:
 if triton is not None:
 
     @triton.jit
-    def _depthwise_kernel(x_ptr, w_ptr, b_ptr, y_ptr, C, H, W, HO, WO, sxb, sxc, sxh, sxw, syb, syc, syh, syw,
-                          tiles_w, K: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, RELU: tl.constexpr, ROUND_X: tl.constexpr,
-                          BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    def _depthwise_kernel(x_ptr, w_ptr, b_ptr, y_ptr, H, W, HO, WO, tiles_w, C: tl.constexpr, K: tl.constexpr,
+                          STRIDE: tl.constexpr, PAD: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+                          ROUND_X: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+                          BLOCK_W: tl.constexpr):
+        # channels-last input and output: a pixel's C channels are contiguous, and C is a
+        # compile-time constant, so the compiler knows each pixel's alignment and loads whole vectors
         tile = tl.program_id(0)
         b = tl.program_id(2).to(tl.int64)
         p = tl.arange(0, BLOCK_H * BLOCK_W)
@@ -71,7 +75,7 @@ if triton is not None:
         ow = (tile % tiles_w) * BLOCK_W + p % BLOCK_W
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = c < C
-        x_base = x_ptr + b * sxb + (c * sxc)[None, :]
+        x_base = x_ptr + b * H * W * C + c[None, :]
         acc = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_C), dtype=tl.float32)
         for ky in tl.static_range(K):
             ih = oh * STRIDE + (ky - PAD)
@@ -79,7 +83,7 @@ if triton is not None:
             for kx in tl.static_range(K):
                 iw = ow * STRIDE + (kx - PAD)
                 ok = h_ok & (iw >= 0) & (iw < W)
-                x = tl.load(x_base + (ih * sxh + iw * sxw)[:, None], mask=ok[:, None] & c_ok[None, :], other=0.0)
+                x = tl.load(x_base + ((ih * W + iw) * C)[:, None], mask=ok[:, None] & c_ok[None, :], other=0.0)
                 if ROUND_X:  # autocast's cast of the input, done in registers
                     x = x.to(y_ptr.dtype.element_ty)
                 w = tl.load(w_ptr + c * (K * K) + (ky * K + kx), mask=c_ok, other=0.0)
@@ -88,13 +92,14 @@ if triton is not None:
             acc += tl.load(b_ptr + c, mask=c_ok, other=0.0)[None, :]
         if RELU:
             acc = tl.maximum(acc, 0.0)
-        out = y_ptr + b * syb + (oh * syh + ow * syw)[:, None] + (c * syc)[None, :]
+        out = y_ptr + b * HO * WO * C + ((oh * WO + ow) * C)[:, None] + c[None, :]
         tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=((oh < HO) & (ow < WO))[:, None] & c_ok[None, :])
 
     def _launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int, padding: int,
                 relu: bool, dtype: torch.dtype, launcher: Any, block: Optional[tuple[int, int, int]] = None,
                 warps: int = 4) -> torch.Tensor:
         n, c, h, w = (int(v) for v in x.shape)
+        x = x.contiguous(memory_format=torch.channels_last)  # a no-op for the module's inputs
         k = int(weight.shape[-1])
         ho, wo = output_size(h, k, stride, padding), output_size(w, k, stride, padding)
         y = torch.empty_strided((n, c, ho, wo), (c * ho * wo, 1, wo * c, c), dtype=dtype, device=x.device)
@@ -105,7 +110,7 @@ if triton is not None:
         tiles_w = triton.cdiv(wo, block_w)
         grid = (triton.cdiv(ho, block_h) * tiles_w, triton.cdiv(c, block_c), n)
         launcher(_depthwise_kernel)[grid](
-            x, taps, shift, y, c, h, w, ho, wo, *x.stride(), *y.stride(), tiles_w, K=k, STRIDE=stride, PAD=padding,
+            x, taps, shift, y, h, w, ho, wo, tiles_w, C=c, K=k, STRIDE=stride, PAD=padding,
             HAS_BIAS=bias is not None, RELU=relu, ROUND_X=x.dtype != dtype, BLOCK_C=block_c, BLOCK_H=block_h,
             BLOCK_W=block_w, num_warps=warps)
         return y
