@@ -1,19 +1,21 @@
 """Depth-wise convolutions (optionally + ReLU) as one Triton pass over channels-last activations.
 
-Why: cuDNN's depth-wise kernels run well below the memory bandwidth such a convolution needs, and
-a ReLU after one is a second full read and write that no compiler fuses into an external kernel.
-On an H100, roma_plus's refiners spent 7.1 ms of a pair's compiled fp16 time in cuDNN's depth-wise
-5 x 5 kernels plus separate ReLU passes; eloftr's 4 x 4 stride-4 query pooling (16 calls) took
-0.385 ms in cuDNN's grouped kernel.
+Why: eloftr pools its attention queries with a 4 x 4 stride-4 depth-wise convolution (16 calls a
+pair), for which cuDNN runs a grouped kernel (0.385 ms of a pair's compiled fp16 time on an
+H100); a direct pass over the channels-last activation does the same work near the memory's pace.
+The kernel also handles stride 1 with padding, + bias and ReLU (a ReLU read and write saved), but
+for roma_plus's refiners (5 x 5, 576 to 1384 channels) cuDNN's depth-wise kernels were faster
+on the H100 (micro-benchmark and `matchrt bench`, session 10): there it is not used.
 
 `DepthwiseConv2d` is an ``nn.Conv2d`` (same parameters, same state-dict keys, same ONNX Conv node)
 whose forward, on CUDA tensors under torch with Triton, calls ``matchrt::depthwise_conv2d``: a
 ``torch.library.triton_op``, so Inductor and AOTInductor keep it inside their graphs and CUDA
 graphs. Each program computes a tile of output pixels x channels, reading the channel-contiguous
-input (channels-last memory) tap by tap and accumulating in fp32; bias and ReLU are applied in
-registers before the one store. Under autocast it computes as autocast's convolution does:
-input, weight and bias rounded to the autocast dtype, fp32 accumulation, output in that dtype.
-ONNX export and CPUs run the ordinary convolution (and ReLU).
+input tap by tap (the channel count is a compile-time constant, so the loads are aligned vectors)
+and accumulating in fp32; bias and ReLU are applied in registers before the one store. Under
+autocast it computes as autocast's convolution does: input, weight and bias rounded to the
+autocast dtype, fp32 accumulation, output in that dtype. ONNX export and CPUs run the ordinary
+convolution (and ReLU).
 """
 
 from __future__ import annotations

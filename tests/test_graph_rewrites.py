@@ -407,27 +407,3 @@ def test_roma_plus_plan_replays_its_split_regions_unless_asked_not_to() -> None:
     assert default.graphs[0].module.model.coarse_graphs is True
     assert off.graphs[0].module.model.coarse_graphs is False
     assert model.coarse_graphs is False  # the loaded model itself runs every call eagerly
-
-
-def test_roma_plus_plan_runs_each_depthwise_convolution_with_its_relu_as_one_module() -> None:
-    """depthwise_kernel (default, with fuse): the 9 blocks of each of the 5 refiners hold one
-    DepthwiseConv2d(relu=True) and no separate ReLU; the warp is unchanged; off (or fuse=false)
-    keeps the plain convolution."""
-    from roma_plus_helpers import loaded_model
-
-    from matchrt.depthwise import DepthwiseConv2d
-    from matchrt.plugins.roma_plus import hooks
-    from matchrt.types import ExportOptions
-
-    model = loaded_model()
-    extra = {"upsample_res": 64}
-    fused = hooks.export_plan("roma_plus", model, ExportOptions(56, 56, extra=extra))
-    plain = hooks.export_plan("roma_plus", model, ExportOptions(56, 56, extra={**extra, "depthwise_kernel": "off"}))
-    unfolded = hooks.export_plan("roma_plus", model, ExportOptions(56, 56, extra={**extra, "fuse": False}))
-    kinds = lambda plan, kind: [m for m in plan.graphs[0].module.model.conv_refiner.modules()  # noqa: E731
-                                if isinstance(m, kind)]
-    assert len(kinds(fused, DepthwiseConv2d)) == 45 and all(m.relu for m in kinds(fused, DepthwiseConv2d))
-    assert not kinds(fused, nn.ReLU) and len(kinds(plain, nn.ReLU)) == 45
-    assert not kinds(plain, DepthwiseConv2d) and not kinds(unfolded, DepthwiseConv2d)
-    assert not any(isinstance(m, DepthwiseConv2d) for m in model.modules())  # the model keeps its modules
-    _assert_same_warp(fused, plain)

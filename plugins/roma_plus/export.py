@@ -23,7 +23,7 @@ from matchrt.plugins.roma_full.encoder import COARSE_SCALE, check_input_size
 from matchrt.types import ExportOptions, ExportPlan, GraphSpec
 
 from .model import DEFAULT_UPSAMPLE, RomaPlus, coarse_region_modes
-from .refiner import fuse_depthwise_relu, pad_channels
+from .refiner import pad_channels
 
 NAME = "roma_plus"
 # gp_solve ("iterative" | "exact"), gp_method, gp_iters: as roma_full defines and validates them
@@ -34,7 +34,6 @@ DEFAULTS: dict[str, Any] = {
     "fuse": True,
     "pad_channels": 8,
     "coarse_graphs": True,
-    "depthwise_kernel": True,
     **coarse_export.DEFAULTS,
 }
 
@@ -91,7 +90,6 @@ def resolve_options(extra: dict[str, Any]) -> dict[str, Any]:
     opts["symmetric"] = truthy(opts["symmetric"])
     opts["fuse"] = truthy(opts["fuse"])
     opts["coarse_graphs"] = truthy(opts["coarse_graphs"])
-    opts["depthwise_kernel"] = truthy(opts["depthwise_kernel"])
     try:
         opts["pad_channels"] = int(opts["pad_channels"] or 0)
     except (TypeError, ValueError):
@@ -111,10 +109,8 @@ def configured(model: RomaPlus, options: dict[str, Any]) -> RomaPlus:
     With ``fuse`` (default) the BatchNorms of the VGG encoder, the projections and the refiners
     are folded into their convolutions, and with ``pad_channels`` > 1 (default 8) the refiners'
     block widths are padded with zero channels to a multiple of it (``refiner.pad_channels``), in
-    copies of those parts (the model keeps its keys and shapes). With ``fuse`` and
-    ``depthwise_kernel`` (default on) each refiner block's depth-wise convolution and its ReLU are
-    one ``matchrt.depthwise`` module (one Triton pass on GPUs; Conv + Relu in exports and on CPUs).
-    ``coarse_graphs`` (default on) replays the split coarse regions as CUDA graphs (``replay.replayed``).
+    copies of those parts (the model keeps its keys and shapes). ``coarse_graphs`` (default on)
+    replays the split coarse regions as CUDA graphs (``replay.replayed``).
     """
     view = shallow_module_copy(model)
     refiners = folded_copy(model.conv_refiner) if options["fuse"] else None
@@ -122,9 +118,6 @@ def configured(model: RomaPlus, options: dict[str, Any]) -> RomaPlus:
         refiners = refiners if refiners is not None else copy.deepcopy(model.conv_refiner)
         for refiner in refiners.values():
             pad_channels(refiner, options["pad_channels"])
-    if refiners is not None and options["fuse"] and options["depthwise_kernel"]:
-        for refiner in refiners.values():
-            fuse_depthwise_relu(refiner)
     if refiners is not None:
         view.conv_refiner = refiners
     if options["fuse"]:

@@ -83,8 +83,6 @@ INFO = MatcherInfo(
         "channels to a multiple of 8 for aligned half-precision kernels, same outputs (0 keeps them)",
         "coarse_graphs=true (default): torch runs on a GPU replay the split coarse regions (DINOv2, decoder) "
         "as CUDA graphs after two calls of one input shape (same kernels, less CPU time); false keeps them eager",
-        "depthwise_kernel=true (default, with fuse): torch runs on a GPU compute each refiner block's depth-wise "
-        "5x5 convolution and its ReLU in one Triton pass (matchrt.depthwise); exports keep Conv + Relu",
         "outputs warp (B x H x 2W x 4) and certainty (B x H x 2W) as upstream's symmetric match; "
         "postprocess samples num_samples matches (sample_mode balanced|topk, seed)",
         "keypoints follow upstream: x = W / 2 * (x_norm + 1), pixel centres at i + 0.5",

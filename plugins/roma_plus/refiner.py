@@ -19,8 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from matchrt.depthwise import DepthwiseConv2d
-
 # scale -> (feature channels after projection, displacement-embedding channels, correlation radius)
 REFINER_SPECS: dict[int, tuple[int, int, int]] = {
     16: (512, 128, 7),
@@ -262,23 +260,6 @@ def pad_channels(refiner: ConvRefiner, multiple: int) -> int:
     return extra
 
 
-def fuse_depthwise_relu(refiner: ConvRefiner) -> int:
-    """Make, in place, each block's depth-wise convolution and ReLU one ``DepthwiseConv2d(relu=True)``.
-
-    Only blocks whose BatchNorm was folded (an ``nn.Identity`` between the two) are changed: the
-    ReLU then follows the convolution directly. On GPUs the pair becomes one Triton pass (no
-    separate ReLU read and write); exports and CPUs compute Conv + Relu as before. The parameters
-    are shared and keep their names. Returns the blocks changed. Call it on a folded copy.
-    """
-    count = 0
-    for block in (refiner.block1, *refiner.hidden_blocks):
-        if isinstance(block[0], nn.Conv2d) and isinstance(block[1], nn.Identity) and isinstance(block[2], nn.ReLU):
-            block[0] = DepthwiseConv2d.like(block[0], relu=True)
-            block[2] = nn.Identity()
-            count += 1
-    return count
-
-
 def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear resize with align_corners=False (upstream's flow/certainty upsampling)."""
     if tuple(x.shape[-2:]) == tuple(size):
@@ -286,6 +267,6 @@ def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
-__all__ = ["ConvRefiner", "REFINER_SPECS", "fuse_depthwise_relu", "local_correlation", "pad_channels", "pixel_grid",
+__all__ = ["ConvRefiner", "REFINER_SPECS", "local_correlation", "pad_channels", "pixel_grid",
            "window_offsets", "upsample"]
 
