@@ -126,6 +126,14 @@ if triton is not None:
         return _launch(x, weight, bias, stride, padding, relu, dtype, torch.library.wrap_triton)
 
 
+def _kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int, padding: int,
+            relu: bool, dtype: torch.dtype) -> torch.Tensor:
+    """The registered op on a channels-last copy of x (no copy when x is channels-last already):
+    channels-last in and out, the channel-contiguous reads the kernel is fast on."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    return torch.ops.matchrt.depthwise_conv2d(x, weight, bias, stride, padding, relu, dtype)
+
+
 def _checked(conv: nn.Conv2d) -> None:
     """Refuse convolutions the kernel does not compute (the module then cannot be built)."""
     k, s, p = conv.kernel_size, conv.stride, conv.padding
@@ -160,16 +168,15 @@ class DepthwiseConv2d(nn.Conv2d):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not usable(x):
+        # the kernel has no backward: where gradients are wanted (training) the convolution runs
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        if needs_grad or not usable(x):
             y = super().forward(x)
             return F.relu(y) if self.relu else y
         dtype = x.dtype
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
-        # channels-last in, channels-last out: the channel-contiguous reads the kernel is fast on
-        x = x.contiguous(memory_format=torch.channels_last)
-        return torch.ops.matchrt.depthwise_conv2d(x, self.weight, self.bias, int(self.stride[0]),
-                                                  int(self.padding[0]), self.relu, dtype)
+        return _kernel(x, self.weight, self.bias, int(self.stride[0]), int(self.padding[0]), self.relu, dtype)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", relu=True" if self.relu else "")

@@ -17,7 +17,8 @@ KERNEL_RUNS = depthwise.triton is not None and (torch.cuda.is_available() or INT
 needs_kernel = pytest.mark.skipif(not KERNEL_RUNS, reason="needs Triton on a GPU, or TRITON_INTERPRET=1")
 needs_gpu = pytest.mark.skipif(depthwise.triton is None or not torch.cuda.is_available(), reason="needs a GPU")
 
-# (channels, kernel, stride, padding, bias, relu): roma_plus's refiner blocks and eloftr's query pooling
+# (channels, kernel, stride, padding, bias, relu): 5x5 blocks with and without ReLU (roma_plus's refiner
+# shape), and eloftr's 4x4 stride-4 query pooling
 CASES = [(24, 5, 1, 2, True, True), (70, 5, 1, 2, True, False), (40, 4, 4, 0, False, False)]
 
 
@@ -90,6 +91,30 @@ def test_the_module_keeps_the_convolution_s_keys_and_runs_it_on_the_cpu() -> Non
     plain.load_state_dict(conv.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(plain(x), conv(x), rtol=0, atol=0)
+
+
+def test_the_kernel_runs_only_where_no_gradient_is_wanted(monkeypatch) -> None:
+    """The kernel has no backward: with gradients enabled and a parameter (or the input) that
+    requires them, the module runs the differentiable convolution; under no_grad / inference_mode
+    it runs the kernel (here a stand-in, as this may be a CPU)."""
+    conv = _conv(8, 5, 1, 2, True)
+    module = DepthwiseConv2d.like(conv, relu=True)
+    calls: list[torch.dtype] = []
+
+    def stand_in(x, weight, bias, stride, padding, relu, dtype):
+        calls.append(dtype)
+        return _reference(x, conv, relu).to(dtype)
+
+    monkeypatch.setattr(depthwise, "usable", lambda x: True)
+    monkeypatch.setattr(depthwise, "_kernel", stand_in)
+    x = torch.randn(1, 8, 6, 6)
+    module(x).sum().backward()  # training: the convolution, with a gradient
+    assert not calls and conv.weight.grad is not None
+    with torch.no_grad():
+        module(x)
+    with torch.inference_mode():
+        module(x)
+    assert calls == [torch.float32, torch.float32]
 
 
 def test_only_square_zero_padded_depthwise_convolutions_are_taken() -> None:
