@@ -30,6 +30,7 @@ from .geometry import auc, corner_error, estimate
 from .host import Host, get_host
 from .journal import atomic_write
 from .runner import Pipeline, artifact_pipeline, is_random, load_model, resolve_weights, torch_pipeline
+from .transfer import batch_inputs
 from .types import ExportOptions
 from .weights import sha256_file
 
@@ -507,9 +508,7 @@ def _batch(inputs: list[dict[str, Any]]) -> dict[str, Any]:
     """Prepared pairs (each 1 x ...) -> one batch of B pairs (B x ...)."""
     if len(inputs) == 1:
         return inputs[0]
-    import torch
-
-    return {k: torch.cat([torch.as_tensor(x[k]) for x in inputs], 0) for k in inputs[0]}
+    return {k: batch_inputs([x[k] for x in inputs]) for k in inputs[0]}
 
 
 def _item(outputs: dict[str, Any], j: int, batch: int) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from typing import Union
 import numpy as np
 
 from .errors import MatchrtError
+from .transfer import host_buffer
 from .types import InputContract, PairContext
 
 
@@ -153,6 +154,7 @@ def check_size(height: int, width: int, contract: InputContract, matcher: str) -
 
 def prepare_pair(
     image0: np.ndarray, image1: np.ndarray, contract: InputContract, sizes: dict[str, tuple[int, int]],
+    pinned: bool = False,
 ) -> tuple[dict[str, np.ndarray], PairContext]:
     """Resize both images to every graph input they feed.
 
@@ -162,6 +164,8 @@ def prepare_pair(
     padded images: both images are then padded (content sides floored to the contract's side
     multiple) whatever the contract's default, and each mask input gets 1 x 1 x H x W float32,
     1 where the image's content lies and 0 on the padding.
+    With ``pinned`` (for a graph on a GPU) the image inputs are written into page-locked memory
+    (`transfer.host_buffer`), from where they reach the GPU in a direct transfer.
     """
     originals = (image0, image1)
     masked = any(n.endswith(MASK_SUFFIX) and n.startswith(("image0", "image1")) for n in sizes)
@@ -182,7 +186,10 @@ def prepare_pair(
             continue
         src = to_channels(originals[index], contract.channels)
         resized, scale = resize(src, h, w, mode, contract.interpolation, multiple)
-        inputs[name] = np.ascontiguousarray(resized.transpose(2, 0, 1))[None].astype(np.float32)
+        chw = resized.transpose(2, 0, 1)
+        buffer = host_buffer((1, *chw.shape), np.float32, pinned)
+        buffer[0] = chw  # the one copy: channels first, cast to float32
+        inputs[name] = buffer
         if index not in scales:
             scales[index] = scale
             if index == 0:

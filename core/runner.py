@@ -128,10 +128,19 @@ class Pipeline:
                 tensors.update(extra)
         return {n: tensors[n] for n in self.stages[-1].outputs}
 
+    @property
+    def feeds_gpu(self) -> bool:
+        """Whether the first graph copies its inputs to a CUDA GPU (a torch or Inductor session on
+        a CUDA device, or a TensorRT engine): then prepared inputs go to page-locked memory."""
+        session = self.stages[0].session if self.stages else None
+        device = getattr(session, "device", None)
+        return getattr(device, "type", None) == "cuda" or hasattr(session, "device_index")
+
     def prepare(self, image0: np.ndarray, image1: np.ndarray) -> tuple[dict[str, Any], PairContext]:
         import torch
 
-        arrays, ctx = prepare_pair(image0, image1, self.info.contract, self.input_sizes)
+        arrays, ctx = prepare_pair(image0, image1, self.info.contract, self.input_sizes,
+                                   pinned=self.feeds_gpu)
         return {k: torch.from_numpy(v) for k, v in arrays.items()}, ctx
 
     def postprocess(self, outputs: dict[str, Any], ctx: PairContext, options: Optional[dict] = None) -> Matches:

@@ -1,4 +1,6 @@
-"""Device -> host copies of large outputs (dense warps, certainty maps) through page-locked memory."""
+"""Page-locked (pinned) host memory at the two ends of a GPU run: prepared inputs written straight
+into it (`host_buffer`), and large outputs (dense warps, certainty maps) copied back through it
+(`host_array`)."""
 
 from __future__ import annotations
 
@@ -33,4 +35,41 @@ def host_array(value: Any) -> np.ndarray:
     return host.numpy()
 
 
-__all__ = ["host_array"]
+def pinning_available() -> bool:
+    """Whether page-locked host memory can be had here (torch with a CUDA GPU)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def host_buffer(shape: tuple[int, ...], dtype: Any = np.float32, pinned: bool = False) -> np.ndarray:
+    """An uninitialised host array; page-locked when ``pinned`` (and a GPU is present).
+
+    Writing a prepared input straight into page-locked memory makes its copy to the GPU a direct
+    transfer: from pageable memory the driver stages it through a bounce buffer (two 832 x 832
+    gray images took 0.47 ms of eloftr's 5.4 ms of GPU time per pair on an H100, roma_plus's four
+    RGB inputs 3.5 ms). It costs no extra host copy: the preparation writes its last copy here
+    instead of into ordinary memory. The array keeps its block alive; torch caches freed blocks,
+    so a loop over pairs reuses them.
+    """
+    if not (pinned and pinning_available()):
+        return np.empty(shape, dtype=dtype)
+    import torch
+
+    dt = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+    return torch.empty(shape, dtype=dt, pin_memory=True).numpy()
+
+
+def batch_inputs(items: list[Any]) -> Any:
+    """Equal-shaped prepared inputs (each 1 x ...) as one B x ... tensor, page-locked when they are."""
+    import torch
+
+    parts = [torch.as_tensor(x) for x in items]
+    shape = (sum(int(p.shape[0]) for p in parts), *parts[0].shape[1:])
+    out = torch.empty(shape, dtype=parts[0].dtype, pin_memory=parts[0].is_pinned())
+    return torch.cat(parts, 0, out=out)
+
+
+__all__ = ["host_array", "host_buffer", "batch_inputs", "pinning_available"]
