@@ -93,3 +93,30 @@ def test_repvgg_fusion_matches_branches(ref) -> None:
     assert pair_set(b["i_ids"], b["j_ids"]) == pair_set(a["i_ids"], a["j_ids"])
     assert max_abs(b["mkpts0_f"].numpy(), a["mkpts0_f"].numpy()) <= 1e-3
     assert max_abs(b["mkpts1_f"].numpy(), a["mkpts1_f"].numpy()) <= 1e-3
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_attention_deploy_form_is_the_same_function(padded) -> None:
+    """`fuse` multiplies the message before upsampling it (W [x; up(M m)] = W_x x + up(W_m M m)):
+    the layer's output stays upstream's to fp32 rounding, padded or not, with the keys unchanged."""
+    from matchrt.plugins.eloftr.model import AggregatedAttentionLayer, rope_tables
+    from matchrt.plugins.eloftr.padding import Extent
+
+    torch.manual_seed(0)
+    layer = AggregatedAttentionLayer(rope=True).eval()
+    for p in layer.parameters():  # trained-like scales: LayerNorms off their defaults
+        p.data.normal_(0.0, 0.2 if p.ndim == 1 else 0.08)
+    x, source = torch.randn(2, 256, 16, 24), torch.randn(2, 256, 16, 24)
+    rope = rope_tables(4, 6, 128, 192, 256, x.device)
+    extent = Extent(torch.tensor([[1.0, 1, 1, 0], [1, 1, 1, 1]]),
+                    torch.tensor([[1.0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])) if padded else None
+    keys = set(layer.state_dict())
+    with torch.no_grad():
+        upstream = layer(x, source, rope, extent, extent)
+        deployed = copy.deepcopy(layer)
+        deployed.fuse()
+        ours = deployed(x, source, rope, extent, extent)
+    assert set(deployed.state_dict()) == keys
+    assert deployed.mlp_message_weight.shape == (512, 256)
+    change = (ours - upstream).abs().max() / (upstream - x).abs().max()
+    assert 0 < change <= 1e-5  # reassociated, not skipped

@@ -303,6 +303,22 @@ class AggregatedAttentionLayer(nn.Module):
         )
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
+        # the deploy form's weights (`fuse`): not in the state dict, absent until fused
+        self.register_buffer("mlp_x_weight", None, persistent=False)
+        self.register_buffer("mlp_message_weight", None, persistent=False)
+
+    def fuse(self) -> None:
+        """Deploy form: the MLP's first layer split by its two inputs, `merge` folded into the
+        message half. The MLP reads cat([x, up(merge(m))]), and its first layer is linear per pixel,
+        as is the 4x bilinear upsampling (and the edge copy of padded inputs) per channel, so
+        W [x; up(M m)] = W_x x + up((W_m M) m): the message is multiplied at the pooled resolution
+        and upsampled afterwards. At full resolution that leaves no concatenation and half the
+        depth in the product; `merge`'s own product disappears into W_m M (folded in float64)."""
+        c = self.merge.in_features
+        w = self.mlp[0].weight.detach()
+        folded = (w[:, c:].double() @ self.merge.weight.detach().double()).to(w.dtype)
+        self.mlp_x_weight = w[:, :c].contiguous()
+        self.mlp_message_weight = folded
 
     def forward(
         self, x: torch.Tensor, source: torch.Tensor,
@@ -328,13 +344,23 @@ class AggregatedAttentionLayer(nn.Module):
         # keys in the source's padding get no weight (an additive bias of -1e4)
         bias = key_bias(source_extent) if source_extent is not None else None
         message = attention(q, k, v, 1.0 / math.sqrt(d), bias, fused)
-        message = self.merge(message.transpose(1, 2).reshape(-1, hq * wq, c))
-        message = message.transpose(1, 2).reshape(-1, c, hq, wq)
+        message = message.transpose(1, 2).reshape(-1, hq * wq, c)
+        if self.mlp_message_weight is None:  # upstream's order: merge, upsample, concatenate, MLP
+            message = self._upsampled(self.merge(message), hq, wq, x_extent)
+            hidden = self.mlp[0](torch.cat([x, message], dim=1).permute(0, 2, 3, 1))
+        else:  # the deploy form (`fuse`): the same function, the message's product before upsampling
+            message = self._upsampled(F.linear(message, self.mlp_message_weight), hq, wq, x_extent)
+            hidden = F.linear(x.permute(0, 2, 3, 1), self.mlp_x_weight) + message.permute(0, 2, 3, 1)
+        message = self.mlp[2](self.mlp[1](hidden))
+        return x + self.norm2(message).permute(0, 3, 1, 2)
+
+    @staticmethod
+    def _upsampled(message: torch.Tensor, hq: int, wq: int, x_extent: Optional[Extent]) -> torch.Tensor:
+        """N x (hq wq) x C' pooled-grid vectors -> N x C' x 4hq x 4wq, bilinearly upsampled."""
+        message = message.transpose(1, 2).reshape(-1, int(message.shape[-1]), hq, wq)
         if x_extent is not None:  # upsampling sees the content's edge, as on upstream's crop
             message = repeat_edges(message, x_extent)
-        message = F.interpolate(message, scale_factor=float(POOL), mode="bilinear", align_corners=False)
-        message = self.mlp(torch.cat([x, message], dim=1).permute(0, 2, 3, 1))
-        return x + self.norm2(message).permute(0, 3, 1, 2)
+        return F.interpolate(message, scale_factor=float(POOL), mode="bilinear", align_corners=False)
 
 
 class CoarseTransformer(nn.Module):
@@ -731,7 +757,10 @@ class ELoFTR(nn.Module):
         return out
 
     def fuse(self) -> "ELoFTR":
-        """RepVGG re-parameterisation and BatchNorm folding, in place (for export)."""
+        """RepVGG re-parameterisation, BatchNorm folding and the attention layers' deploy form
+(`AggregatedAttentionLayer.fuse`), in place (for export)."""
         self.backbone.fuse()
         self.fine_preprocess.fuse()
+        for layer in self.loftr_coarse.layers:
+            cast(AggregatedAttentionLayer, layer).fuse()
         return self
