@@ -195,6 +195,10 @@ def test_split_policies_run_split_products_with_fp32_results(monkeypatch, kind: 
             assert all(torch.equal(g, w) for g, w in zip(fp32_run, want))
             with torch.autocast("cpu", dtype=torch.bfloat16):  # the policy governs half-precision runs
                 got = _coarse_stage(split, a, b)
+            # both regions ran through their split copies: the decoder too, although it runs inside
+            # the strict fp32 region around the GP, where autocast is off (it ran IEEE fp32 there
+            # when the region re-read the run's precision inside)
+            assert all(split_products._COPY_ATTR in m.__dict__ for m in regions)
         for g, w in zip(got[:3], want[:3]):  # tokens, proj.16, logits
             assert g.dtype == torch.float32 and rel(g, w) <= tolerance
         # one copy per module, kept on the module shared by every view of the model (not per view)

@@ -252,11 +252,17 @@ class RomaPlus(nn.Module):
             return dict.fromkeys(COARSE_REGIONS, "fp32")
         return coarse_region_modes(self.coarse_precision)
 
-    def in_coarse_precision(self, region: str, fn: Callable[..., Any], *args: Any) -> Any:
+    def in_coarse_precision(self, region: str, fn: Callable[..., Any], *args: Any,
+                            modes: Optional[dict[str, str]] = None) -> Any:
         """``fn(*args)`` of a coarse ``region`` as the run goes ("reduced"), or in fp32 outside
         torch.compile: IEEE ("fp32"), with TF32 matrix products ("tf32"), or (a split kind, ``fn``
-        a module) through the module's split copy, whose layers pick their own tensor-core precision."""
-        mode = self.region_modes(args[0].device.type)[region]
+        a module) through the module's split copy, whose layers pick their own tensor-core precision.
+
+        ``modes``: the run's region modes (``region_modes``) when the caller read them already. A
+        region nested in a strict fp32 region must get them from outside: autocast is off in there,
+        so reading them again would say "fp32" for every region (which, until session 11, ran
+        proj.16 and the decoder in IEEE fp32 under every split policy)."""
+        mode = (modes or self.region_modes(args[0].device.type))[region]
         if mode == "reduced":
             return fn(*args)
         if mode in split_products.KINDS:
@@ -355,20 +361,24 @@ class RomaPlus(nn.Module):
         """
         modes = self.region_modes(f_q16.device.type)
         if "reduced" not in (modes["proj16"], modes["decoder"]):  # one strict region around the GP too
-            return strict_eager(self._coarse_prediction, f_q16, f_s16, tf32=modes["decoder"] == "tf32")
-        return self._coarse_prediction(f_q16, f_s16)
+            return strict_eager(functools.partial(self._coarse_prediction, modes=modes), f_q16, f_s16,
+                                tf32=modes["decoder"] == "tf32")
+        return self._coarse_prediction(f_q16, f_s16, modes)
 
-    def _coarse_prediction(self, f_q16: torch.Tensor, f_s16: torch.Tensor) -> dict[str, torch.Tensor]:
-        feat_q, feat_s = self.project16(f_q16, f_s16)
+    def _coarse_prediction(self, f_q16: torch.Tensor, f_s16: torch.Tensor,
+                           modes: dict[str, str]) -> dict[str, torch.Tensor]:
+        feat_q, feat_s = self.project16(f_q16, f_s16, modes)
         with strict_fp32(feat_q.device.type):
             solve = self.in_graph_solve()
             gp_feats = self.coarse.gp(feat_q.float(), feat_s.float(), solve, self.gp_iters)
-        return self.decode(gp_feats, feat_q, feat_s)
+        return self.decode(gp_feats, feat_q, feat_s, modes)
 
-    def project16(self, f_q16: torch.Tensor, f_s16: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """proj.16 (1x1 conv + BatchNorm) of query and support tokens, in the coarse precision."""
+    def project16(self, f_q16: torch.Tensor, f_s16: torch.Tensor, modes: Optional[dict[str, str]] = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """proj.16 (1x1 conv + BatchNorm) of query and support tokens, in the coarse precision
+        (``modes``: see ``in_coarse_precision``)."""
         proj = self.coarse.proj16
-        return self.in_coarse_precision("proj16", lambda q, s: (proj(q), proj(s)), f_q16, f_s16)
+        return self.in_coarse_precision("proj16", lambda q, s: (proj(q), proj(s)), f_q16, f_s16, modes=modes)
 
     def gp_system(self, f_q16: torch.Tensor, f_s16: torch.Tensor) -> dict[str, torch.Tensor]:
         """The GP's linear system for the exact split export: proj.16 features and kernel matrices.
@@ -386,9 +396,12 @@ class RomaPlus(nn.Module):
         gp_feats = self.gp_posterior(self.coarse.gp, k_qs, alpha, int(feat_q.shape[-2]), int(feat_q.shape[-1]))
         return self.decode(gp_feats, feat_q, feat_s)
 
-    def decode(self, gp_feats: torch.Tensor, feat_q: torch.Tensor, feat_s: torch.Tensor) -> dict[str, torch.Tensor]:
-        """roma_full's coordinate decoder (coarse precision), the classification-to-flow step in fp32."""
-        gm_cls, gm_certainty = self.in_coarse_precision("decoder", self.coarse.embedding_decoder, gp_feats, feat_q)
+    def decode(self, gp_feats: torch.Tensor, feat_q: torch.Tensor, feat_s: torch.Tensor,
+               modes: Optional[dict[str, str]] = None) -> dict[str, torch.Tensor]:
+        """roma_full's coordinate decoder (coarse precision), the classification-to-flow step in fp32
+        (``modes``: see ``in_coarse_precision``)."""
+        gm_cls, gm_certainty = self.in_coarse_precision("decoder", self.coarse.embedding_decoder, gp_feats, feat_q,
+                                                        modes=modes)
         return {"gm_cls": gm_cls, "gm_certainty": gm_certainty, "flow": self.cls_to_flow(gm_cls),
                 "certainty": gm_certainty, "feat_q16": feat_q, "feat_s16": feat_s}
 
