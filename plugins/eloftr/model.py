@@ -758,7 +758,7 @@ class ELoFTR(nn.Module):
 
     def fuse(self) -> "ELoFTR":
         """RepVGG re-parameterisation, BatchNorm folding and the attention layers' deploy form
-(`AggregatedAttentionLayer.fuse`), in place (for export)."""
+        (`AggregatedAttentionLayer.fuse`), in place (for export)."""
         self.backbone.fuse()
         self.fine_preprocess.fuse()
         for layer in self.loftr_coarse.layers:

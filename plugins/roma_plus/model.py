@@ -262,7 +262,7 @@ class RomaPlus(nn.Module):
         region nested in a strict fp32 region must get them from outside: autocast is off in there,
         so reading them again would say "fp32" for every region (which, until session 11, ran
         proj.16 and the decoder in IEEE fp32 under every split policy)."""
-        mode = (modes or self.region_modes(args[0].device.type))[region]
+        mode = (modes if modes is not None else self.region_modes(args[0].device.type))[region]
         if mode == "reduced":
             return fn(*args)
         if mode in split_products.KINDS:
