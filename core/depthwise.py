@@ -26,13 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only torch: the ordinary convolution
-    triton = None
-if not hasattr(torch.library, "triton_op"):  # torch < 2.6 cannot register the kernel as an op
-    triton = None
+from .triton_ops import tl, triton  # None without Triton or torch's triton_op: the ordinary convolution
 
 OP_NAME = "matchrt::depthwise_conv2d"
 TILE_ELEMENTS = 4096  # output pixels x channels per program (4 warps: 32 fp32 accumulators per thread)

@@ -125,4 +125,3 @@ def test_listed_selection_under_fp16_autocast_and_torch_compile(monkeypatch) -> 
     assert torch.equal(again[3], valid)
     # Inductor keeps the scaled fp16 similarity in fp32 registers (eager rounds it): fp16's tolerance
     torch.testing.assert_close(again[0][valid], value[valid], rtol=1e-2, atol=0)
-

@@ -24,13 +24,7 @@ from typing import Any, Optional
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only torch: CoarseSelect keeps the TopK graph
-    triton = None
-if not hasattr(torch.library, "triton_op"):  # torch < 2.6 cannot register the kernel as an op
-    triton = None
+from matchrt.triton_ops import tl, triton  # None without Triton or torch's triton_op: the TopK graph
 
 OP_NAME = "matchrt_eloftr::threshold_candidates"
 ROUNDING_MARGIN = 1.05  # rounded confidences may exceed exact ones (fp16 similarity ulps): room for 5% more
