@@ -366,8 +366,10 @@ def test_region_graphs_run_eager_then_capture_once_then_replay(monkeypatch) -> N
     replay.replayed(module, torch.randn(6, 4))
     replay.replayed(module, torch.randn(6, 4))
     assert calls[-2:] == ["capture", "replay"]
-    for _ in range(3):
+    replay.replayed(module, torch.randn(7, 4))
+    with pytest.warns(RuntimeWarning, match="capture of Linear failed.*stream is capturing"):
         replay.replayed(module, torch.randn(7, 4))  # the capture fails: eager from then on
+    replay.replayed(module, torch.randn(7, 4))
     assert calls.count("capture") == 2
     assert module.state_dict().keys() == {"weight", "bias"}  # graphs live outside the state dict
     replay.drop_graphs(module)
@@ -407,3 +409,93 @@ def test_roma_plus_plan_replays_its_split_regions_unless_asked_not_to() -> None:
     assert default.graphs[0].module.model.coarse_graphs is True
     assert off.graphs[0].module.model.coarse_graphs is False
     assert model.coarse_graphs is False  # the loaded model itself runs every call eagerly
+
+
+def _region_outputs(model, f_q, f_s):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # a half-precision run: the policy applies
+        return model.coarse_prediction(f_q, f_s)
+
+
+def test_roma_plus_captures_proj16_gp_and_decoder_as_one_region(monkeypatch) -> None:
+    """Under a split policy with coarse_graphs, proj.16 + GP + decoder go to replay.replayed as one
+    region of the view: the same outputs, one capture per input kind, a new region (new capture)
+    once the weights change, none for the exact GP solve, with coarse_graphs off, or for
+    another view of the model (shallow copies share attributes, not regions)."""
+    import copy
+
+    from roma_plus_helpers import loaded_model
+
+    from matchrt.plugins.roma_plus import model as roma_model, replay
+
+    captured: list[object] = []
+
+    class FakeCapture:
+        def __init__(self, fn, args):
+            captured.append(fn)
+            self.fn = fn
+
+        def __call__(self, args):
+            return self.fn(*args)
+
+    model = copy.copy(loaded_model())
+    model.coarse_precision = "bf16x3-flash"
+    model.set_gp("iterative")  # in-graph Cholesky under torch
+    g = torch.Generator().manual_seed(0)
+    f_q, f_s = torch.randn(2, 1024, 4, 4, generator=g), torch.randn(2, 1024, 4, 4, generator=g)
+    want = _region_outputs(model, f_q, f_s)  # coarse_graphs off: no region
+    assert roma_model._REGION_ATTR not in model.__dict__
+    monkeypatch.setattr(replay, "replayable", lambda args: True)
+    monkeypatch.setattr(replay, "_Captured", FakeCapture)
+    model.coarse_graphs = True
+    for _ in range(3):
+        got = _region_outputs(model, f_q, f_s)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    region = model.__dict__[roma_model._REGION_ATTR]
+    assert captured == [region] and isinstance(region, roma_model.CoarseRegion)
+    view = copy.copy(model)  # shares the attribute, must not run the other view's region
+    _region_outputs(view, f_q, f_s)
+    assert view.__dict__[roma_model._REGION_ATTR] is not region
+    decoder_weight = next(model.coarse.embedding_decoder.parameters())
+    try:
+        with torch.no_grad():
+            decoder_weight.mul_(1.0)  # an in-place update (as load_state_dict does): a new version
+        for _ in range(2):
+            _region_outputs(model, f_q, f_s)
+        assert model.__dict__[roma_model._REGION_ATTR] is not region and len(captured) == 2
+        model.set_gp("exact")  # reads the factorisation's status on the host: never captured
+        assert not model.replays_coarse_region(model.region_modes("cpu"))
+    finally:
+        model.__dict__.pop(roma_model._REGION_ATTR, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.set_gp("iterative")
+        assert model.replays_coarse_region(model.region_modes("cpu"))
+        model.coarse_precision = "fp32"  # nothing split: the region stays eager, as before
+        assert not model.replays_coarse_region(model.region_modes("cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_roma_plus_coarse_region_replay_gives_the_eager_bits() -> None:
+    """On a GPU the replayed proj.16 + GP + decoder return the eager region's bits for new inputs,
+    and the decoder inside it keeps no graphs of its own."""
+    import copy
+
+    from roma_plus_helpers import loaded_model
+
+    from matchrt.plugins.roma_plus import model as roma_model, replay
+    from matchrt.plugins.roma_plus.split_products import split_copy
+
+    model = copy.deepcopy(loaded_model()).cuda()
+    model.coarse_precision = "bf16x3-flash"
+    model.set_gp("iterative")
+    g = torch.Generator().manual_seed(1)
+    inputs = [(torch.randn(2, 1024, 8, 8, generator=g).cuda(), torch.randn(2, 1024, 8, 8, generator=g).cuda())
+              for _ in range(4)]
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+        want = [model.coarse_prediction(*x) for x in inputs]
+        model.coarse_graphs = True
+        got = [model.coarse_prediction(*x) for x in inputs]  # eager, capture, replay, replay
+    entries = list(model.__dict__[roma_model._REGION_ATTR].__dict__[replay._GRAPHS_ATTR].values())
+    assert len(entries) == 1 and isinstance(entries[0], replay._Captured)
+    assert replay._GRAPHS_ATTR not in split_copy(model.coarse.embedding_decoder, "bf16x3-flash").__dict__
+    for g_out, w_out in zip(got, want):
+        assert all(torch.equal(g_out[k], w_out[k]) for k in w_out)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from matchrt.errors import MatchrtError
 from matchrt.types import ExportOptions, ExportPlan, GraphSpec
 
-from . import candidate_kernel
+from . import candidate_kernel, lse_kernel
 from .model import (
     COARSE_STRIDE, DEFAULT_THRESHOLD, DUAL_SOFTMAX_TEMPERATURE, SIDE_MULTIPLE, ELoFTR, Padding, content_extents,
     int_div, keep_masks, refine, rope_tables,
@@ -137,16 +137,16 @@ class CoarseSelect(nn.Module):
         """The same selection through candidate_kernel (torch on CUDA): no confidence matrix, and
         TopK over the short list of pairs above the threshold instead of all L x S."""
         n = int(feat0.shape[2]) * int(feat0.shape[3])
-        if padding is None:  # the kernel scales the bare product itself: no scaled copy in memory
+        if padding is None:  # the kernels scale the bare product themselves: no scaled copy in memory
             source = ELoFTR.similarity(feat0, feat1, scaled=False)
             scale = 1.0 / DUAL_SOFTMAX_TEMPERATURE
-            sim = source * scale  # as ELoFTR.similarity scales it; only the reductions read it
         else:
-            sim = source = ELoFTR.similarity(feat0, feat1, padding)
+            source = ELoFTR.similarity(feat0, feat1, padding)
             scale = 1.0
-        row, col = ELoFTR.normalizers(sim, keep)
+        # both log-sum-exps in one read of the matrix (lse_kernel), then the candidate pass
+        row, col = ELoFTR.drop_cells(*lse_kernel.log_sum_exps(source, scale), keep)
         keys = candidate_kernel.candidates(source, scale, row, col, self.threshold, cap)
-        value, flat, valid = candidate_kernel.decode(keys.topk(k, dim=1).values, sim.dtype)
+        value, flat, valid = candidate_kernel.decode(keys.topk(k, dim=1).values, source.dtype)
         i_ids = int_div(flat, n)
         return value, i_ids, flat - i_ids * n, valid
 

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 
 from matchrt.depthwise import DepthwiseConv2d
 
+from . import lse_kernel
+
 from .padding import (
     Extent, border_keep, coarse_extent, grid_mask, key_bias, pooled_extent, repeat_edges,
     similarity_bias, unpooled,
@@ -66,16 +68,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     if bias is not None:
         bias = bias.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-
-
-def _logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """log(sum(exp(x))) over `dim` (kept), max-shifted, in fp32: ReduceMax/Exp/ReduceSum/Log.
-
-    (ONNX's ReduceLogSumExp is not max-shifted in every runtime: exp overflows.)
-    """
-    x = x.float()
-    top = x.amax(dim=dim, keepdim=True)
-    return top + torch.log(torch.exp(x - top).sum(dim=dim, keepdim=True))
 
 
 def stable_softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -648,8 +640,13 @@ class ELoFTR(nn.Module):
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-sum-exps of `sim` over S (B x L x 1) and over L (B x 1 x S), fp32; `keep` (see
         `confidence`) adds 1e4 to those of dropped cells, so their confidences vanish."""
-        row = _logsumexp(sim, 2)
-        col = _logsumexp(sim, 1)
+        return ELoFTR.drop_cells(lse_kernel.torch_lse(sim, 2), lse_kernel.torch_lse(sim, 1), keep)
+
+    @staticmethod
+    def drop_cells(row: torch.Tensor, col: torch.Tensor, keep: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row (B x L x 1) and column (B x 1 x S) log-sum-exps with 1e4 added for the cells `keep`
+        drops (see `normalizers`)."""
         if keep is not None:  # exp(-1e4) == 0: a dropped cell's row and column vanish
             row = row + ((1.0 - keep[0]) * 1e4)[:, :, None]
             col = col + ((1.0 - keep[1]) * 1e4)[:, None, :]

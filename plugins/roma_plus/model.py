@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -208,6 +209,50 @@ class WarpLayout(nn.Module):
         return torch.cat((q_warp, s_warp), dim=2), torch.cat((prob[:n], prob[n:]), dim=2)
 
 
+class CoarseRegion:
+    """proj.16, the GP and the coordinate decoder of one model view as one callable, for
+    ``replay.replayed`` to capture whole (the graphs live on this object; the anchor soft-argmax
+    after them stays eager).
+
+    Under a split policy this region runs eagerly between compiled graphs: the decoder's split
+    copy was replayed alone, but the GP's and proj.16's kernels were still launched one by one
+    from Python. ``signature`` names what the captured kernels read besides their inputs: the
+    weights (storage and version of every parameter), the policy and the GP solve; a region
+    whose signature changed is rebuilt, its old graphs dropped with it.
+    """
+
+    def __init__(self, model: "RomaPlus", modes: dict[str, str], signature: tuple[Any, ...]) -> None:
+        self.model = weakref.ref(model)  # the model holds this object: no reference cycle
+        self.modes = dict(modes)
+        self.signature = signature
+
+    def __call__(self, f_q16: torch.Tensor, f_s16: torch.Tensor) -> dict[str, torch.Tensor]:
+        model = self.model()
+        assert model is not None, "the model of a coarse region is gone"
+        return model._coarse_prediction(f_q16, f_s16, self.modes, graphs=False, flow=False)
+
+
+_REGION_ATTR = "_matchrt_coarse_region"  # a plain attribute of the view (outside state dict and children)
+
+
+def region_signature(model: "RomaPlus", modes: dict[str, str]) -> tuple[Any, ...]:
+    """What a captured coarse region depends on besides its inputs (see ``CoarseRegion``)."""
+    parts = (model.coarse.proj16, model.coarse.gp, model.coarse.embedding_decoder)
+    weights = tuple((p.data_ptr(), p._version) for part in parts for p in part.parameters())
+    return (tuple(sorted(modes.items())), model.gp_solve, model.gp_method, model.gp_iters, weights)
+
+
+def coarse_region(model: "RomaPlus", modes: dict[str, str]) -> CoarseRegion:
+    """The view's ``CoarseRegion`` for ``modes``, rebuilt when its signature changed (or when it
+    belongs to another view: shallow copies of a model share their attributes)."""
+    signature = region_signature(model, modes)
+    region = model.__dict__.get(_REGION_ATTR)
+    if region is None or region.model() is not model or region.signature != signature:
+        region = CoarseRegion(model, modes, signature)
+        model.__dict__[_REGION_ATTR] = region
+    return region
+
+
 class RomaPlus(nn.Module):
     """Full RoMa: ``forward(image0, image1[, image0_up, image1_up]) -> (warp, certainty)``.
 
@@ -253,7 +298,7 @@ class RomaPlus(nn.Module):
         return coarse_region_modes(self.coarse_precision)
 
     def in_coarse_precision(self, region: str, fn: Callable[..., Any], *args: Any,
-                            modes: Optional[dict[str, str]] = None) -> Any:
+                            modes: Optional[dict[str, str]] = None, graphs: bool = True) -> Any:
         """``fn(*args)`` of a coarse ``region`` as the run goes ("reduced"), or in fp32 outside
         torch.compile: IEEE ("fp32"), with TF32 matrix products ("tf32"), or (a split kind, ``fn``
         a module) through the module's split copy, whose layers pick their own tensor-core precision.
@@ -261,12 +306,13 @@ class RomaPlus(nn.Module):
         ``modes``: the run's region modes (``region_modes``) when the caller read them already. A
         region nested in a strict fp32 region must get them from outside: autocast is off in there,
         so reading them again would say "fp32" for every region (which, until session 11, ran
-        proj.16 and the decoder in IEEE fp32 under every split policy)."""
+        proj.16 and the decoder in IEEE fp32 under every split policy). ``graphs=False``: no graph
+        of this region alone (it runs inside a captured one)."""
         mode = (modes if modes is not None else self.region_modes(args[0].device.type))[region]
         if mode == "reduced":
             return fn(*args)
         if mode in split_products.KINDS:
-            return split_eager(fn, mode, *args, graphs=self.coarse_graphs)
+            return split_eager(fn, mode, *args, graphs=self.coarse_graphs and graphs)
         return strict_eager(fn, *args, tf32=mode == "tf32")
 
     def set_gp(self, solve: str, method: str = "newton_schulz", iters: Union[int, str, None] = None) -> None:
@@ -361,17 +407,30 @@ class RomaPlus(nn.Module):
         """
         modes = self.region_modes(f_q16.device.type)
         if "reduced" not in (modes["proj16"], modes["decoder"]):  # one strict region around the GP too
-            return strict_eager(functools.partial(self._coarse_prediction, modes=modes), f_q16, f_s16,
-                                tf32=modes["decoder"] == "tf32")
+            region: Callable[..., Any] = functools.partial(self._coarse_prediction, modes=modes)
+            if self.replays_coarse_region(modes):
+                captured = coarse_region(self, modes)
+                region = lambda q, s: self.with_flow(replayed(captured, q, s))  # noqa: E731
+            return strict_eager(region, f_q16, f_s16, tf32=modes["decoder"] == "tf32")
         return self._coarse_prediction(f_q16, f_s16, modes)
 
-    def _coarse_prediction(self, f_q16: torch.Tensor, f_s16: torch.Tensor,
-                           modes: dict[str, str]) -> dict[str, torch.Tensor]:
+    def replays_coarse_region(self, modes: dict[str, str]) -> bool:
+        """Is proj.16 + GP + decoder replayed as one CUDA graph (``coarse_region``)? With
+        ``coarse_graphs``, a split decoder policy and an in-graph GP solve (the exact one reads the
+        factorisation's status on the host, which a capture cannot); CPU inputs stay eager anyway."""
+        return (self.coarse_graphs and modes["decoder"] in split_products.KINDS
+                and self.in_graph_solve() != "exact")
+
+    def _coarse_prediction(self, f_q16: torch.Tensor, f_s16: torch.Tensor, modes: dict[str, str],
+                           graphs: bool = True, flow: bool = True) -> dict[str, torch.Tensor]:
+        """proj.16, GP and decoder; ``flow=False`` stops before the anchor soft-argmax (whose
+        offset table is copied from the host: not capturable in a CUDA graph)."""
         feat_q, feat_s = self.project16(f_q16, f_s16, modes)
         with strict_fp32(feat_q.device.type):
             solve = self.in_graph_solve()
             gp_feats = self.coarse.gp(feat_q.float(), feat_s.float(), solve, self.gp_iters)
-        return self.decode(gp_feats, feat_q, feat_s, modes)
+        logits = self.decode_logits(gp_feats, feat_q, feat_s, modes, graphs)
+        return self.with_flow(logits) if flow else logits
 
     def project16(self, f_q16: torch.Tensor, f_s16: torch.Tensor, modes: Optional[dict[str, str]] = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -400,10 +459,19 @@ class RomaPlus(nn.Module):
                modes: Optional[dict[str, str]] = None) -> dict[str, torch.Tensor]:
         """roma_full's coordinate decoder (coarse precision), the classification-to-flow step in fp32
         (``modes``: see ``in_coarse_precision``)."""
+        return self.with_flow(self.decode_logits(gp_feats, feat_q, feat_s, modes))
+
+    def decode_logits(self, gp_feats: torch.Tensor, feat_q: torch.Tensor, feat_s: torch.Tensor,
+                      modes: Optional[dict[str, str]] = None, graphs: bool = True) -> dict[str, torch.Tensor]:
+        """The decoder's outputs without the flow (``modes``, ``graphs``: see ``in_coarse_precision``)."""
         gm_cls, gm_certainty = self.in_coarse_precision("decoder", self.coarse.embedding_decoder, gp_feats, feat_q,
-                                                        modes=modes)
-        return {"gm_cls": gm_cls, "gm_certainty": gm_certainty, "flow": self.cls_to_flow(gm_cls),
-                "certainty": gm_certainty, "feat_q16": feat_q, "feat_s16": feat_s}
+                                                        modes=modes, graphs=graphs)
+        return {"gm_cls": gm_cls, "gm_certainty": gm_certainty, "certainty": gm_certainty,
+                "feat_q16": feat_q, "feat_s16": feat_s}
+
+    def with_flow(self, coarse: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``coarse`` with "flow": the anchor soft-argmax of its classification logits, in fp32."""
+        return {**coarse, "flow": self.cls_to_flow(coarse["gm_cls"])}
 
     # -- whole model ------------------------------------------------------------------------
     def passes(self, coarse: dict[str, torch.Tensor], pyr_q: Pyramid, pyr_s: Pyramid,

@@ -13,11 +13,12 @@ the inputs' shapes, dtypes and device and the grad / inference mode. The first c
 eagerly (it compiles Triton kernels and sets up library handles, which a capture may not do), the
 second captures and replays, later ones replay. Inputs are copied into the graph's own buffers and
 outputs copied out, so callers may keep them. Not for concurrent callers of one model (the buffers
-are shared); a capture that fails leaves that key eager for good.
+are shared); a capture that fails leaves that key eager for good (with a warning naming the cause).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -81,8 +82,11 @@ def replayed(module: torch.nn.Module, *args: Any) -> Any:
     if entry == _SEEN:
         try:
             entry = _Captured(module, args)
-        except RuntimeError:
+        except RuntimeError as error:
             graphs[key] = _EAGER
+            warnings.warn(f"matchrt: the CUDA-graph capture of {type(module).__name__} failed, it runs eagerly "
+                          f"from now on: {str(error).splitlines()[0] if str(error) else type(error).__name__}",
+                          RuntimeWarning, stacklevel=2)
             return module(*args)
         graphs[key] = entry
     return entry(args)
