@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from matchrt.depthwise import DepthwiseConv2d
 
 from . import lse_kernel
-
 from .padding import (
     Extent, border_keep, coarse_extent, grid_mask, key_bias, pooled_extent, repeat_edges,
     similarity_bias, unpooled,
