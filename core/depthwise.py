@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .triton_ops import tl, triton  # None without Triton or torch's triton_op: the ordinary convolution
+from .triton_ops import op_runs_on, tl, triton  # None without Triton or torch's triton_op: the ordinary convolution
 
 OP_NAME = "matchrt::depthwise_conv2d"
 TILE_ELEMENTS = 4096  # output pixels x channels per program (4 warps: 32 fp32 accumulators per thread)
@@ -35,8 +35,8 @@ TILE_ELEMENTS = 4096  # output pixels x channels per program (4 warps: 32 fp32 a
 def usable(x: torch.Tensor) -> bool:
     """Can the Triton kernel run on ``x``: a 4-D CUDA tensor of at most 2^31 elements per image (INT32
     offsets), Triton importable, not an ONNX export?"""
-    return (triton is not None and x.is_cuda and x.dim() == 4 and x.dtype in (torch.float16, torch.bfloat16,
-            torch.float32) and x[:1].numel() < 2**31 and not torch.onnx.is_in_onnx_export())
+    return (op_runs_on(x) and x.dim() == 4 and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and x[:1].numel() < 2**31)
 
 
 def output_size(size: int, kernel: int, stride: int, padding: int) -> int:

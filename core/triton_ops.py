@@ -21,4 +21,11 @@ except ImportError:
 if not hasattr(torch.library, "triton_op"):
     triton = tl = None
 
-__all__ = ["tl", "triton"]
+
+def op_runs_on(x: torch.Tensor) -> bool:
+    """Can a Triton op take ``x``: Triton usable, a CUDA tensor, and not an ONNX export (exported
+    graphs keep the ordinary torch ops)?"""
+    return triton is not None and x.is_cuda and not torch.onnx.is_in_onnx_export()
+
+
+__all__ = ["op_runs_on", "tl", "triton"]

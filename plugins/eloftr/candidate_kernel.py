@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import torch
 
-from matchrt.triton_ops import tl, triton  # None without Triton or torch's triton_op: the TopK graph
+from matchrt.triton_ops import op_runs_on, tl, triton  # None without Triton or torch's triton_op: the TopK graph
 
 OP_NAME = "matchrt_eloftr::threshold_candidates"
 ROUNDING_MARGIN = 1.05  # rounded confidences may exceed exact ones (fp16 similarity ulps): room for 5% more
@@ -50,7 +50,7 @@ def capacity(rows: int, cols: int, threshold: float, k: int) -> Optional[int]:
 
 def usable(sim: torch.Tensor) -> bool:
     """Can this kernel select from `sim`: a CUDA tensor, Triton importable, not an ONNX export?"""
-    return triton is not None and sim.is_cuda and not torch.onnx.is_in_onnx_export()
+    return op_runs_on(sim)
 
 
 def decode(top: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -117,6 +117,13 @@ if triton is not None:
         return _launch(sim, scale, row, col, threshold, cap, round_sim, torch.library.wrap_triton)
 
 
+def rounds_scaled(scale: float) -> bool:
+    """Does this run round the scaled similarity (sim * scale) to sim's dtype? Eager torch does, as
+    it holds the scaled matrix as a tensor; Inductor keeps it in fp32 registers. The kernels that
+    read the similarity (this one, lse_kernel's) do as the graph around them, so they agree."""
+    return scale != 1.0 and not torch.compiler.is_compiling()
+
+
 def _operands(sim: torch.Tensor, row: torch.Tensor, col: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """sim (B x L x S), row (B x L) and col (B x S) as the kernel reads them: contiguous, fp32 sums."""
@@ -130,11 +137,8 @@ def candidates(sim: torch.Tensor, scale: float, row: torch.Tensor, col: torch.Te
                cap: int) -> torch.Tensor:
     """The candidate keys of `sim` (B x L x S); see threshold_candidates."""
     sim, row, col = _operands(sim, row, col)
-    # eager torch rounds the scaled similarity to its dtype before the log-sum-exps; Inductor keeps
-    # it in fp32 registers: the kernel does as the graph that computed row and col did
-    round_sim = scale != 1.0 and not torch.compiler.is_compiling()
     return torch.ops.matchrt_eloftr.threshold_candidates(sim, float(scale), row, col, float(threshold), int(cap),
-                                                         round_sim)
+                                                         rounds_scaled(scale))
 
 
 def interpreted(sim: torch.Tensor, scale: float, row: torch.Tensor, col: torch.Tensor, threshold: float,
@@ -143,7 +147,9 @@ def interpreted(sim: torch.Tensor, scale: float, row: torch.Tensor, col: torch.T
     if triton is None:
         raise RuntimeError("Triton is not installed")
     sim, row, col = _operands(sim, row, col)
-    return _launch(sim, float(scale), row, col, float(threshold), int(cap), scale != 1.0, lambda kernel: kernel)
+    return _launch(sim, float(scale), row, col, float(threshold), int(cap), rounds_scaled(scale),
+                   lambda kernel: kernel)
 
 
-__all__ = ["OP_NAME", "candidates", "capacity", "decode", "interpreted", "per_row_limit", "usable"]
+__all__ = ["OP_NAME", "candidates", "capacity", "decode", "interpreted", "per_row_limit", "rounds_scaled",
+           "usable"]

@@ -22,7 +22,9 @@ from typing import Any, Callable
 
 import torch
 
-from matchrt.triton_ops import tl, triton  # None without Triton or torch's triton_op: torch reductions
+from matchrt.triton_ops import op_runs_on, tl, triton  # None without Triton or torch's triton_op: torch reductions
+
+from .candidate_kernel import rounds_scaled
 
 OP_NAME = "matchrt_eloftr::lse_partials"
 BLOCK_L = 32
@@ -120,7 +122,7 @@ if triton is not None:
 
 def usable(sim: torch.Tensor) -> bool:
     """Can the kernel read `sim`: a CUDA tensor, Triton importable, not an ONNX export?"""
-    return triton is not None and sim.is_cuda and not torch.onnx.is_in_onnx_export()
+    return op_runs_on(sim)
 
 
 def _merged(parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,13 +140,14 @@ def log_sum_exps(sim: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, t
     """fp32 log-sum-exps of sim' = sim * scale over S (B x L x 1) and over L (B x 1 x S).
 
     On CUDA the kernel reads `sim` once; elsewhere (CPU, ONNX export) torch's two reductions run.
-    As in the torch graph, eager runs round sim' to sim's dtype first and compiled ones do not.
+    As in the torch graph, eager runs round sim' to sim's dtype first and compiled ones do not
+    (``candidate_kernel.rounds_scaled``, the rule the candidate pass follows too).
     """
     if not usable(sim):
         scaled = sim * scale if scale != 1.0 else sim
         return torch_lse(scaled, 2), torch_lse(scaled, 1)
     sim = _checked(sim)
-    round_sim = scale != 1.0 and not torch.compiler.is_compiling()
+    round_sim = rounds_scaled(scale)
     sms = torch.cuda.get_device_properties(sim.device).multi_processor_count
     n_chunks = row_chunks(int(sim.shape[0]), int(sim.shape[1]), int(sim.shape[2]), sms)
     return _merged(torch.ops.matchrt_eloftr.lse_partials(sim, float(scale), round_sim, n_chunks))
@@ -155,7 +158,7 @@ def interpreted(sim: torch.Tensor, scale: float = 1.0, n_chunks: int = 3) -> tup
     if triton is None:
         raise RuntimeError("Triton is not installed")
     launcher: Callable[[Any], Any] = lambda kernel: kernel  # noqa: E731
-    return _merged(_launch(_checked(sim), float(scale), scale != 1.0, n_chunks, launcher))
+    return _merged(_launch(_checked(sim), float(scale), rounds_scaled(scale), n_chunks, launcher))
 
 
 __all__ = ["OP_NAME", "row_chunks", "interpreted", "log_sum_exps", "merge", "torch_lse", "usable"]
