@@ -82,7 +82,10 @@ def classification_to_flow(gm_cls: torch.Tensor) -> torch.Tensor:
     logits = gm_cls.float().permute(0, 2, 3, 1)  # B x h x w x 4096
     prob = stable_softmax(logits, -1)
     mode = prob.argmax(dim=-1, keepdim=True).to(torch.int32)  # B x h x w x 1, INT32 indices
-    offsets = torch.tensor([-1, 0, 1, -res, res], dtype=torch.int32, device=gm_cls.device).view(1, 1, 1, 5)
+    # offsets [-1, 0, 1, -res, res] from a ramp on the device: a table copied from the host would
+    # synchronise the stream in eager runs and cannot be captured in a CUDA graph
+    ramp = torch.arange(5, dtype=torch.int32, device=gm_cls.device)
+    offsets = torch.where(ramp < 3, ramp - 1, (2 * ramp - 7) * res).view(1, 1, 1, 5)
     index = mode + offsets  # B x h x w x 5
     # clamp to [0, c-1] with Max/Min (TensorRT's Clip takes no INT32)
     index = torch.minimum(torch.maximum(index, torch.zeros_like(offsets[..., :1])),

@@ -210,9 +210,8 @@ class WarpLayout(nn.Module):
 
 
 class CoarseRegion:
-    """proj.16, the GP and the coordinate decoder of one model view as one callable, for
-    ``replay.replayed`` to capture whole (the graphs live on this object; the anchor soft-argmax
-    after them stays eager).
+    """proj.16, the GP, the coordinate decoder and the anchor soft-argmax of one model view as one
+    callable, for ``replay.replayed`` to capture whole (the graphs live on this object).
 
     Under a split policy this region runs eagerly between compiled graphs: the decoder's split
     copy was replayed alone, but the GP's and proj.16's kernels were still launched one by one
@@ -229,7 +228,7 @@ class CoarseRegion:
     def __call__(self, f_q16: torch.Tensor, f_s16: torch.Tensor) -> dict[str, torch.Tensor]:
         model = self.model()
         assert model is not None, "the model of a coarse region is gone"
-        return model._coarse_logits(f_q16, f_s16, self.modes, graphs=False)
+        return model.with_flow(model._coarse_logits(f_q16, f_s16, self.modes, graphs=False))
 
 
 _REGION_ATTR = "_matchrt_coarse_region"  # a plain attribute of the view (outside state dict and children)
@@ -409,8 +408,7 @@ class RomaPlus(nn.Module):
         if "reduced" not in (modes["proj16"], modes["decoder"]):  # one strict region around the GP too
             region: Callable[..., Any] = functools.partial(self._coarse_prediction, modes=modes)
             if self.replays_coarse_region(modes):
-                captured = coarse_region(self, modes)
-                region = lambda q, s: self.with_flow(replayed(captured, q, s))  # noqa: E731
+                region = functools.partial(replayed, coarse_region(self, modes))
             return strict_eager(region, f_q16, f_s16, tf32=modes["decoder"] == "tf32")
         return self._coarse_prediction(f_q16, f_s16, modes)
 
@@ -427,8 +425,8 @@ class RomaPlus(nn.Module):
 
     def _coarse_logits(self, f_q16: torch.Tensor, f_s16: torch.Tensor, modes: dict[str, str],
                        graphs: bool = True) -> dict[str, torch.Tensor]:
-        """proj.16, GP and decoder, without the anchor soft-argmax (whose offset table is copied
-        from the host: not capturable in a CUDA graph); ``graphs``: see ``in_coarse_precision``."""
+        """proj.16, GP and decoder, without the anchor soft-argmax; ``graphs``: see
+        ``in_coarse_precision``."""
         feat_q, feat_s = self.project16(f_q16, f_s16, modes)
         with strict_fp32(feat_q.device.type):
             solve = self.in_graph_solve()
