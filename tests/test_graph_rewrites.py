@@ -171,6 +171,22 @@ def test_bf16x3_linear_stays_near_fp32_where_bf16_loses_it() -> None:
     assert split.state_dict().keys() == {"linear.weight", "linear.bias"}
 
 
+def test_bf16x3_linear_pads_an_odd_output_width_and_returns_the_layer_s_outputs() -> None:
+    """An output width that is not a multiple of 8 (the decoder's head: 4097) gets zero rows up
+    to one, for aligned fp32 result rows; the product keeps the layer's width and values."""
+    from matchrt.plugins.roma_plus.split_products import SplitLinear
+
+    torch.manual_seed(1)
+    linear = nn.Linear(64, 13)
+    x = torch.randn(2, 30, 64) * 10
+    split = SplitLinear(linear, "bf16x3")
+    assert split.weight_split.shape[0] == 16 and (split.weight_split[13:] == 0).all()
+    out = split(x)
+    assert out.shape == (2, 30, 13)
+    exact = x.double() @ linear.weight.double().T + linear.bias.double()
+    assert float((out.double() - exact).norm() / exact.norm()) < 3e-5
+
+
 def test_split_attention_scores_beat_plain_half_precision_attention() -> None:
     """split_attention: scores from split fp16 pieces, values split too; only the softmax weights
     are rounded to fp16. Closer to the float64 attention than plain fp16 attention, and fp32 out."""

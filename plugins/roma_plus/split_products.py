@@ -44,6 +44,7 @@ from . import piece_kernel
 
 KINDS = ("tf32x3", "bf16x3", "bf16x3-flash")
 BIAS_PIECES = 3  # bf16 pieces of an fp32 bias (8 + 8 + 8 bits of mantissa: all of fp32's 24)
+OUT_ALIGN = 8  # output rows of bf16 split products: a multiple of 8 fp32 values (32 bytes)
 _TF32_MASK = -8192  # 0xFFFFE000 as int32: keeps sign, exponent and the 10 mantissa bits of TF32
 
 
@@ -141,8 +142,16 @@ class SplitLinear(nn.Module):
         # bf16 kinds carry the bias in it too (three more columns, against columns of ones)
         bias = None if self.kind == "tf32x3" else linear.bias
         self.ones = 0 if bias is None else BIAS_PIECES
-        self.register_buffer("weight_split", split_operand(linear.weight.detach(), True, self.kind, bias),
-                             persistent=False)
+        weight = linear.weight.detach()
+        # bf16 kinds: outputs padded with zero rows to a multiple of OUT_ALIGN, so the fp32 result's
+        # rows start 16-byte aligned (the decoder's head has 4097 outputs; at that width cuBLAS ran
+        # an unaligned CUTLASS kernel, 0.91 ms a pair on an H200); forward returns the first ones
+        self.out_features = int(weight.shape[0])
+        pad = 0 if self.kind == "tf32x3" else (-self.out_features) % OUT_ALIGN
+        if pad:
+            weight = F.pad(weight, (0, 0, 0, pad))
+            bias = F.pad(bias.detach(), (0, pad)) if bias is not None else None
+        self.register_buffer("weight_split", split_operand(weight, True, self.kind, bias), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # traced graphs (ONNX, torch.export for AOTInductor) keep the plain layer: they have one
@@ -153,8 +162,8 @@ class SplitLinear(nn.Module):
             with tf32_switches(True):
                 return F.linear(split_operand(x, False, self.kind), self.weight_split, self.linear.bias)
         xs = laid_out(x, torch.bfloat16, "hth", self.ones)
-        out = _mm_fp32(xs.reshape(-1, xs.shape[-1]), self.weight_split.t())
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+        out = _mm_fp32(xs.reshape(-1, xs.shape[-1]), self.weight_split.t())[:, :self.out_features]
+        return out.reshape(*x.shape[:-1], self.out_features)
 
 
 def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
