@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -515,3 +517,50 @@ def test_roma_plus_coarse_region_replay_gives_the_eager_bits() -> None:
     assert replay._GRAPHS_ATTR not in split_copy(model.coarse.embedding_decoder, "bf16x3-flash").__dict__
     for g_out, w_out in zip(got, want):
         assert all(torch.equal(g_out[k], w_out[k]) for k in w_out)
+
+
+@pytest.mark.parametrize("kind", ["tf32x3", "bf16x3"])
+def test_split_mlp_applies_gelu_where_fc2_splits_its_input(kind: str) -> None:
+    """split_linears turns roma_full's Mlp into a SplitMlp: the same function (within the split
+    products' precision), GELU applied in fc2's splitting pass, the weights shared."""
+    from matchrt.plugins.roma_full.dinov2 import Mlp
+    from matchrt.plugins.roma_plus.split_products import SplitMlp, split_linears
+
+    torch.manual_seed(2)
+    mlp = Mlp(64, 256)
+    x = torch.randn(2, 40, 64) * 3
+    split = split_linears(nn.Sequential(mlp), kind)
+    assert isinstance(split[0], SplitMlp) and split[0].fc1.linear is mlp.fc1
+    exact = mlp.double()(x.double())
+    mlp.float()
+    with torch.no_grad():
+        got = split(x)
+    assert got.dtype == torch.float32 and got.shape == exact.shape
+    assert float((got.double() - exact).norm() / exact.norm()) < 1e-4
+    assert {id(p) for p in split.parameters()} == {id(p) for p in mlp.parameters()}  # shared, not copied
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+                    reason="needs Triton on a GPU, or TRITON_INTERPRET=1")
+def test_piece_kernel_gelu_writes_the_pieces_of_torch_s_gelu() -> None:
+    """The piece kernel's fused GELU: head + tail agree with the pieces of torch's GELU (16 bits of
+    mantissa; near -inf, where 1 + erf cancels, absolutely). Not bit for bit: Triton's erf (libdevice
+    on a GPU, numpy's in the interpreter) and torch's differ by fp32 ulps, which can round a head
+    the other way (measured on an H200: torch.equal failed; the tail then carries the difference)."""
+    from matchrt.plugins.roma_plus import piece_kernel
+
+    if piece_kernel.triton is None:
+        pytest.skip("Triton is not installed")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = (torch.randn(37, 300) * 4).to(device)
+    width = 3 * 300 + 5
+    fused = piece_kernel.write_pieces(x, torch.empty(37, width, dtype=torch.bfloat16, device=device), "hth", 3,
+                                      gelu=True)
+    plain = piece_kernel.write_pieces(torch.nn.functional.gelu(x), torch.empty_like(fused), "hth", 3)
+
+    def value(pieces: torch.Tensor) -> torch.Tensor:  # "hth": head, tail, head
+        return pieces[:, :300].float() + pieces[:, 300:600].float()
+
+    torch.testing.assert_close(value(fused), value(plain), rtol=3e-5, atol=1e-6)
+    assert torch.equal(fused[:, 600:900], fused[:, :300])  # the third slot repeats the head
+    assert torch.equal(fused[:, 900:], plain[:, 900:])  # the ones and zeros after the pieces

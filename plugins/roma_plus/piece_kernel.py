@@ -35,7 +35,7 @@ if triton is not None:
     def _pieces_kernel(x_ptr, out_ptr, rows, k, d1, d2, s0, s1, s2, s3, out_width,
                        SLOTS: tl.constexpr, TAIL0: tl.constexpr, TAIL1: tl.constexpr, TAIL2: tl.constexpr,
                        ONES: tl.constexpr, EXTRA: tl.constexpr, EXTRA_BLOCK: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                       GELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
         r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
         c = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         i2 = r % d2
@@ -45,6 +45,8 @@ if triton is not None:
         mask = row_ok[:, None] & (c < k)[None, :]
         src = x_ptr + (i0 * s0 + i1 * s1 + i2 * s2)[:, None] + c[None, :].to(tl.int64) * s3
         x = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+        if GELU:  # torch's exact GELU as its CUDA kernel computes it in fp32: 0.5 x (1 + erf(x / sqrt 2))
+            x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
         piece = out_ptr.dtype.element_ty
         head = x.to(piece)
         tail = (x - head.to(tl.float32)).to(piece)  # exact difference, rounded once on the store
@@ -63,9 +65,10 @@ if triton is not None:
                          mask=row_ok[:, None] & (e < EXTRA)[None, :])
 
 
-def write_pieces(x: torch.Tensor, out: torch.Tensor, order: str, ones: int) -> torch.Tensor:
+def write_pieces(x: torch.Tensor, out: torch.Tensor, order: str, ones: int, gelu: bool = False) -> torch.Tensor:
     """Fill ``out`` (contiguous, x's leading shape, last axis len(order) * k + extra) with the
-    pieces of ``x`` in ``order`` ("h" head, "t" tail), then ``ones`` columns of 1 and zeros."""
+    pieces of ``x`` (of GELU(x) with ``gelu``: the MLP's activation, without a pass of its own) in
+    ``order`` ("h" head, "t" tail), then ``ones`` columns of 1 and zeros."""
     k = int(x.shape[-1])
     sizes = [1] * (4 - x.dim()) + list(x.shape)
     strides = [0] * (4 - x.dim()) + list(x.stride())
@@ -79,7 +82,7 @@ def write_pieces(x: torch.Tensor, out: torch.Tensor, order: str, ones: int) -> t
     _pieces_kernel[grid](x, out, rows, k, sizes[1], sizes[2], strides[0], strides[1], strides[2], strides[3],
                          int(out.shape[-1]), SLOTS=slots, TAIL0=tails[0], TAIL1=tails[1], TAIL2=tails[2],
                          ONES=ones, EXTRA=extra, EXTRA_BLOCK=triton.next_power_of_2(max(extra, 1)),
-                         BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4)
+                         GELU=gelu, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4)
     return out
 
 
