@@ -564,3 +564,31 @@ def test_piece_kernel_gelu_writes_the_pieces_of_torch_s_gelu() -> None:
     torch.testing.assert_close(value(fused), value(plain), rtol=3e-5, atol=1e-6)
     assert torch.equal(fused[:, 600:900], fused[:, :300])  # the third slot repeats the head
     assert torch.equal(fused[:, 900:], plain[:, 900:])  # the ones and zeros after the pieces
+
+
+@pytest.mark.parametrize("kind", ["tf32x3", "bf16x3-flash"])
+def test_split_dinov2_block_folds_its_layer_scales(kind: str) -> None:
+    """DINOv2's block in split form: LayerScale gamma folded into proj and fc2 (the copy's ls1 and
+    ls2 are identities), the same function within the split products' precision, the weights
+    shared; traced (as for ONNX or torch.export) the plain layers apply gamma themselves."""
+    from matchrt.plugins.roma_full.dinov2 import Block
+    from matchrt.plugins.roma_plus.split_products import split_linears
+
+    torch.manual_seed(3)
+    block = Block(64, 4)
+    with torch.no_grad():
+        block.ls1.gamma.uniform_(0.1, 2.0)
+        block.ls2.gamma.uniform_(0.1, 2.0)
+    x = torch.randn(2, 30, 64)
+    exact = block.double()(x.double())
+    block.float()
+    split = split_linears(block, kind)
+    assert isinstance(split.ls1, nn.Identity) and isinstance(split.ls2, nn.Identity)
+    assert {id(p) for p in split.parameters()} == {id(p) for p in block.parameters()}
+    with torch.no_grad():
+        got = split(x)
+        traced = torch.compile(split, backend="eager", fullgraph=True)(x)  # the plain layers
+    tolerance = 1e-2 if kind.endswith("flash") else 1e-4  # flash: fp16 softmax weights
+    for y in (got, traced):
+        assert float((y.double() - exact).norm() / exact.norm()) < tolerance
+    assert float((traced.double() - exact).norm() / exact.norm()) < 1e-5
