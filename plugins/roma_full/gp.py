@@ -67,6 +67,18 @@ def solve_exact(k_ss: torch.Tensor, rhs: torch.Tensor, float64: bool = False) ->
     return out.to(k_ss.dtype)
 
 
+def cholesky_factor(a: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factor of each SPD matrix of the batch ``a``, the status not read back.
+
+    On CUDA one factorisation per matrix: for a batch torch calls cuSOLVER's batched potrf, built
+    for small matrices; at roma_plus's 1225 x 1225 (560, B = 2) it took 1.83 ms against 0.92 ms
+    for two single ones (H200, session 13), with the same fp32 error against float64.
+    """
+    if a.is_cuda and a.dim() == 3 and int(a.shape[0]) > 1:
+        return torch.stack([torch.linalg.cholesky_ex(a[i])[0] for i in range(int(a.shape[0]))])
+    return torch.linalg.cholesky_ex(a)[0]
+
+
 def solve_cholesky(k_ss: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """(K_yy + sigma I)^-1 rhs by Cholesky, without the host-side check of ``solve_exact``.
 
@@ -74,7 +86,7 @@ def solve_cholesky(k_ss: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     construction (eigenvalues >= sigma), so the factorisation's status is not read back.
     """
     a = at_least_fp32(k_ss)
-    chol, _ = torch.linalg.cholesky_ex(a)
+    chol = cholesky_factor(a)
     # L L^T x = rhs as two triangular solves (cuBLAS), not cholesky_solve: for a batch CUDA torch
     # takes that from MAGMA, which allocates while it runs and aborts inside a CUDA graph capture
     # (an AOTInductor package replayed as a CUDA graph died so on the H100)
