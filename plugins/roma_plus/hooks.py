@@ -81,7 +81,7 @@ INFO = MatcherInfo(
         "fuse=true (default): BatchNorms folded into the convolutions before them (fuse=false keeps them)",
         "pad_channels=8 (default): the refiners' odd block widths (1377, 1137, 569) padded with zero "
         "channels to a multiple of 8 for aligned half-precision kernels, same outputs (0 keeps them)",
-        "coarse_graphs=true (default): torch runs on a GPU replay the split coarse regions (DINOv2; proj.16 + GP + decoder) "
+        "coarse_graphs=true (default): torch runs on a GPU replay the split coarse regions (DINOv2; proj.16 + GP + decoder + anchor soft-argmax) "
         "as CUDA graphs after two calls of one input shape (same kernels, less CPU time); false keeps them eager",
         "outputs warp (B x H x 2W x 4) and certainty (B x H x 2W) as upstream's symmetric match; "
         "postprocess samples num_samples matches (sample_mode balanced|topk, seed)",
