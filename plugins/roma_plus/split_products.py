@@ -156,7 +156,7 @@ class SplitLinear(nn.Module):
         bias = None if self.kind == "tf32x3" else scaled_bias
         self.ones = 0 if bias is None else BIAS_PIECES
         # bf16 kinds: outputs padded with zero rows to a multiple of OUT_ALIGN, so the fp32 result's
-        # rows start 16-byte aligned (the decoder's head has 4097 outputs; at that width cuBLAS ran
+        # rows start 32-byte aligned (the decoder's head has 4097 outputs; at that width cuBLAS ran
         # an unaligned CUTLASS kernel, 0.91 ms a pair on an H200); forward returns the first ones
         self.out_features = int(weight.shape[0])
         pad = 0 if self.kind == "tf32x3" else (-self.out_features) % OUT_ALIGN
