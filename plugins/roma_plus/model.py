@@ -228,7 +228,7 @@ class CoarseRegion:
     def __call__(self, f_q16: torch.Tensor, f_s16: torch.Tensor) -> dict[str, torch.Tensor]:
         model = self.model()
         assert model is not None, "the model of a coarse region is gone"
-        return model.with_flow(model._coarse_logits(f_q16, f_s16, self.modes, graphs=False))
+        return model._coarse_prediction(f_q16, f_s16, self.modes, graphs=False)
 
 
 _REGION_ATTR = "_matchrt_coarse_region"  # a plain attribute of the view (outside state dict and children)
@@ -419,19 +419,14 @@ class RomaPlus(nn.Module):
         return (self.coarse_graphs and modes["decoder"] in split_products.KINDS
                 and self.in_graph_solve() != "exact")
 
-    def _coarse_prediction(self, f_q16: torch.Tensor, f_s16: torch.Tensor,
-                           modes: dict[str, str]) -> dict[str, torch.Tensor]:
-        return self.with_flow(self._coarse_logits(f_q16, f_s16, modes))
-
-    def _coarse_logits(self, f_q16: torch.Tensor, f_s16: torch.Tensor, modes: dict[str, str],
-                       graphs: bool = True) -> dict[str, torch.Tensor]:
-        """proj.16, GP and decoder, without the anchor soft-argmax; ``graphs``: see
-        ``in_coarse_precision``."""
+    def _coarse_prediction(self, f_q16: torch.Tensor, f_s16: torch.Tensor, modes: dict[str, str],
+                           graphs: bool = True) -> dict[str, torch.Tensor]:
+        """proj.16, GP, decoder and the anchor soft-argmax; ``graphs``: see ``in_coarse_precision``."""
         feat_q, feat_s = self.project16(f_q16, f_s16, modes)
         with strict_fp32(feat_q.device.type):
             solve = self.in_graph_solve()
             gp_feats = self.coarse.gp(feat_q.float(), feat_s.float(), solve, self.gp_iters)
-        return self.decode_logits(gp_feats, feat_q, feat_s, modes, graphs)
+        return self.with_flow(self.decode_logits(gp_feats, feat_q, feat_s, modes, graphs))
 
     def project16(self, f_q16: torch.Tensor, f_s16: torch.Tensor, modes: Optional[dict[str, str]] = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
