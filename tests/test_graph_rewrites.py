@@ -566,6 +566,43 @@ def test_piece_kernel_gelu_writes_the_pieces_of_torch_s_gelu() -> None:
     assert torch.equal(fused[:, 900:], plain[:, 900:])  # the ones and zeros after the pieces
 
 
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+                    reason="needs Triton on a GPU, or TRITON_INTERPRET=1")
+def test_piece_kernel_layer_norm_writes_the_pieces_of_torch_s_layer_norm() -> None:
+    """The piece kernel's fused LayerNorm (a whole row per program, two-pass fp32 statistics):
+    head + tail agree with the pieces of torch's LayerNorm to fp32 rounding; rows wider than one
+    program holds (NORM_MAX) are refused."""
+    from matchrt.plugins.roma_plus import piece_kernel
+
+    if piece_kernel.triton is None:
+        pytest.skip("Triton is not installed")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(2)
+    norm = nn.LayerNorm(300, eps=1e-6).to(device)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+        norm.bias.uniform_(-1.0, 1.0)
+    x = (torch.randn(37, 300) * 5 + 3).to(device)
+    width = 3 * 300 + 5
+    params = (norm.weight, norm.bias, norm.eps)
+    fused = piece_kernel.write_pieces(x, torch.empty(37, width, dtype=torch.bfloat16, device=device), "hth", 3,
+                                      norm=params)
+    with torch.no_grad():
+        plain = piece_kernel.write_pieces(norm(x), torch.empty_like(fused), "hth", 3)
+
+    def value(pieces: torch.Tensor) -> torch.Tensor:  # "hth": head, tail, head
+        return pieces[:, :300].float() + pieces[:, 300:600].float()
+
+    # head + tail hold 16 bits: an fp32 ulp between the two LayerNorms can move that rounding by 2^-16
+    torch.testing.assert_close(value(fused), value(plain), rtol=6e-5, atol=1e-5)
+    assert torch.equal(fused[:, 900:], plain[:, 900:])  # the ones and zeros after the pieces
+    wide = torch.zeros(2, piece_kernel.NORM_MAX + 1, device=device)
+    with pytest.raises(ValueError, match="at most"):
+        piece_kernel.write_pieces(wide, torch.empty(2, 3 * wide.shape[1], dtype=torch.bfloat16, device=device),
+                                  "hth", 0, norm=(torch.ones(wide.shape[1], device=device),
+                                                  torch.zeros(wide.shape[1], device=device), 1e-6))
+
+
 @pytest.mark.parametrize("kind", ["tf32x3", "bf16x3-flash"])
 def test_split_dinov2_block_folds_its_layer_scales(kind: str) -> None:
     """DINOv2's block in split form: LayerScale gamma folded into proj and fc2 (the copy's ls1 and
@@ -584,6 +621,9 @@ def test_split_dinov2_block_folds_its_layer_scales(kind: str) -> None:
     block.float()
     split = split_linears(block, kind)
     assert isinstance(split.ls1, nn.Identity) and isinstance(split.ls2, nn.Identity)
+    # the LayerNorms move into the products after them (applied where those split their input)
+    assert isinstance(split.norm1, nn.Identity) and isinstance(split.norm2, nn.Identity)
+    assert split.attn.qkv.in_norm is block.norm1 and split.mlp.fc1.in_norm is block.norm2
     assert {id(p) for p in split.parameters()} == {id(p) for p in block.parameters()}
     with torch.no_grad():
         got = split(x)

@@ -13,7 +13,7 @@ CUDA wheels ship it); anywhere else ``laid_out`` writes the pieces with torch.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -32,10 +32,10 @@ def usable(x: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _pieces_kernel(x_ptr, out_ptr, rows, k, d1, d2, s0, s1, s2, s3, out_width,
+    def _pieces_kernel(x_ptr, out_ptr, norm_w_ptr, norm_b_ptr, eps, rows, k, d1, d2, s0, s1, s2, s3, out_width,
                        SLOTS: tl.constexpr, TAIL0: tl.constexpr, TAIL1: tl.constexpr, TAIL2: tl.constexpr,
                        ONES: tl.constexpr, EXTRA: tl.constexpr, EXTRA_BLOCK: tl.constexpr,
-                       GELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                       GELU: tl.constexpr, NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
         r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
         c = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         i2 = r % d2
@@ -45,6 +45,12 @@ if triton is not None:
         mask = row_ok[:, None] & (c < k)[None, :]
         src = x_ptr + (i0 * s0 + i1 * s1 + i2 * s2)[:, None] + c[None, :].to(tl.int64) * s3
         x = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+        if NORM:  # LayerNorm over the whole row (BLOCK_K >= k: one program holds it), two passes in fp32
+            mean = tl.sum(x, axis=1) / k
+            centred = tl.where(mask, x - mean[:, None], 0.0)
+            inv = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / k + eps)
+            x = centred * inv[:, None] * tl.load(norm_w_ptr + c, mask=c < k, other=0.0)[None, :] \
+                + tl.load(norm_b_ptr + c, mask=c < k, other=0.0)[None, :]
         if GELU:  # torch's exact GELU as its CUDA kernel computes it in fp32: 0.5 x (1 + erf(x / sqrt 2))
             x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
         piece = out_ptr.dtype.element_ty
@@ -65,10 +71,16 @@ if triton is not None:
                          mask=row_ok[:, None] & (e < EXTRA)[None, :])
 
 
-def write_pieces(x: torch.Tensor, out: torch.Tensor, order: str, ones: int, gelu: bool = False) -> torch.Tensor:
+# rows of at most this many elements can be layer-normalised in the pass (one program per row block)
+NORM_MAX = 8192
+
+
+def write_pieces(x: torch.Tensor, out: torch.Tensor, order: str, ones: int, gelu: bool = False,
+                 norm: Optional[tuple[torch.Tensor, torch.Tensor, float]] = None) -> torch.Tensor:
     """Fill ``out`` (contiguous, x's leading shape, last axis len(order) * k + extra) with the
-    pieces of ``x`` (of GELU(x) with ``gelu``: the MLP's activation, without a pass of its own) in
-    ``order`` ("h" head, "t" tail), then ``ones`` columns of 1 and zeros."""
+    pieces of ``x`` (of GELU(x) with ``gelu``: the MLP's activation, without a pass of its own; of
+    LayerNorm(x) with ``norm`` = (weight, bias, eps), fp32, rows of at most NORM_MAX) in ``order``
+    ("h" head, "t" tail), then ``ones`` columns of 1 and zeros."""
     k = int(x.shape[-1])
     sizes = [1] * (4 - x.dim()) + list(x.shape)
     strides = [0] * (4 - x.dim()) + list(x.stride())
@@ -76,14 +88,18 @@ def write_pieces(x: torch.Tensor, out: torch.Tensor, order: str, ones: int, gelu
     slots = len(order)
     extra = int(out.shape[-1]) - slots * k
     tails = [piece == "t" for piece in order] + [False] * (3 - slots)
-    block_k = min(triton.next_power_of_2(k), 512)
+    if norm is not None and k > NORM_MAX:
+        raise ValueError(f"rows of {k} elements: the fused LayerNorm takes at most {NORM_MAX}")
+    block_k = triton.next_power_of_2(k) if norm is not None else min(triton.next_power_of_2(k), 512)
     block_r = max(1, 4096 // block_k)
+    norm_w, norm_b, eps = norm if norm is not None else (x, x, 0.0)
     grid: Any = (triton.cdiv(rows, block_r), triton.cdiv(k, block_k))
-    _pieces_kernel[grid](x, out, rows, k, sizes[1], sizes[2], strides[0], strides[1], strides[2], strides[3],
+    _pieces_kernel[grid](x, out, norm_w, norm_b, float(eps), rows, k, sizes[1], sizes[2], strides[0], strides[1], strides[2], strides[3],
                          int(out.shape[-1]), SLOTS=slots, TAIL0=tails[0], TAIL1=tails[1], TAIL2=tails[2],
                          ONES=ones, EXTRA=extra, EXTRA_BLOCK=triton.next_power_of_2(max(extra, 1)),
-                         GELU=gelu, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4)
+                         GELU=gelu, NORM=norm is not None, BLOCK_R=block_r, BLOCK_K=block_k,
+                         num_warps=4 if block_k * block_r <= 4096 else 8)
     return out
 
 
-__all__ = ["usable", "write_pieces"]
+__all__ = ["NORM_MAX", "usable", "write_pieces"]

@@ -66,7 +66,8 @@ def extra_columns(width: int, ones: int) -> int:
     return 0 if ones == 0 else ones + (-(width + ones)) % 8
 
 
-def laid_out(x: torch.Tensor, dtype: torch.dtype, order: str, ones: int = 0, gelu: bool = False) -> torch.Tensor:
+def laid_out(x: torch.Tensor, dtype: torch.dtype, order: str, ones: int = 0, gelu: bool = False,
+             norm: Optional[nn.LayerNorm] = None) -> torch.Tensor:
     """The half-precision pieces of fp32 ``x`` side by side on the last axis, in ``order`` ("h" the
     head ``dtype(x)``, "t" the tail ``dtype(x - head)``): e.g. "hht" -> [x_hi | x_hi | x_lo], then
     ``ones`` columns of ones and zero padding (``extra_columns``), which carry a split bias.
@@ -74,14 +75,18 @@ def laid_out(x: torch.Tensor, dtype: torch.dtype, order: str, ones: int = 0, gel
     Bit for bit what ``dtype(x)``, ``dtype(x - head)`` and ``torch.cat`` give: x - head is exact in
     fp32 and is rounded once, on the store. On a GPU one Triton pass writes everything
     (piece_kernel); elsewhere torch writes the slots in place into one buffer. ``gelu``: the pieces
-    of GELU(x) (exact), applied in the same pass on a GPU.
+    of GELU(x) (exact), applied in the same pass on a GPU; ``norm``: of that LayerNorm of x (last
+    axis), likewise (a two-pass fp32 mean and variance: torch's own kernel rounds differently, by
+    fp32 ulps).
     """
     k = int(x.shape[-1])
     width = len(order) * k
     out = torch.empty(*x.shape[:-1], width + extra_columns(width, ones), dtype=dtype, device=x.device)
-    if piece_kernel.usable(x):
-        return piece_kernel.write_pieces(x, out, order, ones, gelu)
-    x = F.gelu(x.float()) if gelu else x.float()
+    if piece_kernel.usable(x) and (norm is None or k <= piece_kernel.NORM_MAX):
+        params = None if norm is None else (norm.weight, norm.bias, float(norm.eps))
+        return piece_kernel.write_pieces(x, out, order, ones, gelu, params)
+    x = x.float() if norm is None else F.layer_norm(x.float(), (k,), norm.weight, norm.bias, norm.eps)
+    x = F.gelu(x) if gelu else x
     slots = {"h": [], "t": []}  # type: dict[str, list[torch.Tensor]]
     for i, piece in enumerate(order):
         slots[piece].append(out[..., i * k:(i + 1) * k])
@@ -137,11 +142,15 @@ class SplitLinear(nn.Module):
 
     ``out_scale`` (a per-output vector, DINOv2's LayerScale gamma) is folded into the split weights
     and bias (in float64): the product gives gamma * (W x + b) without a pass of its own.
+    ``in_norm`` (the LayerNorm before the layer) is applied to x where the activations are split
+    (bf16 kinds on a GPU: in the piece kernel's pass), not in a pass of its own.
     """
 
-    def __init__(self, linear: nn.Linear, kind: str = "tf32x3", out_scale: Optional[nn.Parameter] = None):
+    def __init__(self, linear: nn.Linear, kind: str = "tf32x3", out_scale: Optional[nn.Parameter] = None,
+                 in_norm: Optional[nn.LayerNorm] = None):
         super().__init__()
         self.linear = linear
+        self.in_norm = in_norm
         self.kind = "tf32x3" if kind == "tf32x3" else "bf16x3"
         self.out_scale = out_scale
         weight, scaled_bias = linear.weight.detach(), linear.bias
@@ -170,14 +179,16 @@ class SplitLinear(nn.Module):
         # traced graphs (ONNX, torch.export for AOTInductor) keep the plain layer: they have one
         # TF32 setting for the whole graph, so a split product would run as three IEEE ones
         if torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+            x = x if self.in_norm is None else self.in_norm(x)
             out = self.linear(F.gelu(x) if gelu else x)
             return out if self.out_scale is None else out * self.out_scale
         if self.kind == "tf32x3":
+            x = x if self.in_norm is None else self.in_norm(x)
             with tf32_switches(True):
                 x = F.gelu(x) if gelu else x
                 bias = self.linear.bias if self.out_scale is None else self.bias_scaled
                 return F.linear(split_operand(x, False, self.kind), self.weight_split, bias)
-        xs = laid_out(x, torch.bfloat16, "hth", self.ones, gelu)
+        xs = laid_out(x, torch.bfloat16, "hth", self.ones, gelu, self.in_norm)
         out = _mm_fp32(xs.reshape(-1, xs.shape[-1]), self.weight_split.t())[:, :self.out_features]
         return out.reshape(*x.shape[:-1], self.out_features)
 
@@ -253,14 +264,20 @@ def split_linears(module: nn.Module, kind: str = "tf32x3") -> nn.Module:
 
 
 def _split_block(block: Block, kind: str) -> nn.Module:
-    """DINOv2's block with split products and each LayerScale folded into the product before it
-    (attention's proj, the MLP's fc2): 48 elementwise passes less per DINOv2 call."""
+    """DINOv2's block with split products, each LayerScale folded into the product before it
+    (attention's proj, the MLP's fc2: 48 elementwise passes less per DINOv2 call) and each
+    LayerNorm applied where the product after it (qkv, fc1) splits its input (48 passes less)."""
     out = shallow_module_copy(block)
     attn = split_linears(block.attn, kind)
     attn._modules["proj"] = SplitLinear(block.attn.proj, kind, out_scale=block.ls1.gamma)
     mlp = split_linears(block.mlp, kind)
     mlp._modules["fc2"] = SplitLinear(block.mlp.fc2, kind, out_scale=block.ls2.gamma)
     out._modules.update(attn=attn, ls1=nn.Identity(), mlp=mlp, ls2=nn.Identity())
+    for norm, owner, name in ((block.norm1, attn, "qkv"), (block.norm2, mlp, "fc1")):
+        if isinstance(norm, nn.LayerNorm) and norm.elementwise_affine and norm.bias is not None \
+                and len(norm.normalized_shape) == 1:
+            owner._modules[name] = SplitLinear(getattr(owner, name).linear, kind, in_norm=norm)
+            out._modules["norm1" if norm is block.norm1 else "norm2"] = nn.Identity()
     return out
 
 
