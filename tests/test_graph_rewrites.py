@@ -632,3 +632,18 @@ def test_split_dinov2_block_folds_its_layer_scales(kind: str) -> None:
     for y in (got, traced):
         assert float((y.double() - exact).norm() / exact.norm()) < tolerance
     assert float((traced.double() - exact).norm() / exact.norm()) < 1e-5
+
+
+def test_embed_displacement_matches_the_1x1_convolution() -> None:
+    """roma_plus's displacement embedding written as multiply-adds gives the Conv2d's output (fp32
+    inputs, to rounding; half-precision inputs are computed in fp32)."""
+    from matchrt.plugins.roma_plus.refiner import embed_displacement
+
+    torch.manual_seed(3)
+    conv = nn.Conv2d(2, 16, 1)
+    disp = torch.randn(2, 2, 7, 9) * 3
+    with torch.no_grad():
+        torch.testing.assert_close(embed_displacement(conv, disp), conv(disp), rtol=1e-6, atol=1e-6)
+        half = embed_displacement(conv, disp.half())
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, conv(disp.half().float()), rtol=1e-6, atol=1e-6)
