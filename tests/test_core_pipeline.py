@@ -8,7 +8,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 import matchrt

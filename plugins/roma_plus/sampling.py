@@ -22,6 +22,8 @@ import torch
 
 from matchrt.tf32 import tf32_switches
 
+from . import kde_kernel
+
 SampleMode = Literal["balanced", "topk"]
 KDE_STD = 0.1
 MIN_DENSITY = 10.0  # matches with fewer "neighbours" than this are weighted ISOLATED_WEIGHT
@@ -40,7 +42,11 @@ def kde(x: torch.Tensor, std: float = KDE_STD, chunk_bytes: int = KDE_CHUNK_BYTE
     pass this version drops). Memory: one block of rows x N exponents at a time,
     rows = max(1, chunk_bytes / (4 N)), never the N x N matrix (N = 20000: 1.6 GB) at once; 64 MB
     blocks by default. fp32 throughout (the exponentials of squared distances underflow early in fp16).
+    On CUDA one Triton pass computes it instead (``kde_kernel``: no exponent matrix, one launch
+    instead of four per block); ``chunk_bytes`` applies to the torch path only.
     """
+    if kde_kernel.usable(x):
+        return kde_kernel.kde(x, std)
     x = x.float()
     n = x.shape[0]
     rows = max(1, int(chunk_bytes // (4 * max(n, 1))))
