@@ -94,8 +94,8 @@ def write_pieces(x: torch.Tensor, out: torch.Tensor, order: str, ones: int, gelu
     block_r = max(1, 4096 // block_k)
     norm_w, norm_b, eps = norm if norm is not None else (x, x, 0.0)
     grid: Any = (triton.cdiv(rows, block_r), triton.cdiv(k, block_k))
-    _pieces_kernel[grid](x, out, norm_w, norm_b, float(eps), rows, k, sizes[1], sizes[2], strides[0], strides[1], strides[2], strides[3],
-                         int(out.shape[-1]), SLOTS=slots, TAIL0=tails[0], TAIL1=tails[1], TAIL2=tails[2],
+    _pieces_kernel[grid](x, out, norm_w, norm_b, float(eps), rows, k, sizes[1], sizes[2],
+                         strides[0], strides[1], strides[2], strides[3], int(out.shape[-1]), SLOTS=slots, TAIL0=tails[0], TAIL1=tails[1], TAIL2=tails[2],
                          ONES=ones, EXTRA=extra, EXTRA_BLOCK=triton.next_power_of_2(max(extra, 1)),
                          GELU=gelu, NORM=norm is not None, BLOCK_R=block_r, BLOCK_K=block_k,
                          num_warps=4 if block_k * block_r <= 4096 else 8)

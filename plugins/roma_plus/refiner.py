@@ -203,10 +203,10 @@ def embed_displacement(conv: nn.Conv2d, disp: torch.Tensor) -> torch.Tensor:
     """The displacement embedding (a 1x1 convolution from 2 channels) as two multiply-adds per
     output in fp32, outside ONNX export (whose graph keeps the Conv node).
 
-    Why: as a convolution it is a matrix product with K = 2, which cuDNN ran as an implicit GEMM
-    (0.76 ms for its 9 calls a pair, H200 compiled fp16 profile); written out, Inductor fuses it
-    into the concatenation that consumes it. In fp32 it is at least as precise as autocast's
-    fp16 convolution (which rounds the displacement and weights first).
+    Why: as a convolution it is a matrix product with K = 2, an extern call per refiner in
+    compiled graphs; written out, Inductor fuses it into the concatenation that consumes it. In
+    fp32 it is at least as precise as autocast's fp16 convolution (which rounds the displacement
+    and weights first).
     """
     if torch.onnx.is_in_onnx_export():
         return conv(disp)
@@ -284,6 +284,6 @@ def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
-__all__ = ["ConvRefiner", "REFINER_SPECS", "embed_displacement", "local_correlation", "pad_channels", "pixel_grid",
-           "window_offsets", "upsample"]
+__all__ = ["ConvRefiner", "REFINER_SPECS", "embed_displacement", "local_correlation", "pad_channels",
+           "pixel_grid", "window_offsets", "upsample"]
 
