@@ -210,9 +210,10 @@ def test_split_linears_kinds_replace_what_each_kind_splits() -> None:
     from matchrt.plugins.roma_plus.split_products import SplitAttention, SplitLinear, split_linears
 
     block = nn.Sequential(Attention(64, 4), nn.Linear(64, 64))
-    for kind, attention_type in (("tf32x3", Attention), ("bf16x3", Attention), ("bf16x3-flash", SplitAttention)):
+    for kind in ("tf32x3", "bf16x3", "bf16x3-flash"):
         copy = split_linears(block, kind)
-        assert isinstance(copy[0], attention_type) and isinstance(copy[1], SplitLinear)
+        assert isinstance(copy[0], SplitAttention) and isinstance(copy[1], SplitLinear)
+        assert copy[0].flash == (kind == "bf16x3-flash")  # only that kind splits the attention itself
         assert isinstance(copy[0].qkv, SplitLinear) and copy[0].qkv.linear.weight is block[0].qkv.weight
         x = torch.randn(2, 10, 64)
         with torch.no_grad():
@@ -605,10 +606,10 @@ def test_piece_kernel_layer_norm_writes_the_pieces_of_torch_s_layer_norm() -> No
 
 @pytest.mark.parametrize("kind", ["tf32x3", "bf16x3-flash"])
 def test_split_dinov2_block_folds_its_layer_scales(kind: str) -> None:
-    """DINOv2's block in split form: LayerScale gamma folded into proj and fc2 (the copy's ls1 and
-    ls2 are identities), the same function within the split products' precision, the weights
-    shared; traced (as for ONNX or torch.export) the plain layers apply gamma themselves."""
-    from matchrt.plugins.roma_full.dinov2 import Block
+    """DINOv2's block in split form: LayerScale gamma folded into proj and fc2 (the copy holds no
+    LayerScale), the same function within the split products' precision, the weights shared;
+    traced (as for ONNX or torch.export) the plain layers apply gamma themselves."""
+    from matchrt.plugins.roma_full.dinov2 import Block, LayerScale
     from matchrt.plugins.roma_plus.split_products import split_linears
 
     torch.manual_seed(3)
@@ -620,7 +621,7 @@ def test_split_dinov2_block_folds_its_layer_scales(kind: str) -> None:
     exact = block.double()(x.double())
     block.float()
     split = split_linears(block, kind)
-    assert isinstance(split.ls1, nn.Identity) and isinstance(split.ls2, nn.Identity)
+    assert not any(isinstance(m, LayerScale) for m in split.modules())
     # the LayerNorms move into the products after them (applied where those split their input)
     assert isinstance(split.norm1, nn.Identity) and isinstance(split.norm2, nn.Identity)
     assert split.attn.qkv.in_norm is block.norm1 and split.mlp.fc1.in_norm is block.norm2
@@ -647,3 +648,71 @@ def test_embed_displacement_matches_the_1x1_convolution() -> None:
         half = embed_displacement(conv, disp.half())
     assert half.dtype == torch.float32
     torch.testing.assert_close(half, conv(disp.half().float()), rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_refiner_runs_its_1x1_convolutions_as_matrix_products() -> None:
+    """Under torch.compile the refiner's 1 x 1 convolutions (block outputs and the head) become
+    matrix products over channels-last pixels, with the eager refiner's outputs (fp32 rounding);
+    the depth-wise ones stay convolutions, and ONNX export keeps every Conv (checked elsewhere)."""
+    from matchrt.plugins.roma_plus.refiner import pointwise_conv
+
+    refiner = _random_refiner(5, 3, 1)
+    feat_a, feat_b = torch.randn(2, 5, 12, 10), torch.randn(2, 5, 12, 10)
+    flow = torch.rand(2, 2, 12, 10) * 1.6 - 0.8
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    with torch.no_grad():
+        want = refiner(feat_a, feat_b, flow, 1.5)
+        got = torch.compile(refiner, backend=backend, fullgraph=True)(feat_a, feat_b, flow, 1.5)
+    for g, r in zip(got, want):
+        assert float((g - r).abs().max() / r.abs().max()) <= 1e-5
+    calls = [str(n.target) for g in graphs for n in g.graph.nodes if n.op in ("call_function", "call_module")]
+    convs = [c for c in calls if "conv" in c]
+    assert sum("linear" in c for c in calls) == 1 + 1 + 8  # block1, eight hidden blocks, the head
+    assert len(convs) == 9  # the depth-wise convolutions only
+    conv = nn.Conv2d(6, 4, 1)
+    x = torch.randn(1, 6, 3, 5)
+    with torch.no_grad():
+        assert torch.equal(pointwise_conv(conv, x), conv(x))  # eager: the convolution itself
+
+
+@pytest.mark.parametrize("kind", ["tf32x3", "bf16x3", "bf16x3-flash"])
+def test_split_blocks_add_their_skip_connections_in_the_products(kind: str) -> None:
+    """DINOv2's and the decoder's blocks become SplitBlocks whose proj and fc2 products take the
+    skip connection: same outputs as the original blocks (split-product tolerance), on a GPU the
+    sums inside cuBLAS's product (addmm with an fp32 result)."""
+    from matchrt.plugins.roma_full.decoder import Block as DecoderBlock
+    from matchrt.plugins.roma_full.dinov2 import Block
+    from matchrt.plugins.roma_plus.split_products import SplitBlock, split_linears
+
+    torch.manual_seed(5)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for block in (Block(64, 4), DecoderBlock(64, 4)):
+        block = block.to(device).eval()
+        with torch.no_grad():
+            for p in block.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+            split = split_linears(block, kind)
+            assert isinstance(split, SplitBlock)
+            x = torch.randn(2, 10, 64, device=device)
+            want = block(x)
+            got = split(x)
+        assert float((got - want).abs().max() / want.abs().max()) <= 2e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuBLAS's fp32-output bf16 product needs CUDA")
+def test_bf16_product_adds_its_fp32_input_like_a_separate_sum() -> None:
+    from matchrt.plugins.roma_plus.split_products import _mm_fp32
+
+    torch.manual_seed(6)
+    a = torch.randn(300, 96, device="cuda").bfloat16()
+    b = torch.randn(96, 64, device="cuda").bfloat16()
+    add = torch.randn(300, 64, device="cuda") * 10
+    want = a.double() @ b.double() + add.double()
+    got = _mm_fp32(a, b, add)
+    assert got.dtype == torch.float32
+    assert float((got.double() - want).abs().max()) <= 1e-4 * float(want.abs().max())

@@ -192,10 +192,12 @@ class ConvRefiner(nn.Module):
         if extra > 0:  # channels padded by `pad_channels`: zeros, which every layer keeps at zero
             b, _, h, w = (int(v) for v in feat_a.shape)
             parts.append(feat_a.new_zeros(b, extra, h, w))
-        d = self.hidden_blocks(self.block1(torch.cat(parts, dim=1)))
+        d = torch.cat(parts, dim=1)
+        for block in (self.block1, *self.hidden_blocks):
+            d = run_block(block, d)
         # the output head runs in fp32 as upstream (outside its autocast region)
         with torch.autocast(device_type=d.device.type, enabled=False):
-            out = self.out_conv(d.float())
+            out = pointwise_conv(self.out_conv, d.float())
         return out[:, :2], out[:, 2:]
 
 
@@ -214,6 +216,35 @@ def embed_displacement(conv: nn.Conv2d, disp: torch.Tensor) -> torch.Tensor:
     x = disp.float()
     out = x[:, 0:1] * weight[None, :, 0, None, None] + x[:, 1:2] * weight[None, :, 1, None, None]
     return out if conv.bias is None else out + conv.bias.float()[None, :, None, None]
+
+
+def is_pointwise(layer: nn.Module) -> bool:
+    """A dense 1 x 1 convolution with stride 1 and no padding (a matrix product over pixels)?"""
+    return (isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1) and layer.stride == (1, 1)
+            and layer.padding == (0, 0) and layer.groups == 1 and layer.padding_mode == "zeros")
+
+
+def pointwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A 1 x 1 convolution; under torch.compile (not ONNX export) as a matrix product of the
+    channels-last pixels with the C_out x C_in weight, which Inductor hands to cuBLAS.
+
+    Why: compiled, the refiners' 1 x 1 convolutions ran as cuDNN kernels chosen for
+    convolutions, slow at the narrow widths of scales 2 and 1 (144 and 24 channels: 2.4 ms of a
+    pair's 56 in session 14's H200 profile, 27 calls). Autocast rounds the operands as it does for
+    the convolution; the products accumulate in fp32 either way. The exported graph keeps the Conv.
+    """
+    if torch.onnx.is_in_onnx_export() or not torch.compiler.is_compiling():
+        return conv(x)
+    out = F.linear(x.permute(0, 2, 3, 1), conv.weight[:, :, 0, 0], conv.bias)
+    return out.permute(0, 3, 1, 2)
+
+
+def run_block(block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """One refiner block (depth-wise conv, BatchNorm or its folded Identity, ReLU, 1 x 1 conv),
+    its 1 x 1 convolution through ``pointwise_conv``."""
+    for layer in block:
+        x = pointwise_conv(layer, x) if is_pointwise(layer) else layer(x)
+    return x
 
 
 @torch.no_grad()
@@ -284,6 +315,6 @@ def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
-__all__ = ["ConvRefiner", "REFINER_SPECS", "embed_displacement", "local_correlation", "pad_channels",
+__all__ = ["ConvRefiner", "REFINER_SPECS", "embed_displacement", "local_correlation", "pad_channels", "pointwise_conv",
            "pixel_grid", "window_offsets", "upsample"]
 
