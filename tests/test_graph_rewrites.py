@@ -205,6 +205,40 @@ def test_split_attention_scores_beat_plain_half_precision_attention() -> None:
     assert err(out) < 1e-3 and err(out) < err(plain) / 2
 
 
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+                    reason="needs Triton on a GPU, or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("n", [70, 128])
+def test_split_attention_kernel_computes_the_fused_call_s_attention(n: int) -> None:
+    """The decoder's 128-wide heads (a 384-wide threefold product, too wide for the fused
+    kernels) run attention_kernel: scores from two fp16 pieces per operand, fp16 softmax weights,
+    fp32 out. As close to float64 as torch's fused call over the threefold pieces, within 2e-4 of
+    it, and well ahead of plain fp16 attention; a length that is no multiple of its blocks too."""
+    from matchrt.plugins.roma_plus import attention_kernel
+    from matchrt.plugins.roma_plus.split_products import laid_out
+
+    if attention_kernel.triton is None:
+        pytest.skip("Triton is not installed")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(2, 2, n, 128, device=device) * 1.5 for _ in range(3))
+    scale = 128 ** -0.5
+    exact = torch.softmax((q.double() @ k.double().transpose(-1, -2)) * scale, -1) @ v.double()
+    err = lambda y: float((y.double() - exact).abs().max() / exact.abs().max())  # noqa: E731
+    half = torch.float16
+    got = attention_kernel.split_attention(laid_out(q, half, "ht"), laid_out(k, half, "ht"),
+                                           laid_out(v, half, "ht"), scale)
+    fused = nn.functional.scaled_dot_product_attention(  # the threefold call split_attention made before
+        laid_out(q, half, "hht").float(), laid_out(k, half, "hth").float(), laid_out(v, half, "ht").float(),
+        scale=scale)
+    fused = fused[..., :128] + fused[..., 128:]
+    plain = nn.functional.scaled_dot_product_attention(q.half(), k.half(), v.half(), scale=scale)
+    assert got.dtype == torch.float32 and got.shape == v.shape
+    assert err(got) < 5e-4 and err(got) < err(plain) / 3
+    assert float((got - fused).abs().max() / fused.abs().max()) < 2e-4
+    assert attention_kernel.usable(q) == (device == "cuda")  # the decoder's width, on CUDA
+    assert not attention_kernel.usable(q[..., :64])  # DINOv2's 64: the fused kernels take 192
+
+
 def test_split_linears_kinds_replace_what_each_kind_splits() -> None:
     from matchrt.plugins.roma_full.dinov2 import Attention
     from matchrt.plugins.roma_plus.split_products import SplitAttention, SplitLinear, split_linears

@@ -42,7 +42,7 @@ from matchrt.plugins.roma_full.dinov2 import Attention, Block, Mlp
 from matchrt.plugins.roma_full.ops import attention
 from matchrt.tf32 import tf32_switches
 
-from . import piece_kernel
+from . import attention_kernel, piece_kernel
 
 KINDS = ("tf32x3", "bf16x3", "bf16x3-flash")
 BIAS_PIECES = 3  # bf16 pieces of an fp32 bias (8 + 8 + 8 bits of mantissa: all of fp32's 24)
@@ -226,9 +226,13 @@ def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
 
     fp16 pieces (11 bits each) rather than bf16: the kernel rounds the softmax weights to the
     operands' type, and fp16 rounds them 4x finer. fp16 hazard: |q|, |k|, |v| above 65504 would
-    overflow (DINOv2's and the decoder's are orders of magnitude below).
+    overflow (DINOv2's and the decoder's are orders of magnitude below). Heads of 96 to 128 (the
+    decoder's) run ``attention_kernel`` instead: the same arithmetic from two pieces per operand.
     """
     half = torch.float16
+    if attention_kernel.usable(q):  # heads too wide for the fused kernels (the decoder's 128)
+        return attention_kernel.split_attention(laid_out(q, half, "ht"), laid_out(k, half, "ht"),
+                                                laid_out(v, half, "ht"), scale)
     out = F.scaled_dot_product_attention(laid_out(q, half, "hht"), laid_out(k, half, "hth"),
                                          laid_out(v, half, "ht"), scale=scale).float()
     d = int(v.shape[-1])
