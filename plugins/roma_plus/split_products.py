@@ -37,9 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from matchrt.fold import shallow_module_copy
-from matchrt.plugins.roma_full.decoder import Block as DecoderBlock
 from matchrt.plugins.roma_full.dinov2 import Attention, Block, Mlp
-from matchrt.plugins.roma_full.ops import attention
 from matchrt.tf32 import tf32_switches
 
 from . import attention_kernel, piece_kernel
@@ -132,15 +130,11 @@ def split_operand(x: torch.Tensor, weight_side: bool, kind: str = "tf32x3",
     return torch.cat((head, head, tail) if weight_side else (head, tail, head), dim=-1)
 
 
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor, add: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """a @ b of bf16 matrices, accumulated in fp32, with an fp32 result (no rounding to bf16);
-    plus the fp32 matrix ``add``, on a GPU inside the product (cuBLAS's C input: no pass of its own)."""
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b of bf16 matrices, accumulated in fp32, with an fp32 result (no rounding to bf16)."""
     if a.device.type == "cuda":
-        if add is not None:
-            return torch.addmm(add, a, b, out_dtype=torch.float32)
         return torch.mm(a, b, out_dtype=torch.float32)
-    out = a.float() @ b.float()  # bf16 -> fp32 is exact, and so are the products of two bf16 values
-    return out if add is None else out + add
+    return a.float() @ b.float()  # bf16 -> fp32 is exact, and so are the products of two bf16 values
 
 
 class SplitLinear(nn.Module):
@@ -180,31 +174,23 @@ class SplitLinear(nn.Module):
             bias = F.pad(bias.detach(), (0, pad)) if bias is not None else None
         self.register_buffer("weight_split", split_operand(weight, True, self.kind, bias), persistent=False)
 
-    def forward(self, x: torch.Tensor, gelu: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The layer's product of ``x`` (of GELU(x) with ``gelu``: see SplitMlp), plus ``residual``
-        if given (a block's skip connection: in the bf16 product itself, see ``_mm_fp32``)."""
+    def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+        """The layer's product of ``x`` (of GELU(x) with ``gelu``: see SplitMlp)."""
         # traced graphs (ONNX, torch.export for AOTInductor) keep the plain layer: they have one
         # TF32 setting for the whole graph, so a split product would run as three IEEE ones
         if torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
             x = x if self.in_norm is None else self.in_norm(x)
             out = self.linear(F.gelu(x) if gelu else x)
-            out = out if self.out_scale is None else out * self.out_scale
-            return out if residual is None else residual + out
+            return out if self.out_scale is None else out * self.out_scale
         if self.kind == "tf32x3":
             x = x if self.in_norm is None else self.in_norm(x)
             with tf32_switches(True):
                 x = F.gelu(x) if gelu else x
                 bias = self.linear.bias if self.out_scale is None else self.bias_scaled
-                out = F.linear(split_operand(x, False, self.kind), self.weight_split, bias)
-            return out if residual is None else residual + out
+                return F.linear(split_operand(x, False, self.kind), self.weight_split, bias)
         xs = laid_out(x, torch.bfloat16, "hth", self.ones, gelu, self.in_norm)
-        rows = xs.reshape(-1, xs.shape[-1])
-        fused = residual is not None and self.out_features == self.weight_split.shape[0] \
-            and residual.dtype == torch.float32 and residual.shape == (*x.shape[:-1], self.out_features)
-        add = residual.reshape(rows.shape[0], self.out_features) if fused else None
-        out = _mm_fp32(rows, self.weight_split.t(), add)[:, :self.out_features]
-        out = out.reshape(*x.shape[:-1], self.out_features)
-        return out if residual is None or fused else residual + out
+        out = _mm_fp32(xs.reshape(-1, xs.shape[-1]), self.weight_split.t())[:, :self.out_features]
+        return out.reshape(*x.shape[:-1], self.out_features)
 
 
 class SplitMlp(nn.Module):
@@ -217,8 +203,8 @@ class SplitMlp(nn.Module):
         self.fc1 = SplitLinear(mlp.fc1, kind)
         self.fc2 = SplitLinear(mlp.fc2, kind)
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.fc2(self.fc1(x), gelu=True, residual=residual)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.fc1(x), gelu=True)
 
 
 def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -241,8 +227,7 @@ def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
 
 class SplitAttention(nn.Module):
     """roma_full's ``Attention`` with split products: its linear layers (``SplitLinear``) and, for
-    ``bf16x3-flash``, the attention itself (``split_attention``; other kinds run roma_full's
-    attention); shares the module's weights. ``residual`` is added inside the proj product."""
+    ``bf16x3-flash``, the attention itself (``split_attention``); shares the module's weights."""
 
     def __init__(self, attention: Attention, kind: str):
         super().__init__()
@@ -252,35 +237,13 @@ class SplitAttention(nn.Module):
         self.proj = SplitLinear(attention.proj, kind)
         self.flash = kind == "bf16x3-flash"
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.flash or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+            return Attention.forward(self, x)  # type: ignore[arg-type]  # same attributes
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        if not self.flash or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
-            out = attention(qkv[0], qkv[1], qkv[2], self.scale)
-        else:
-            out = split_attention(qkv[0], qkv[1], qkv[2], self.scale)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c), residual=residual)
-
-
-class SplitBlock(nn.Module):
-    """A pre-norm transformer block (DINOv2's, LayerScales folded; the decoder's) whose two skip
-    connections are added inside the split products that end each branch (attention's proj and
-    the MLP's fc2): 58 elementwise passes a roma_plus pair fewer (DINOv2's 48, the decoder's 10)."""
-
-    def __init__(self, norm1: nn.Module, attn: nn.Module, norm2: nn.Module, mlp: nn.Module):
-        super().__init__()
-        self.norm1, self.attn, self.norm2, self.mlp = norm1, attn, norm2, mlp
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _branch(self.attn, self.norm1(x), x)
-        return _branch(self.mlp, self.norm2(x), x)
-
-
-def _branch(module: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """residual + module(x), the sum inside the module's last split product where it has one."""
-    if isinstance(module, (SplitAttention, SplitMlp)):
-        return module(x, residual=residual)
-    return residual + module(x)
+        out = split_attention(qkv[0], qkv[1], qkv[2], self.scale)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
 def split_linears(module: nn.Module, kind: str = "tf32x3") -> nn.Module:
@@ -292,15 +255,12 @@ def split_linears(module: nn.Module, kind: str = "tf32x3") -> nn.Module:
         raise ValueError(f"split kind {kind!r}: one of {', '.join(KINDS)}")
     if isinstance(module, nn.Linear):
         return SplitLinear(module, kind)
-    if isinstance(module, Attention):
+    if isinstance(module, Attention) and kind == "bf16x3-flash":
         return SplitAttention(module, kind)
     if isinstance(module, Mlp) and isinstance(module.act, nn.GELU) and module.act.approximate == "none":
         return SplitMlp(module, kind)
     if isinstance(module, Block):  # DINOv2's: LayerScale folded into proj and fc2
         return _split_block(module, kind)
-    if isinstance(module, DecoderBlock):
-        return _residual_block(module.norm1, split_linears(module.attn, kind), module.norm2,
-                               split_linears(module.mlp, kind))
     out = shallow_module_copy(module)
     for name, child in module.named_children():
         out._modules[name] = split_linears(child, kind)
@@ -322,12 +282,7 @@ def _split_block(block: Block, kind: str) -> nn.Module:
                 and len(norm.normalized_shape) == 1:
             owner._modules[name] = SplitLinear(getattr(owner, name).linear, kind, in_norm=norm)
             out._modules["norm1" if norm is block.norm1 else "norm2"] = nn.Identity()
-    return _residual_block(out.norm1, out.attn, out.norm2, out.mlp)
-
-
-def _residual_block(norm1: nn.Module, attn: nn.Module, norm2: nn.Module, mlp: nn.Module) -> nn.Module:
-    """The block as a ``SplitBlock`` (same layers): its skip connections ride in the split products."""
-    return SplitBlock(norm1, attn, norm2, mlp)
+    return out
 
 
 _COPY_ATTR = "_matchrt_split_products"  # where split_copy keeps a module's copies (a plain attribute)
