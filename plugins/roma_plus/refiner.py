@@ -228,10 +228,12 @@ def pointwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """A 1 x 1 convolution; under torch.compile (not ONNX export) as a matrix product of the
     channels-last pixels with the C_out x C_in weight, which Inductor hands to cuBLAS.
 
-    Why: compiled, the refiners' 1 x 1 convolutions ran as cuDNN kernels chosen for
-    convolutions, slow at the narrow widths of scales 2 and 1 (144 and 24 channels: 2.4 ms of a
-    pair's 56 in session 14's H200 profile, 27 calls). Autocast rounds the operands as it does for
-    the convolution; the products accumulate in fp32 either way. The exported graph keeps the Conv.
+    Why: as convolutions, Inductor peels their bias off into a pass of its own (cuDNN is slower
+    with it), and cuDNN's kernels for the narrow widths of scale 2 were slow (0.77 ms / 9 calls in
+    session 14's H200 profile); as products cuBLAS adds the bias in its epilogue. Compiled
+    refiners + VGG went from 27.3 to 26.0 ms a pair (H200 profile, session 15). Autocast rounds
+    the operands as it does for the convolution; the products accumulate in fp32 either way.
+    The exported graph keeps the Conv.
     """
     if torch.onnx.is_in_onnx_export() or not torch.compiler.is_compiling():
         return conv(x)
@@ -315,6 +317,6 @@ def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
-__all__ = ["ConvRefiner", "REFINER_SPECS", "embed_displacement", "local_correlation", "pad_channels", "pointwise_conv",
-           "pixel_grid", "window_offsets", "upsample"]
+__all__ = ["ConvRefiner", "REFINER_SPECS", "embed_displacement", "local_correlation", "pad_channels",
+           "pointwise_conv", "pixel_grid", "window_offsets", "upsample"]
 
