@@ -22,11 +22,7 @@ from typing import Any
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only torch: split_attention keeps its SDPA call
-    triton = None
+from matchrt.triton_ops import op_runs_on, tl, triton  # None without Triton: split_attention keeps its SDPA call
 
 # head widths this kernel takes (a power of two: one tile); below 96 the threefold product fits
 # the fused kernels (3 x 64 = 192 for DINOv2), which are faster there
@@ -38,8 +34,7 @@ def usable(q: torch.Tensor) -> bool:
     importable, D a power of two in [MIN_HEAD, MAX_HEAD] (a threefold width the fused kernels
     do not take)?"""
     d = int(q.shape[-1])
-    return (triton is not None and q.is_cuda and q.dim() == 4 and MIN_HEAD <= d <= MAX_HEAD
-            and d & (d - 1) == 0 and not torch.onnx.is_in_onnx_export())
+    return op_runs_on(q) and q.dim() == 4 and MIN_HEAD <= d <= MAX_HEAD and d & (d - 1) == 0
 
 
 if triton is not None:

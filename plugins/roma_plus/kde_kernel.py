@@ -18,11 +18,7 @@ from typing import Any
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only torch: sampling.kde keeps its torch path
-    triton = None
+from matchrt.triton_ops import op_runs_on, tl, triton  # None without Triton: sampling.kde keeps its torch path
 
 # points of at most this many coordinates (RoMa's matches have 4: x_A, y_A, x_B, y_B)
 MAX_DIM = 8
@@ -30,7 +26,7 @@ MAX_DIM = 8
 
 def usable(x: torch.Tensor) -> bool:
     """Can this kernel take x (a CUDA N x D tensor, D <= MAX_DIM, Triton importable)?"""
-    return triton is not None and x.is_cuda and x.dim() == 2 and 1 <= x.shape[1] <= MAX_DIM and x.shape[0] > 0
+    return op_runs_on(x) and x.dim() == 2 and 1 <= x.shape[1] <= MAX_DIM and x.shape[0] > 0
 
 
 if triton is not None:
