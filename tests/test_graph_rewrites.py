@@ -683,6 +683,28 @@ def test_embed_displacement_matches_the_1x1_convolution() -> None:
     torch.testing.assert_close(half, conv(disp.half().float()), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("radius,size", [(1, (6, 9)), (2, (12, 10)), (3, (9, 13)), (7, (11, 11))])
+def test_window_correlation_equals_the_sampled_window(radius, size) -> None:
+    """The correlation from whole-pixel products equals GridSample's window of bilinear samples:
+    flow targets inside, near and beyond the image border (zeros padding), and targets exactly on
+    pixel centres (where a sample's right or lower neighbour has weight 0)."""
+    from matchrt.plugins.roma_plus.refiner import LocalCorrelation, window_correlation
+
+    torch.manual_seed(radius)
+    (h, w), (hb, wb) = size, size
+    feat_a, feat_b = torch.randn(2, 8, h, w), torch.randn(2, 8, hb, wb)
+    flow = torch.rand(2, 2, h, w) * 2.6 - 1.3  # about 15% of targets outside B
+    flow[1, 0] = (torch.randint(0, wb, (h, w)) * 2 + 1).float() / wb - 1  # pixel centres of B
+    flow[1, 1] = (torch.randint(0, hb, (h, w)) * 2 + 1).float() / hb - 1
+    want = LocalCorrelation(radius)(feat_a, feat_b, flow)
+    got = window_correlation(feat_a, feat_b, flow, radius)
+    assert got.shape == want.shape == (2, (2 * radius + 1) ** 2, h, w)
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
+    assert (want[0] == 0).any()  # windows that reach outside B
+    with pytest.raises(ValueError, match="one size"):  # steps follow A's grid: B of another size is refused
+        window_correlation(feat_a, torch.randn(2, 8, h + 1, w), flow, radius)
+
+
 def test_compiled_refiner_runs_its_1x1_convolutions_as_matrix_products() -> None:
     """Under torch.compile the refiner's 1 x 1 convolutions (block outputs and the head) become
     matrix products over channels-last pixels, with the eager refiner's outputs (fp32 rounding);
@@ -707,6 +729,7 @@ def test_compiled_refiner_runs_its_1x1_convolutions_as_matrix_products() -> None
     convs = [c for c in calls if "conv" in c]
     assert sum("linear" in c for c in calls) == 1 + 1 + 8  # block1, eight hidden blocks, the head
     assert len(convs) == 9  # the depth-wise convolutions only
+    assert sum("grid_sample" in c for c in calls) == 1  # B's warped features; the correlation gathers pixels
     conv = nn.Conv2d(6, 4, 1)
     x = torch.randn(1, 6, 3, 5)
     with torch.no_grad():

@@ -69,7 +69,8 @@ def pixel_grid(batch: int, height: int, width: int, device: torch.device) -> tor
 def window_offsets(radius: int, height: int, width: int, device: torch.device) -> torch.Tensor:
     """The (2r+1)^2 offsets of the correlation window in normalised units, K x 2 (x, y), row-major.
 
-    The step is 4/H (two pixels of the level) as upstream: the window spans +-2r pixels.
+    The span is +-2r/H (normalised) as upstream, in steps of 2/H: one pixel of the level, so the
+    window covers +-r pixels around the flow target.
     """
     height, width = int(height), int(width)  # traced shapes -> constants
     n = 2 * radius + 1
@@ -133,6 +134,49 @@ class LocalCorrelation(nn.Module):
         return corr.permute(0, 3, 1, 2)
 
 
+def window_correlation(feat_a: torch.Tensor, feat_b: torch.Tensor, flow: torch.Tensor, radius: int) -> torch.Tensor:
+    """``LocalCorrelation(radius)``'s output from the (2r+2)^2 whole pixels around each flow target.
+
+    Why: the window's offsets are whole pixels, so all (2r+1)^2 bilinear samples of one A pixel
+    share the same fractional weights and their 4 (2r+1)^2 corner reads overlap. This form takes
+    one product per distinct pixel (2r+2)^2 (256 instead of 900 reads of B's C channels at
+    radius 7, 64 instead of 196 at 3, 36 instead of 100 at 2), then combines the window's
+    products with the bilinear weights. Out-of-image pixels contribute 0, as GridSample's zeros
+    padding. The window positions come from one coordinate per pixel rather than one per offset,
+    so results differ from GridSample's by float rounding only (fp32 products and sums, as there).
+    Used by compiled refiners, where Inductor fuses the gather, product and sum over channels into
+    one pass (the gathered features are never written); eager runs and ONNX keep GridSample.
+    A and B must have the same size (the window's step is one pixel of A's grid).
+    """
+    b, c, h, w = (int(v) for v in feat_a.shape)
+    hb, wb = (int(v) for v in feat_b.shape[-2:])
+    if (hb, wb) != (h, w):
+        raise ValueError(f"window_correlation needs A and B features of one size, got {h}x{w} and {hb}x{wb}: "
+                         "use LocalCorrelation, whose window steps follow A's grid")
+    m = 2 * radius + 2  # whole pixels per window axis
+    f = flow.float()
+    # GridSample's unnormalisation (align_corners=False) of the window centre
+    ix = ((f[:, 0] + 1) * wb - 1) / 2
+    iy = ((f[:, 1] + 1) * hb - 1) / 2
+    x0, y0 = torch.floor(ix), torch.floor(iy)
+    tx, ty = ix - x0, iy - y0  # B x H x W, shared by every offset
+    steps = torch.arange(m, device=flow.device) - radius
+    xs = x0.long()[..., None] + steps  # B x H x W x m
+    ys = y0.long()[..., None] + steps
+    inside = ((xs >= 0) & (xs < wb))[..., None, :] & ((ys >= 0) & (ys < hb))[..., :, None]  # B x H x W x m x m
+    index = (ys.clamp(0, hb - 1) * wb)[..., :, None] + xs.clamp(0, wb - 1)[..., None, :]
+    rows = feat_b.permute(0, 2, 3, 1).reshape(b, hb * wb, c)  # B x HW x C
+    picked = rows[torch.arange(b, device=flow.device)[:, None], index.reshape(b, -1)]  # B x (H W m m) x C
+    scaled_a = feat_a.float().permute(0, 2, 3, 1).reshape(b, h * w, 1, c) / (c ** 0.5)
+    dots = (scaled_a * picked.reshape(b, h * w, m * m, c).float()).sum(dim=-1)  # B x HW x m m
+    dots = torch.where(inside.reshape(b, h * w, m * m), dots, 0.0).reshape(b, h, w, m, m)
+    tx, ty = tx[..., None, None], ty[..., None, None]
+    n = m - 1
+    corr = ((1 - ty) * ((1 - tx) * dots[..., :n, :n] + tx * dots[..., :n, 1:])
+            + ty * ((1 - tx) * dots[..., 1:, :n] + tx * dots[..., 1:, 1:]))  # B x H x W x n x n
+    return corr.reshape(b, h, w, n * n).permute(0, 3, 1, 2)
+
+
 def local_correlation(feat_a: torch.Tensor, feat_b: torch.Tensor, flow: torch.Tensor, radius: int) -> torch.Tensor:
     """Functional form of ``LocalCorrelation(radius)``."""
     return LocalCorrelation(radius)(feat_a, feat_b, flow)
@@ -187,7 +231,10 @@ class ConvRefiner(nn.Module):
         emb = embed_displacement(self.disp_emb, self.displacement(flow, scale_factor))
         parts = [feat_a, warped_b.to(dtype), emb.to(dtype)]
         if self.corr is not None:
-            parts.append(self.corr(feat_a, feat_b, flow).to(dtype))
+            compiled = torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export() \
+                and feat_a.shape[-2:] == feat_b.shape[-2:]
+            corr = window_correlation(feat_a, feat_b, flow, self.radius) if compiled else self.corr(feat_a, feat_b, flow)
+            parts.append(corr.to(dtype))
         extra = self.block1[0].in_channels - sum(int(p.shape[1]) for p in parts)
         if extra > 0:  # channels padded by `pad_channels`: zeros, which every layer keeps at zero
             b, _, h, w = (int(v) for v in feat_a.shape)
@@ -318,5 +365,5 @@ def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 __all__ = ["ConvRefiner", "REFINER_SPECS", "embed_displacement", "local_correlation", "pad_channels",
-           "pointwise_conv", "pixel_grid", "window_offsets", "upsample"]
+           "pointwise_conv", "pixel_grid", "window_correlation", "window_offsets", "upsample"]
 
