@@ -705,35 +705,6 @@ def test_window_correlation_equals_the_sampled_window(radius, size) -> None:
         window_correlation(feat_a, torch.randn(2, 8, h + 1, w), flow, radius)
 
 
-@pytest.mark.parametrize("radius,channels", [(2, 64), (3, 24), (7, 16)])
-def test_pixel_dots_kernel_gives_the_window_correlation(radius, channels, monkeypatch) -> None:
-    """On CUDA (or Triton's interpreter) the whole-pixel products come from correlation_kernel: fp16
-    features (as autocast hands them over), targets inside, outside and on pixel centres, channel
-    counts that fill the channel block (64) and that do not (24, masked): GridSample's window."""
-    from matchrt.plugins.roma_plus import correlation_kernel
-    from matchrt.plugins.roma_plus.refiner import LocalCorrelation, window_correlation
-
-    interpreter = os.environ.get("TRITON_INTERPRET") == "1"
-    if correlation_kernel.triton is None or not (torch.cuda.is_available() or interpreter):
-        pytest.skip("needs Triton on a GPU, or TRITON_INTERPRET=1")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":  # the interpreter runs the kernel on CPU tensors
-        monkeypatch.setattr(correlation_kernel, "usable", lambda feat: True)
-    torch.manual_seed(radius)
-    h, w = 9, 13
-    feat_a = torch.randn(2, channels, h, w).half().to(device)
-    feat_b = torch.randn(2, channels, h, w).half().to(device)
-    flow = torch.rand(2, 2, h, w) * 2.6 - 1.3
-    flow[1, 0] = (torch.randint(0, w, (h, w)) * 2 + 1).float() / w - 1
-    flow = flow.to(device)
-    assert correlation_kernel.usable(feat_a)
-    got = window_correlation(feat_a, feat_b, flow, radius)
-    want = LocalCorrelation(radius)(feat_a, feat_b, flow)
-    assert got.dtype == torch.float32
-    assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
-    assert (want[0] == 0).any()
-
-
 def test_compiled_refiner_runs_its_1x1_convolutions_as_matrix_products() -> None:
     """Under torch.compile the refiner's 1 x 1 convolutions (block outputs and the head) become
     matrix products over channels-last pixels, with the eager refiner's outputs (fp32 rounding);

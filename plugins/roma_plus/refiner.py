@@ -19,8 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import correlation_kernel
-
 # scale -> (feature channels after projection, displacement-embedding channels, correlation radius)
 REFINER_SPECS: dict[int, tuple[int, int, int]] = {
     16: (512, 128, 7),
@@ -146,9 +144,8 @@ def window_correlation(feat_a: torch.Tensor, feat_b: torch.Tensor, flow: torch.T
     products with the bilinear weights. Out-of-image pixels contribute 0, as GridSample's zeros
     padding. The window positions come from one coordinate per pixel rather than one per offset,
     so results differ from GridSample's by float rounding only (fp32 products and sums, as there).
-    Used by compiled refiners; the products come from ``correlation_kernel`` on CUDA, elsewhere
-    from a gather, product and sum that Inductor fuses into one pass (the gathered features are
-    never written). Eager runs and ONNX keep GridSample.
+    Used by compiled refiners, where Inductor fuses the gather, product and sum over channels into
+    one pass (the gathered features are never written); eager runs and ONNX keep GridSample.
     A and B must have the same size (the window's step is one pixel of A's grid).
     """
     b, c, h, w = (int(v) for v in feat_a.shape)
@@ -163,19 +160,16 @@ def window_correlation(feat_a: torch.Tensor, feat_b: torch.Tensor, flow: torch.T
     iy = ((f[:, 1] + 1) * hb - 1) / 2
     x0, y0 = torch.floor(ix), torch.floor(iy)
     tx, ty = ix - x0, iy - y0  # B x H x W, shared by every offset
-    if correlation_kernel.usable(feat_a):
-        dots = correlation_kernel.pixel_dots(feat_a, feat_b, x0, y0, radius)  # B x H x W x m x m
-    else:
-        steps = torch.arange(m, device=flow.device) - radius
-        xs = x0.long()[..., None] + steps  # B x H x W x m
-        ys = y0.long()[..., None] + steps
-        inside = ((xs >= 0) & (xs < wb))[..., None, :] & ((ys >= 0) & (ys < hb))[..., :, None]  # B x H x W x m x m
-        index = (ys.clamp(0, hb - 1) * wb)[..., :, None] + xs.clamp(0, wb - 1)[..., None, :]
-        rows = feat_b.permute(0, 2, 3, 1).reshape(b, hb * wb, c)  # B x HW x C
-        picked = rows[torch.arange(b, device=flow.device)[:, None], index.reshape(b, -1)]  # B x (H W m m) x C
-        scaled_a = feat_a.float().permute(0, 2, 3, 1).reshape(b, h * w, 1, c) / (c ** 0.5)
-        dots = (scaled_a * picked.reshape(b, h * w, m * m, c).float()).sum(dim=-1)  # B x HW x m m
-        dots = torch.where(inside.reshape(b, h * w, m * m), dots, 0.0).reshape(b, h, w, m, m)
+    steps = torch.arange(m, device=flow.device) - radius
+    xs = x0.long()[..., None] + steps  # B x H x W x m
+    ys = y0.long()[..., None] + steps
+    inside = ((xs >= 0) & (xs < wb))[..., None, :] & ((ys >= 0) & (ys < hb))[..., :, None]  # B x H x W x m x m
+    index = (ys.clamp(0, hb - 1) * wb)[..., :, None] + xs.clamp(0, wb - 1)[..., None, :]
+    rows = feat_b.permute(0, 2, 3, 1).reshape(b, hb * wb, c)  # B x HW x C
+    picked = rows[torch.arange(b, device=flow.device)[:, None], index.reshape(b, -1)]  # B x (H W m m) x C
+    scaled_a = feat_a.float().permute(0, 2, 3, 1).reshape(b, h * w, 1, c) / (c ** 0.5)
+    dots = (scaled_a * picked.reshape(b, h * w, m * m, c).float()).sum(dim=-1)  # B x HW x m m
+    dots = torch.where(inside.reshape(b, h * w, m * m), dots, 0.0).reshape(b, h, w, m, m)
     tx, ty = tx[..., None, None], ty[..., None, None]
     n = m - 1
     corr = ((1 - ty) * ((1 - tx) * dots[..., :n, :n] + tx * dots[..., :n, 1:])
