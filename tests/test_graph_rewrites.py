@@ -638,12 +638,23 @@ def test_piece_kernel_layer_norm_writes_the_pieces_of_torch_s_layer_norm() -> No
 
 
 @pytest.mark.parametrize("kind", ["tf32x3", "bf16x3-flash"])
-def test_split_dinov2_block_folds_its_layer_scales(kind: str) -> None:
+def test_split_dinov2_block_folds_its_layer_scales(kind: str, monkeypatch) -> None:
     """DINOv2's block in split form: LayerScale gamma folded into proj and fc2 (the copy's ls1 and
     ls2 are identities), the same function within the split products' precision, the weights
-    shared; traced (as for ONNX or torch.export) the plain layers apply gamma themselves."""
+    shared, each product's split weights built once (four per block: the model's load time);
+    traced (as for ONNX or torch.export) the plain layers apply gamma themselves."""
     from matchrt.plugins.roma_full.dinov2 import Block
+    from matchrt.plugins.roma_plus import split_products
     from matchrt.plugins.roma_plus.split_products import split_linears
+
+    built = []
+    original_init = split_products.SplitLinear.__init__
+
+    def counting_init(self, linear, *args, **kwargs):
+        built.append(linear)
+        original_init(self, linear, *args, **kwargs)
+
+    monkeypatch.setattr(split_products.SplitLinear, "__init__", counting_init)
 
     torch.manual_seed(3)
     block = Block(64, 4)
@@ -654,6 +665,7 @@ def test_split_dinov2_block_folds_its_layer_scales(kind: str) -> None:
     exact = block.double()(x.double())
     block.float()
     split = split_linears(block, kind)
+    assert sorted(map(id, built)) == sorted(map(id, (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2)))
     assert isinstance(split.ls1, nn.Identity) and isinstance(split.ls2, nn.Identity)
     # the LayerNorms move into the products after them (applied where those split their input)
     assert isinstance(split.norm1, nn.Identity) and isinstance(split.norm2, nn.Identity)

@@ -30,7 +30,7 @@ keeps the plain fp32 layers.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -198,10 +198,10 @@ class SplitMlp(nn.Module):
     fc2 splits its input (one pass over the hidden activations instead of two: 29 GELU passes, 0.72
     ms a pair in the H200 profile of session 12); shares the module's weights."""
 
-    def __init__(self, mlp: Mlp, kind: str):
+    def __init__(self, mlp: Mlp, kind: str, folded: Optional[dict[int, dict[str, Any]]] = None):
         super().__init__()
-        self.fc1 = SplitLinear(mlp.fc1, kind)
-        self.fc2 = SplitLinear(mlp.fc2, kind)
+        self.fc1 = SplitLinear(mlp.fc1, kind, **_folded_into(mlp.fc1, folded))
+        self.fc2 = SplitLinear(mlp.fc2, kind, **_folded_into(mlp.fc2, folded))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.fc1(x), gelu=True)
@@ -229,12 +229,12 @@ class SplitAttention(nn.Module):
     """roma_full's ``Attention`` with split products: its linear layers (``SplitLinear``) and, for
     ``bf16x3-flash``, the attention itself (``split_attention``); shares the module's weights."""
 
-    def __init__(self, attention: Attention, kind: str):
+    def __init__(self, attention: Attention, kind: str, folded: Optional[dict[int, dict[str, Any]]] = None):
         super().__init__()
         self.heads = attention.heads
         self.scale = attention.scale
-        self.qkv = SplitLinear(attention.qkv, kind)
-        self.proj = SplitLinear(attention.proj, kind)
+        self.qkv = SplitLinear(attention.qkv, kind, **_folded_into(attention.qkv, folded))
+        self.proj = SplitLinear(attention.proj, kind, **_folded_into(attention.proj, folded))
         self.flash = kind == "bf16x3-flash"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -246,42 +246,62 @@ class SplitAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
-def split_linears(module: nn.Module, kind: str = "tf32x3") -> nn.Module:
+def _folded_into(linear: nn.Module, folded: Optional[dict[int, dict[str, Any]]]) -> dict[str, Any]:
+    """The ``SplitLinear`` arguments (``out_scale``, ``in_norm``) that ``folded`` holds for ``linear``."""
+    return (folded or {}).get(id(linear), {})
+
+
+def split_linears(module: nn.Module, kind: str = "tf32x3",
+                  folded: Optional[dict[int, dict[str, Any]]] = None) -> nn.Module:
     """A copy of ``module`` sharing its parameters, every ``nn.Linear`` in it a ``SplitLinear``,
     every roma_full ``Mlp`` with an exact GELU a ``SplitMlp`` (and, for ``bf16x3-flash``, every
     roma_full ``Attention`` a ``SplitAttention``); DINOv2 blocks fold their LayerScales into the
-    products before them."""
+    products before them. ``folded`` maps ``id(linear)`` to the ``SplitLinear`` arguments that
+    fold a neighbour into that layer (DINOv2 blocks pass their LayerScales and LayerNorms)."""
     if kind not in KINDS:
         raise ValueError(f"split kind {kind!r}: one of {', '.join(KINDS)}")
     if isinstance(module, nn.Linear):
-        return SplitLinear(module, kind)
+        return SplitLinear(module, kind, **_folded_into(module, folded))
     if isinstance(module, Attention) and kind == "bf16x3-flash":
-        return SplitAttention(module, kind)
+        return SplitAttention(module, kind, folded)
     if isinstance(module, Mlp) and isinstance(module.act, nn.GELU) and module.act.approximate == "none":
-        return SplitMlp(module, kind)
+        return SplitMlp(module, kind, folded)
     if isinstance(module, Block):  # DINOv2's: LayerScale folded into proj and fc2
         return _split_block(module, kind)
     out = shallow_module_copy(module)
     for name, child in module.named_children():
-        out._modules[name] = split_linears(child, kind)
+        out._modules[name] = split_linears(child, kind, folded)
     return out
+
+
+def _foldable_norm(norm: nn.Module) -> bool:
+    """A LayerNorm over the last axis with weight and bias (what the piece kernel applies)."""
+    return (isinstance(norm, nn.LayerNorm) and norm.elementwise_affine and norm.bias is not None
+            and len(norm.normalized_shape) == 1)
 
 
 def _split_block(block: Block, kind: str) -> nn.Module:
     """DINOv2's block with split products, each LayerScale folded into the product before it
     (attention's proj, the MLP's fc2: 48 elementwise passes less per DINOv2 call) and each
-    LayerNorm applied where the product after it (qkv, fc1) splits its input (48 passes less)."""
+    LayerNorm applied where the product after it (qkv, fc1) splits its input (48 passes less).
+    Each product's split weights are built once, with what is folded into them."""
+    folded: dict[int, dict[str, Any]] = {id(block.attn.proj): {"out_scale": block.ls1.gamma},
+                                         id(block.mlp.fc2): {"out_scale": block.ls2.gamma}}
+    for norm, linear in ((block.norm1, block.attn.qkv), (block.norm2, block.mlp.fc1)):
+        if _foldable_norm(norm):
+            folded[id(linear)] = {"in_norm": norm}
     out = shallow_module_copy(block)
-    attn = split_linears(block.attn, kind)
-    attn._modules["proj"] = SplitLinear(block.attn.proj, kind, out_scale=block.ls1.gamma)
-    mlp = split_linears(block.mlp, kind)
-    mlp._modules["fc2"] = SplitLinear(block.mlp.fc2, kind, out_scale=block.ls2.gamma)
-    out._modules.update(attn=attn, ls1=nn.Identity(), mlp=mlp, ls2=nn.Identity())
-    for norm, owner, name in ((block.norm1, attn, "qkv"), (block.norm2, mlp, "fc1")):
-        if isinstance(norm, nn.LayerNorm) and norm.elementwise_affine and norm.bias is not None \
-                and len(norm.normalized_shape) == 1:
-            owner._modules[name] = SplitLinear(getattr(owner, name).linear, kind, in_norm=norm)
-            out._modules["norm1" if norm is block.norm1 else "norm2"] = nn.Identity()
+    attn = split_linears(block.attn, kind, folded)
+    mlp = split_linears(block.mlp, kind, folded)
+    out._modules.update(attn=attn, mlp=mlp)
+    # a neighbour the product took in becomes an Identity (indices and names stay)
+    for name, owner, layer, field, value in (("ls1", attn, "proj", "out_scale", block.ls1.gamma),
+                                             ("ls2", mlp, "fc2", "out_scale", block.ls2.gamma),
+                                             ("norm1", attn, "qkv", "in_norm", block.norm1),
+                                             ("norm2", mlp, "fc1", "in_norm", block.norm2)):
+        product = getattr(owner, layer, None)
+        if isinstance(product, SplitLinear) and getattr(product, field) is value:
+            out._modules[name] = nn.Identity()
     return out
 
 
