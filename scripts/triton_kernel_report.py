@@ -26,7 +26,7 @@ from triton.compiler import ASTSource
 from matchrt import depthwise
 from matchrt.plugins.eloftr import candidate_kernel, lse_kernel
 from matchrt.plugins.roma_plus import attention_kernel, kde_kernel, piece_kernel
-from matchrt.plugins.roma_plus.split_products import extra_columns
+from matchrt.plugins.roma_plus.split_products import BIAS_PIECES, extra_columns
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -79,36 +79,32 @@ def report(name: str, kernel: Any, args: dict[str, Any], constants: dict[str, An
             f"loads {dict(loads)}, stores {dict(stores)}")
 
 
-def depthwise_rows() -> list[str]:
-    out = []
-    shapes = [(1384, 35), (1144, 70), (576, 140), (144, 280), (24, 560), (1144, 108), (576, 216), (144, 432),
-              (24, 864)]
-    for c, s in shapes:  # roma_plus's refiners: 5 x 5, stride 1, padding 2, + bias, ReLU, fp16
-        bc, bh, bw = depthwise.tiles(c, s)
-        consts = dict(C=c, K=5, STRIDE=1, PAD=2, HAS_BIAS=True, RELU=True, ROUND_X=False, BLOCK_C=bc, BLOCK_H=bh,
-                      BLOCK_W=bw)
-        if "EVEN_C" in depthwise._depthwise_kernel.arg_names:
-            consts["EVEN_C"] = c % bc == 0
-        args = dict(x_ptr="*fp16", w_ptr="*fp32", b_ptr="*fp32", y_ptr="*fp16", H=s, W=s, HO=s, WO=s,
-                    tiles_w=-(-s // bw))
-        out.append(report(f"depthwise 5x5 {c} x {s}^2 {(bc, bh, bw)}", depthwise._depthwise_kernel, args, consts, 4))
-    c, s = 256, 104  # eloftr 832's query pooling: 4 x 4, stride 4, no bias
-    bc, bh, bw = depthwise.tiles(c, s // 4)
-    consts = dict(C=c, K=4, STRIDE=4, PAD=0, HAS_BIAS=False, RELU=False, ROUND_X=False, BLOCK_C=bc, BLOCK_H=bh,
-                  BLOCK_W=bw)
+def depthwise_row(c: int, s: int, k: int, stride: int, pad: int, bias: bool, relu: bool, label: str) -> str:
+    """matchrt.depthwise over a 2 x c x s x s fp16 channels-last input, with the tiles it picks."""
+    out_size = depthwise.output_size(s, k, stride, pad)
+    bc, bh, bw = depthwise.tiles(c, out_size)
+    consts = dict(C=c, K=k, STRIDE=stride, PAD=pad, HAS_BIAS=bias, RELU=relu, ROUND_X=False, BLOCK_C=bc,
+                  BLOCK_H=bh, BLOCK_W=bw)
     if "EVEN_C" in depthwise._depthwise_kernel.arg_names:
         consts["EVEN_C"] = c % bc == 0
-    args = dict(x_ptr="*fp16", w_ptr="*fp32", b_ptr="*fp32", y_ptr="*fp16", H=s, W=s, HO=s // 4, WO=s // 4,
-                tiles_w=-(-(s // 4) // bw))
-    out.append(report(f"depthwise 4x4/4 {c} x {s}^2 (eloftr)", depthwise._depthwise_kernel, args, consts, 4))
-    return out
+    args = dict(x_ptr="*fp16", w_ptr="*fp32", b_ptr="*fp32", y_ptr="*fp16", H=s, W=s, HO=out_size, WO=out_size,
+                tiles_w=-(-out_size // bw))
+    return report(f"{label} {c} x {s}^2 {(bc, bh, bw)}", depthwise._depthwise_kernel, args, consts, 4)
+
+
+def depthwise_rows() -> list[str]:
+    shapes = [(1384, 35), (1144, 70), (576, 140), (144, 280), (24, 560), (1144, 108), (576, 216), (144, 432),
+              (24, 864)]
+    # roma_plus's refiners: 5 x 5, stride 1, padding 2, + bias, ReLU; eloftr 832's query pooling: 4 x 4, stride 4
+    return ([depthwise_row(c, s, 5, 1, 2, True, True, "depthwise 5x5") for c, s in shapes]
+            + [depthwise_row(256, 104, 4, 4, 0, False, False, "depthwise 4x4/4 (eloftr)")])
 
 
 def piece_rows() -> list[str]:
     out = []
-    for name, k, ones, gelu, norm in (("qkv / fc1 input, LayerNorm", 1024, 3, False, True),
-                                      ("proj input", 1024, 3, False, False),
-                                      ("fc2 input, GELU", 4096, 3, True, False),
+    for name, k, ones, gelu, norm in (("qkv / fc1 input, LayerNorm", 1024, BIAS_PIECES, False, True),
+                                      ("proj input", 1024, BIAS_PIECES, False, False),
+                                      ("fc2 input, GELU", 4096, BIAS_PIECES, True, False),
                                       ("attention operand", 64, 0, False, False)):
         width = 3 * k
         out_width = width + extra_columns(width, ones)
