@@ -61,9 +61,12 @@ if triton is not None:
     def _depthwise_kernel(x_ptr, w_ptr, b_ptr, y_ptr, H, W, HO, WO, tiles_w, C: tl.constexpr, K: tl.constexpr,
                           STRIDE: tl.constexpr, PAD: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
                           ROUND_X: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
-                          BLOCK_W: tl.constexpr):
+                          BLOCK_W: tl.constexpr, EVEN_C: tl.constexpr):
         # channels-last input and output: a pixel's C channels are contiguous, and C is a
         # compile-time constant, so the compiler knows each pixel's alignment and loads whole vectors
+        # (EVEN_C: the channels fill the blocks, no channel mask that would split them). The kernel
+        # rows are a loop, not unrolled: unrolled, the 25 taps' loads were hoisted together and took
+        # all 255 registers with spills (ptxas, sm_90, 576 channels); as a loop about 106.
         tile = tl.program_id(0)
         b = tl.program_id(2).to(tl.int64)
         p = tl.arange(0, BLOCK_H * BLOCK_W)
@@ -71,25 +74,34 @@ if triton is not None:
         ow = (tile % tiles_w) * BLOCK_W + p % BLOCK_W
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = c < C
-        x_base = x_ptr + b * H * W * C + c[None, :]
+        ih0 = oh * STRIDE - PAD
+        iw0 = ow * STRIDE - PAD
+        src0 = x_ptr + b * H * W * C + c[None, :] + ((ih0 * W + iw0) * C)[:, None]  # each tap: + one scalar
         acc = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_C), dtype=tl.float32)
-        for ky in tl.static_range(K):
-            ih = oh * STRIDE + (ky - PAD)
+        for ky in range(K):
+            ih = ih0 + ky
             h_ok = (ih >= 0) & (ih < H)
             for kx in tl.static_range(K):
-                iw = ow * STRIDE + (kx - PAD)
+                iw = iw0 + kx
                 ok = h_ok & (iw >= 0) & (iw < W)
-                x = tl.load(x_base + ((ih * W + iw) * C)[:, None], mask=ok[:, None] & c_ok[None, :], other=0.0)
+                src = src0 + (ky * W + kx) * C
+                if EVEN_C:
+                    x = tl.load(src, mask=ok[:, None], other=0.0)
+                else:
+                    x = tl.load(src, mask=ok[:, None] & c_ok[None, :], other=0.0)
                 if ROUND_X:  # autocast's cast of the input, done in registers
                     x = x.to(y_ptr.dtype.element_ty)
-                w = tl.load(w_ptr + c * (K * K) + (ky * K + kx), mask=c_ok, other=0.0)
+                w = tl.load(w_ptr + (ky * K + kx) * C + c, mask=c_ok, other=0.0)  # taps stored K*K x C
                 acc += x.to(tl.float32) * w[None, :]
         if HAS_BIAS:
             acc += tl.load(b_ptr + c, mask=c_ok, other=0.0)[None, :]
         if RELU:
             acc = tl.maximum(acc, 0.0)
         out = y_ptr + b * HO * WO * C + ((oh * WO + ow) * C)[:, None] + c[None, :]
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=((oh < HO) & (ow < WO))[:, None] & c_ok[None, :])
+        if EVEN_C:
+            tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=((oh < HO) & (ow < WO))[:, None])
+        else:
+            tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=((oh < HO) & (ow < WO))[:, None] & c_ok[None, :])
 
     def _launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int, padding: int,
                 relu: bool, dtype: torch.dtype, launcher: Any, block: Optional[tuple[int, int, int]] = None,
@@ -100,7 +112,7 @@ if triton is not None:
         ho, wo = output_size(h, k, stride, padding), output_size(w, k, stride, padding)
         y = torch.empty_strided((n, c, ho, wo), (c * ho * wo, 1, wo * c, c), dtype=dtype, device=x.device)
         # weights and bias rounded to the compute dtype as autocast casts them, then read in fp32
-        taps = weight.reshape(c, k * k).to(dtype).float().contiguous()
+        taps = weight.reshape(c, k * k).to(dtype).float().t().contiguous()  # K*K x C: a tap's channels in a row
         shift = bias.to(dtype).float().contiguous() if bias is not None else taps
         block_c, block_h, block_w = block or tiles(c, wo)
         tiles_w = triton.cdiv(wo, block_w)
@@ -108,7 +120,7 @@ if triton is not None:
         launcher(_depthwise_kernel)[grid](
             x, taps, shift, y, h, w, ho, wo, tiles_w, C=c, K=k, STRIDE=stride, PAD=padding,
             HAS_BIAS=bias is not None, RELU=relu, ROUND_X=x.dtype != dtype, BLOCK_C=block_c, BLOCK_H=block_h,
-            BLOCK_W=block_w, num_warps=warps)
+            BLOCK_W=block_w, EVEN_C=c % block_c == 0, num_warps=warps)
         return y
 
     @torch.library.triton_op(OP_NAME, mutates_args=())
