@@ -32,7 +32,8 @@ if triton is not None:
     def _pieces_kernel(x_ptr, out_ptr, norm_w_ptr, norm_b_ptr, eps, rows, k, d1, d2, s0, s1, s2, s3, out_width,
                        SLOTS: tl.constexpr, TAIL0: tl.constexpr, TAIL1: tl.constexpr, TAIL2: tl.constexpr,
                        ONES: tl.constexpr, EXTRA: tl.constexpr, EXTRA_BLOCK: tl.constexpr,
-                       GELU: tl.constexpr, NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                       GELU: tl.constexpr, NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                       ROW_ALIGN: tl.constexpr):
         r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
         c = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         i2 = r % d2
@@ -53,7 +54,10 @@ if triton is not None:
         piece = out_ptr.dtype.element_ty
         head = x.to(piece)
         tail = (x - head.to(tl.float32)).to(piece)  # exact difference, rounded once on the store
-        dst = out_ptr + r[:, None] * out_width + c[None, :]
+        # ROW_ALIGN: what out_width is a multiple of, told to the compiler: Triton only infers
+        # multiples of 16 from an integer argument, and rows of 3k + 8m elements (pieces, bias
+        # ones, padding) would otherwise be stored one 2-byte element at a time
+        dst = out_ptr + tl.multiple_of(r * out_width, ROW_ALIGN)[:, None] + c[None, :]
         tl.store(dst, tail if TAIL0 else head, mask=mask)
         if SLOTS > 1:
             tl.store(dst + k, tail if TAIL1 else head, mask=mask)
@@ -70,6 +74,12 @@ if triton is not None:
 
 # rows of at most this many elements can be layer-normalised in the pass (one program per row block)
 NORM_MAX = 8192
+
+
+def row_alignment(width: int) -> int:
+    """The largest power of two up to 16 that divides ``width``: what the kernel may assume of its
+    output rows' starts (in elements), so that it stores whole 16-byte vectors."""
+    return width & -width if width % 16 else 16
 
 
 def write_pieces(x: torch.Tensor, out: torch.Tensor, order: str, ones: int, gelu: bool = False,
@@ -95,8 +105,9 @@ def write_pieces(x: torch.Tensor, out: torch.Tensor, order: str, ones: int, gelu
                          strides[0], strides[1], strides[2], strides[3], int(out.shape[-1]), SLOTS=slots, TAIL0=tails[0], TAIL1=tails[1], TAIL2=tails[2],
                          ONES=ones, EXTRA=extra, EXTRA_BLOCK=triton.next_power_of_2(max(extra, 1)),
                          GELU=gelu, NORM=norm is not None, BLOCK_R=block_r, BLOCK_K=block_k,
+                         ROW_ALIGN=row_alignment(int(out.shape[-1])),
                          num_warps=4 if block_k * block_r <= 4096 else 8)
     return out
 
 
-__all__ = ["NORM_MAX", "usable", "write_pieces"]
+__all__ = ["NORM_MAX", "row_alignment", "usable", "write_pieces"]
