@@ -31,6 +31,10 @@ Variants (the model's own precision policy, ``coarse_precision``):
     fp32-noise               strict fp32 with +-0.5/255 noise on the images (8-bit quantisation):
                              how much the weights themselves move under a negligible input change
     fp16-forced              fp16 refiners fed the reference's coarse prediction: their own error
+    sim-w16, sim-wbf16, sim-x16  simulations: the default run with strict fp32 coarse regions, but the
+                             weights (w16, wbf16) or the inputs (x16) of the linear layers of DINOv2
+                             and the decoder rounded to fp16 / bf16: which operand's rounding moves the
+                             coarse arg-max, i.e. which one a two-piece split product must keep exact
 
 Exit status 1 when the default fp16 warp strays more than --tolerance from fp32 anywhere.
 
@@ -43,11 +47,12 @@ Usage (GPU):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -72,7 +77,14 @@ VARIANTS: dict[str, tuple[Optional[torch.dtype], str, bool]] = {
     "tf32-reduced": (None, "reduced", True),
     "fp32-noise": (None, "fp32", False),
     "fp16-forced": (torch.float16, "reduced", False),
+    "sim-w16": (torch.float16, "fp32", False),
+    "sim-wbf16": (torch.float16, "fp32", False),
+    "sim-x16": (torch.float16, "fp32", False),
 }
+# simulated operand roundings of the linear layers of DINOv2 and the decoder, the rest strict fp32:
+# which operand's rounding moves the coarse arg-max (before building a two-piece split product)
+SIMULATED = {"sim-w16": ("weight", torch.float16), "sim-wbf16": ("weight", torch.bfloat16),
+             "sim-x16": ("input", torch.float16)}
 FLIP_MARGINS = (0, 1, 2, 4)  # coarse cells around a flipped cell left out of "kept"
 
 
@@ -100,6 +112,32 @@ def images(side: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     return out[0].to(device), out[1].to(device)
 
 
+@contextlib.contextmanager
+def simulated_rounding(model: nn.Module, variant: str) -> Iterator[None]:
+    """Round one operand of the linear layers of DINOv2 and the decoder (``SIMULATED``) for a run."""
+    if variant not in SIMULATED:
+        yield
+        return
+    operand, dtype = SIMULATED[variant]
+    linears = [m for part in (model.coarse.encoder, model.coarse.embedding_decoder)
+               for m in part.modules() if isinstance(m, nn.Linear)]
+    saved, handles = [], []
+    try:
+        for m in linears:
+            if operand == "weight":
+                saved.append(m.weight.data.clone())
+                m.weight.data.copy_(m.weight.data.to(dtype).float())
+            else:
+                handles.append(m.register_forward_pre_hook(
+                    lambda _m, args: (args[0].to(dtype).to(args[0].dtype),) + tuple(args[1:])))
+        yield
+    finally:
+        for m, w in zip(linears, saved):
+            m.weight.data.copy_(w)
+        for h in handles:
+            h.remove()
+
+
 def trace(model: nn.Module, inputs: list[torch.Tensor], variant: str,
           forced: Optional[dict[str, torch.Tensor]] = None) -> tuple[dict[str, torch.Tensor], float]:
     """Every stage's output of one run of ``variant`` ("fp32" = the reference)."""
@@ -117,7 +155,7 @@ def trace(model: nn.Module, inputs: list[torch.Tensor], variant: str,
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    with torch.inference_mode(), tf32_switches(allow_tf32), amp:
+    with torch.inference_mode(), tf32_switches(allow_tf32), amp, simulated_rounding(model, variant):
         pyr_q, pyr_s = model.pyramids(inputs[0], inputs[1])
         coarse = model.coarse_prediction(pyr_q[COARSE_SCALE], pyr_s[COARSE_SCALE])
         if variant == "fp16-forced" and forced is not None:
