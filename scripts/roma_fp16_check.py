@@ -25,6 +25,8 @@ Variants (the model's own precision policy, ``coarse_precision``):
                              as 3xTF32 products, the rest of the coarse stage IEEE fp32
     fp16-bf16x3, fp16-bf16x3-flash   coarse_precision=bf16x3: those layers as split bf16
                              products; -flash: and their attention as split fp16 flash attention
+    fp16-bf16x2, fp16-bf16x2-flash   the same with bf16x2: the weights rounded to bf16, two pieces of
+                             the activations
     fp16-tf32                coarse_precision=tf32: the coarse stage in fp32 with TF32 matrix
                              products, the encoder and refiners in fp16
     tf32-reduced             fp32 with TF32 in the coarse stage (TensorRT's fp32 default)
@@ -69,6 +71,8 @@ VARIANTS: dict[str, tuple[Optional[torch.dtype], str, bool]] = {
     "fp16-tf32x3": (torch.float16, "tf32x3", False),
     "fp16-bf16x3": (torch.float16, "bf16x3", False),
     "fp16-bf16x3-flash": (torch.float16, "bf16x3-flash", False),
+    "fp16-bf16x2": (torch.float16, "bf16x2", False),
+    "fp16-bf16x2-flash": (torch.float16, "bf16x2-flash", False),
     "fp16-reduced": (torch.float16, "reduced", False),
     "fp16-dinov2": (torch.float16, "reduced:dinov2", False),
     "fp16-dinov2-proj16": (torch.float16, "reduced:dinov2+proj16", False),

@@ -241,7 +241,7 @@ def test_reduced_coarse_precision_leaves_the_coarse_stage_to_the_builder() -> No
     assert mixed.graphs[0].tf32 is False and mixed.options["coarse_precision"] == "reduced:dinov2"
     assert "*/dinov2/*" not in layers and {"*/proj16/*", "*/embedding_decoder/*"} <= set(layers)
     # the split policies (torch runs): exported graphs keep DINOv2 and the decoder as IEEE fp32 layers
-    for kind in ("tf32x3", "bf16x3", "bf16x3-flash"):
+    for kind in ("tf32x3", "bf16x3", "bf16x3-flash", "bf16x2", "bf16x2-flash"):
         split = hooks.export_plan("roma_plus", loaded_model(), ExportOptions(SIDE, SIDE, extra={"coarse_precision": kind}))
         assert split.graphs[0].tf32 is False
         assert set(export_mod.COARSE_FP32_LAYERS.values()) <= set(split.graphs[0].fp32_layers)

@@ -167,13 +167,14 @@ def test_region_policy_relaxes_only_dinov2() -> None:
     assert rel(feat, want_feat) <= 1e-6  # proj.16 in fp32 on those tokens
 
 
-@pytest.mark.parametrize("kind,tolerance", [("tf32x3", 1e-4), ("bf16x3", 1e-4), ("bf16x3-flash", 1e-2)])
+@pytest.mark.parametrize("kind,tolerance", [("tf32x3", 1e-4), ("bf16x3", 1e-4), ("bf16x3-flash", 1e-2),
+                                            ("bf16x2-flash", 1e-2)])
 def test_split_policies_run_split_products_with_fp32_results(monkeypatch, kind: str, tolerance: float) -> None:
-    """coarse_precision=tf32x3 / bf16x3 / bf16x3-flash: DINOv2's and the decoder's linear layers
-    (and for -flash their attention) run as split products (copies kept outside the state dict)
+    """coarse_precision=tf32x3 / bf16x3 / bf16x3-flash / bf16x2-flash: DINOv2's and the decoder's linear
+    layers (and for -flash their attention) run as split products (copies kept outside the state dict)
     in half-precision runs; forced on the CPU, they compute fp32's coarse stage within fp32's
-    tolerance (-flash: the fp16 one, its attention weights are rounded to fp16). fp32 runs keep the
-    coarse stage IEEE fp32 under any policy."""
+    tolerance (-flash: the fp16 one, its attention weights are rounded to fp16; bf16x2 rounds the
+    weights to bf16). fp32 runs keep the coarse stage IEEE fp32 under any policy."""
     import copy
 
     from matchrt.plugins.roma_plus import split_products

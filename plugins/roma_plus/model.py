@@ -65,9 +65,11 @@ DEFAULT_UPSAMPLE = 864
 # "fp32": IEEE fp32; "tf32": fp32 tensors with TF32 matrix products (10-bit mantissa inputs,
 # fp32 accumulation); "reduced": the run's precision (fp16/bf16 autocast), as upstream's AMP;
 # "reduced:R1+R2": the named regions in the run's precision, the others IEEE fp32; "tf32x3" /
-# "bf16x3": the linear layers of DINOv2 and the decoder as split TF32 / bf16 products, and
-# "bf16x3-flash" their attention too (split_products.py), the rest IEEE fp32
-COARSE_PRECISIONS = ("fp32", "tf32", "tf32x3", "bf16x3", "bf16x3-flash", "reduced", "reduced:<regions>")
+# "bf16x3" / "bf16x2": the linear layers of DINOv2 and the decoder as split TF32 / bf16 products
+# (bf16x2: the weights rounded to bf16), and "bf16x3-flash" / "bf16x2-flash" their attention too
+# (split_products.py), the rest IEEE fp32
+COARSE_PRECISIONS = ("fp32", "tf32", "tf32x3", "bf16x3", "bf16x3-flash", "bf16x2", "bf16x2-flash", "reduced",
+                     "reduced:<regions>")
 # the coarse stage's regions a policy can relax (the GP and the anchor soft-argmax stay IEEE fp32)
 COARSE_REGIONS = ("dinov2", "proj16", "decoder")
 
@@ -91,7 +93,8 @@ def coarse_region_modes(policy: str) -> dict[str, str]:
                        "'fp32' keeps DINOv2, proj.16 and the decoder in IEEE fp32 under fp16/bf16 (exact "
                        "coarse matches), 'tf32' in fp32 with TF32 matrix products, 'tf32x3' / 'bf16x3' their "
                        "linear layers as three-way split TF32 / bf16 products (about fp32's precision), "
-                       "'bf16x3-flash' those and their attention as split fp16 flash attention, 'reduced' runs them in the "
+                       "'bf16x3-flash' those and their attention as split fp16 flash attention, 'bf16x2' / "
+                       "'bf16x2-flash' as those with the weights rounded to bf16, 'reduced' runs them in the "
                        "run's precision (fastest, as upstream's AMP), 'reduced:dinov2' (or another '+' list "
                        f"of {', '.join(COARSE_REGIONS)}) only those")
 
@@ -258,8 +261,8 @@ class RomaPlus(nn.Module):
     Submodules: ``coarse`` (roma_full's RomaCoarse: ``encoder.cnn``, ``encoder.dinov2``,
     ``proj16``, ``gp``, ``embedding_decoder``), ``proj`` (scales 8, 4, 2, 1) and
     ``conv_refiner`` (scales 16, 8, 4, 2, 1). ``upsample_res`` = 0 turns the second pass off;
-    ``coarse_precision`` is "fp32", "tf32", "tf32x3", "bf16x3", "bf16x3-flash", "reduced" or "reduced:<regions>" (see the module docstring
-    and ``coarse_region_modes``).
+    ``coarse_precision`` is one of COARSE_PRECISIONS (see the module docstring and
+    ``coarse_region_modes``).
     """
 
     def __init__(self, gp_solve: str = "exact", gp_method: str = "newton_schulz",

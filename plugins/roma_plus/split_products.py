@@ -9,6 +9,11 @@ once. Two kinds of pieces:
 - ``tf32x3``: heads of TF32's 10 mantissa bits (bit mask), tails in fp32, TF32 tensor cores.
 - ``bf16x3``: bf16 head and bf16 tail (16 mantissa bits together), bf16 tensor cores at twice the
   TF32 rate, fp32 output (``torch.mm(..., out_dtype=torch.float32)``); bf16 keeps fp32's range.
+- ``bf16x2``: the activations as bf16 head and tail, the weights rounded to bf16 once:
+  ``[x_hi | x_lo] @ [W_bf | W_bf]^T``, two thirds of bf16x3's depth. The error is the weights'
+  rounding (2^-9 relative per weight): on the H200 at 560/864, rounding only the weights of these
+  layers to bf16 flipped 0.53% of the coarse cells, rounding only their inputs to fp16 1.28%,
+  +-0.5/255 input noise 1.75% (scripts/roma_fp16_check.py, sim-* variants).
   The bias rides in the same product: three bf16 pieces of it as extra weight columns against
   columns of ones in the activations (no separate pass over the output to add it).
   Measured on an H100 for DINOv2's fc1 and fc2 at 560 (3202 tokens), against fp64: IEEE fp32
@@ -22,8 +27,8 @@ still rounds the softmax weights to fp16 before multiplying them with the values
 error 2.2e-4 on an H100 for DINOv2's shapes, against 6.6e-4 for plain fp16 or TF32 attention and
 9e-7 for IEEE fp32, at 0.31 ms a layer instead of 0.79).
 
-Used by roma_plus's ``coarse_precision`` policies ``tf32x3``, ``bf16x3`` (linear layers of DINOv2
-and the decoder) and ``bf16x3-flash`` (those and their attention). Torch runs only, on GPUs with
+Used by roma_plus's ``coarse_precision`` policies ``tf32x3``, ``bf16x3``, ``bf16x2`` (linear layers
+of DINOv2 and the decoder) and ``bf16x3-flash``, ``bf16x2-flash`` (those and their attention). Torch runs only, on GPUs with
 the tensor cores for it (``split_pays``): traced for ONNX or AOTInductor, or on a CPU, the model
 keeps the plain fp32 layers.
 """
@@ -42,7 +47,7 @@ from matchrt.tf32 import tf32_switches
 
 from . import attention_kernel, piece_kernel
 
-KINDS = ("tf32x3", "bf16x3", "bf16x3-flash")
+KINDS = ("tf32x3", "bf16x3", "bf16x3-flash", "bf16x2", "bf16x2-flash")
 BIAS_PIECES = 3  # bf16 pieces of an fp32 bias (8 + 8 + 8 bits of mantissa: all of fp32's 24)
 OUT_ALIGN = 8  # output rows of bf16 split products: a multiple of 8 fp32 values (32 bytes)
 _TF32_MASK = -8192  # 0xFFFFE000 as int32: keeps sign, exponent and the 10 mantissa bits of TF32
@@ -113,17 +118,25 @@ def bias_pieces(bias: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torc
     return torch.stack(pieces, dim=-1)
 
 
+def piece_orders(kind: str) -> tuple[str, str]:
+    """(activation order, weight order) of a bf16 kind's pieces for ``laid_out``: bf16x3
+    [x_hi | x_lo | x_hi] against [W_hi | W_hi | W_lo]; bf16x2 [x_hi | x_lo] against [W_bf | W_bf]."""
+    return ("ht", "hh") if kind.startswith("bf16x2") else ("hth", "hht")
+
+
 def split_operand(x: torch.Tensor, weight_side: bool, kind: str = "tf32x3",
                   bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """[x_hi | x_lo | x_hi] (activations) or [W_hi | W_hi | W_lo] (weights) along the last axis.
+    """The activation (``weight_side`` False) or weight side of a split product along the last
+    axis: [x_hi | x_lo | x_hi] or [W_hi | W_hi | W_lo]; bf16x2 [x_hi | x_lo] or [W_bf | W_bf].
 
     bf16 kinds with a ``bias`` (weight side) append its pieces (``bias_pieces``) and zero padding,
     to meet the activations' columns of ones (``laid_out(..., ones=BIAS_PIECES)``)."""
     if kind != "tf32x3":
+        order = piece_orders(kind)[1 if weight_side else 0]
         if bias is None:
-            return laid_out(x, torch.bfloat16, "hht" if weight_side else "hth")
-        w = laid_out(x, torch.bfloat16, "hht", ones=BIAS_PIECES)  # room for the pieces, zeros after
-        width = 3 * int(x.shape[-1])
+            return laid_out(x, torch.bfloat16, order)
+        w = laid_out(x, torch.bfloat16, order, ones=BIAS_PIECES)  # room for the pieces, zeros after
+        width = len(order) * int(x.shape[-1])
         w[..., width:width + BIAS_PIECES] = bias_pieces(bias)
         return w
     head, tail = tf32_pieces(x)
@@ -151,7 +164,7 @@ class SplitLinear(nn.Module):
         super().__init__()
         self.linear = linear
         self.in_norm = in_norm
-        self.kind = "tf32x3" if kind == "tf32x3" else "bf16x3"
+        self.kind = kind.removesuffix("-flash")  # tf32x3, bf16x3 or bf16x2
         self.out_scale = out_scale
         weight, scaled_bias = linear.weight.detach(), linear.bias
         if out_scale is not None:
@@ -160,7 +173,7 @@ class SplitLinear(nn.Module):
             if scaled_bias is not None:
                 scaled_bias = (scaled_bias.detach().double() * gamma).to(weight.dtype)
         self.register_buffer("bias_scaled", None if out_scale is None else scaled_bias, persistent=False)
-        # built once, not a parameter (no checkpoint key): 3x the layer's weights (bf16: 1.5x);
+        # built once, not a parameter (no checkpoint key): 3x the layer's weights (bf16x3: 1.5x, bf16x2: 1x);
         # bf16 kinds carry the bias in it too (three more columns, against columns of ones)
         bias = None if self.kind == "tf32x3" else scaled_bias
         self.ones = 0 if bias is None else BIAS_PIECES
@@ -188,7 +201,7 @@ class SplitLinear(nn.Module):
                 x = F.gelu(x) if gelu else x
                 bias = self.linear.bias if self.out_scale is None else self.bias_scaled
                 return F.linear(split_operand(x, False, self.kind), self.weight_split, bias)
-        xs = laid_out(x, torch.bfloat16, "hth", self.ones, gelu, self.in_norm)
+        xs = laid_out(x, torch.bfloat16, piece_orders(self.kind)[0], self.ones, gelu, self.in_norm)
         out = _mm_fp32(xs.reshape(-1, xs.shape[-1]), self.weight_split.t())[:, :self.out_features]
         return out.reshape(*x.shape[:-1], self.out_features)
 
@@ -227,7 +240,7 @@ def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
 
 class SplitAttention(nn.Module):
     """roma_full's ``Attention`` with split products: its linear layers (``SplitLinear``) and, for
-    ``bf16x3-flash``, the attention itself (``split_attention``); shares the module's weights."""
+    the ``-flash`` kinds, the attention itself (``split_attention``); shares the module's weights."""
 
     def __init__(self, attention: Attention, kind: str, folded: Optional[dict[int, dict[str, Any]]] = None):
         super().__init__()
@@ -235,7 +248,7 @@ class SplitAttention(nn.Module):
         self.scale = attention.scale
         self.qkv = SplitLinear(attention.qkv, kind, **_folded_into(attention.qkv, folded))
         self.proj = SplitLinear(attention.proj, kind, **_folded_into(attention.proj, folded))
-        self.flash = kind == "bf16x3-flash"
+        self.flash = kind.endswith("-flash")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.flash or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
@@ -254,7 +267,7 @@ def _folded_into(linear: nn.Module, folded: Optional[dict[int, dict[str, Any]]])
 def split_linears(module: nn.Module, kind: str = "tf32x3",
                   folded: Optional[dict[int, dict[str, Any]]] = None) -> nn.Module:
     """A copy of ``module`` sharing its parameters, every ``nn.Linear`` in it a ``SplitLinear``,
-    every roma_full ``Mlp`` with an exact GELU a ``SplitMlp`` (and, for ``bf16x3-flash``, every
+    every roma_full ``Mlp`` with an exact GELU a ``SplitMlp`` (and, for the ``-flash`` kinds, every
     roma_full ``Attention`` a ``SplitAttention``); DINOv2 blocks fold their LayerScales into the
     products before them. ``folded`` maps ``id(linear)`` to the ``SplitLinear`` arguments that
     fold a neighbour into that layer (DINOv2 blocks pass their LayerScales and LayerNorms)."""
@@ -262,7 +275,7 @@ def split_linears(module: nn.Module, kind: str = "tf32x3",
         raise ValueError(f"split kind {kind!r}: one of {', '.join(KINDS)}")
     if isinstance(module, nn.Linear):
         return SplitLinear(module, kind, **_folded_into(module, folded))
-    if isinstance(module, Attention) and kind == "bf16x3-flash":
+    if isinstance(module, Attention) and kind.endswith("-flash"):
         return SplitAttention(module, kind, folded)
     if isinstance(module, Mlp) and isinstance(module.act, nn.GELU) and module.act.approximate == "none":
         return SplitMlp(module, kind, folded)
@@ -329,6 +342,6 @@ def split_pays(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
-__all__ = ["KINDS", "BIAS_PIECES", "tf32_head", "tf32_pieces", "extra_columns", "laid_out", "bias_pieces",
+__all__ = ["KINDS", "BIAS_PIECES", "tf32_head", "tf32_pieces", "extra_columns", "laid_out", "bias_pieces", "piece_orders",
            "split_operand", "SplitLinear", "SplitMlp", "split_attention", "SplitAttention", "split_linears", "split_copy",
            "split_pays"]
