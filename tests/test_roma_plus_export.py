@@ -230,7 +230,7 @@ def test_reduced_coarse_precision_leaves_the_coarse_stage_to_the_builder() -> No
     assert set(export_mod.COARSE_FP32_LAYERS.values()) <= set(strict.graphs[0].fp32_layers)
     assert reduced.graphs[0].fp32_layers == export_mod.FP32_LAYERS
     assert reduced.graphs[0].module.model.coarse_precision == "reduced"
-    assert loaded_model().coarse_precision == "bf16x3-flash"  # the default; the plan's view leaves the model alone
+    assert loaded_model().coarse_precision == "bf16x2-flash"  # the default; the plan's view leaves the model alone
     # tf32: the coarse stage stays pinned to fp32 layers, with TF32 allowed in them
     tf32 = hooks.export_plan("roma_plus", loaded_model(), ExportOptions(SIDE, SIDE, extra={"coarse_precision": "tf32"}))
     assert tf32.graphs[0].tf32 is True and set(export_mod.COARSE_FP32_LAYERS.values()) <= set(tf32.graphs[0].fp32_layers)

@@ -125,13 +125,13 @@ def _coarse_stage(model, a, b):
 
 
 def test_coarse_stage_stays_ieee_fp32_under_reduced_precision() -> None:
-    """The default policy (bf16x3-flash, whose split products run only on Ampere+ GPUs: IEEE fp32 on the CPU):
+    """The default policy (bf16x2-flash, whose split products run only on Ampere+ GPUs: IEEE fp32 on the CPU):
     under bf16 autocast DINOv2, proj.16, the GP and the decoder compute what fp32 computes, so no
     coarse arg-max can flip; "reduced" runs them in bf16."""
     import copy
 
     model = loaded_model()
-    assert model.coarse_precision == "bf16x3-flash"
+    assert model.coarse_precision == "bf16x2-flash"
     reduced = copy.copy(model)
     reduced.coarse_precision = "reduced"
     a, b = inputs(112)

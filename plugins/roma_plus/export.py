@@ -30,7 +30,7 @@ NAME = "roma_plus"
 DEFAULTS: dict[str, Any] = {
     "upsample_res": DEFAULT_UPSAMPLE,
     "symmetric": True,
-    "coarse_precision": "bf16x3-flash",
+    "coarse_precision": "bf16x2-flash",
     "fuse": True,
     "pad_channels": 8,
     "coarse_graphs": True,
