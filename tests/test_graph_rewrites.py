@@ -176,7 +176,7 @@ def test_bf16x3_linear_stays_near_fp32_where_bf16_loses_it() -> None:
 def test_bf16x2_linear_keeps_the_activations_exact_and_rounds_only_the_weights() -> None:
     """bf16x2: the activations as two bf16 pieces against the weights rounded to bf16 once, at
     two thirds of bf16x3's depth: within ~1e-5 of the float64 product with bf16 weights (the
-    activations keep 16 bits), where rounding the activations to bf16 too strays ~1e-2 further."""
+    activations keep 16 bits), where rounding the activations to bf16 too strays above 1e-3."""
     from matchrt.plugins.roma_plus.split_products import SplitLinear
 
     torch.manual_seed(0)
@@ -275,8 +275,9 @@ def test_split_linears_kinds_replace_what_each_kind_splits() -> None:
         assert isinstance(copy[0].qkv, SplitLinear) and copy[0].qkv.linear.weight is block[0].qkv.weight
         assert copy[1].kind == kind.removesuffix("-flash")
         x = torch.randn(2, 10, 64)
+        tolerance = 1e-2 if kind.startswith("bf16x2") else 2e-3  # bf16x2 rounds the weights to bf16
         with torch.no_grad():
-            torch.testing.assert_close(copy(x), block(x), rtol=1e-2, atol=1e-2)
+            torch.testing.assert_close(copy(x), block(x), rtol=tolerance, atol=tolerance)
     assert isinstance(block[0].qkv, nn.Linear)  # the original keeps its layers
 
 

@@ -1,24 +1,25 @@
-"""fp32 matrix products of the coarse stage as split products on tensor cores ("x3" policies).
+"""fp32 matrix products of the coarse stage as split products on tensor cores ("x3" and "x2" policies).
 
 An fp32 operand is the sum of a head and a tail that a tensor core reads exactly, ``x = x_hi + x_lo``,
 and ``x W^T`` = x_hi W_hi^T + x_lo W_hi^T + x_hi W_lo^T (x_lo W_lo^T, about 2^-16 of it or less,
 dropped). The three products are one matrix product over threefold depth,
 ``[x_hi | x_lo | x_hi] @ [W_hi | W_hi | W_lo]^T``, accumulated in fp32, with the weight side built
-once. Two kinds of pieces:
+once. Three kinds of pieces:
 
 - ``tf32x3``: heads of TF32's 10 mantissa bits (bit mask), tails in fp32, TF32 tensor cores.
 - ``bf16x3``: bf16 head and bf16 tail (16 mantissa bits together), bf16 tensor cores at twice the
   TF32 rate, fp32 output (``torch.mm(..., out_dtype=torch.float32)``); bf16 keeps fp32's range.
-- ``bf16x2``: the activations as bf16 head and tail, the weights rounded to bf16 once:
-  ``[x_hi | x_lo] @ [W_bf | W_bf]^T``, two thirds of bf16x3's depth. The error is the weights'
-  rounding (2^-9 relative per weight): on the H200 at 560/864, rounding only the weights of these
-  layers to bf16 flipped 0.53% of the coarse cells, rounding only their inputs to fp16 1.28%,
-  +-0.5/255 input noise 1.75% (scripts/roma_fp16_check.py, sim-* variants).
   The bias rides in the same product: three bf16 pieces of it as extra weight columns against
   columns of ones in the activations (no separate pass over the output to add it).
   Measured on an H100 for DINOv2's fc1 and fc2 at 560 (3202 tokens), against fp64: IEEE fp32
   0.72 / 0.59 ms, mean relative error 5.0e-7; tf32x3 0.32 / 0.45 ms, 1.1e-5 / 4.3e-5; bf16x3 0.20 /
   0.33 ms, 6.7e-6 / 2.1e-5 (splitting the activations included).
+- ``bf16x2``: the activations as bf16 head and tail, the weights rounded to bf16 once:
+  ``[x_hi | x_lo] @ [W_bf | W_bf]^T``, two thirds of bf16x3's depth. The error is the weights'
+  rounding (2^-9 relative per weight): on the H200 at 560/864, rounding only the weights of these
+  layers to bf16 flipped 0.53% of the coarse cells, rounding only their inputs to fp16 1.28%,
+  +-0.5/255 input noise 1.75% (scripts/roma_fp16_check.py, sim-* variants). The bias rides in
+  the product as for bf16x3.
 
 ``split_attention`` does the same for attention scores with fp16 pieces inside one fused
 (flash) attention call: ``[q_hi | q_hi | q_lo] . [k_hi | k_lo | k_hi]`` over a threefold head
@@ -27,9 +28,9 @@ still rounds the softmax weights to fp16 before multiplying them with the values
 error 2.2e-4 on an H100 for DINOv2's shapes, against 6.6e-4 for plain fp16 or TF32 attention and
 9e-7 for IEEE fp32, at 0.31 ms a layer instead of 0.79).
 
-Used by roma_plus's ``coarse_precision`` policies ``tf32x3``, ``bf16x3``, ``bf16x2`` (linear layers
-of DINOv2 and the decoder) and ``bf16x3-flash``, ``bf16x2-flash`` (those and their attention). Torch runs only, on GPUs with
-the tensor cores for it (``split_pays``): traced for ONNX or AOTInductor, or on a CPU, the model
+Used by roma_plus's ``coarse_precision`` policies ``tf32x3``, ``bf16x3``, ``bf16x2`` (linear
+layers of DINOv2 and the decoder) and ``bf16x3-flash``, ``bf16x2-flash`` (those and their
+attention). Torch runs only, on GPUs with the tensor cores for it (``split_pays``): traced for ONNX or AOTInductor, or on a CPU, the model
 keeps the plain fp32 layers.
 """
 
