@@ -30,8 +30,8 @@ error 2.2e-4 on an H100 for DINOv2's shapes, against 6.6e-4 for plain fp16 or TF
 
 Used by roma_plus's ``coarse_precision`` policies ``tf32x3``, ``bf16x3``, ``bf16x2`` (linear
 layers of DINOv2 and the decoder) and ``bf16x3-flash``, ``bf16x2-flash`` (those and their
-attention). Torch runs only, on GPUs with the tensor cores for it (``split_pays``): traced for ONNX or AOTInductor, or on a CPU, the model
-keeps the plain fp32 layers.
+attention). Torch runs only, on GPUs with the tensor cores for it (``split_pays``): traced for
+ONNX or AOTInductor, or on a CPU, the model keeps the plain fp32 layers.
 """
 
 from __future__ import annotations
@@ -343,6 +343,6 @@ def split_pays(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
-__all__ = ["KINDS", "BIAS_PIECES", "tf32_head", "tf32_pieces", "extra_columns", "laid_out", "bias_pieces", "piece_orders",
-           "split_operand", "SplitLinear", "SplitMlp", "split_attention", "SplitAttention", "split_linears", "split_copy",
-           "split_pays"]
+__all__ = ["KINDS", "BIAS_PIECES", "tf32_head", "tf32_pieces", "extra_columns", "laid_out", "bias_pieces",
+           "piece_orders", "split_operand", "SplitLinear", "SplitMlp", "split_attention", "SplitAttention",
+           "split_linears", "split_copy", "split_pays"]
