@@ -30,6 +30,7 @@ from .triton_ops import op_runs_on, tl, triton  # None without Triton or torch's
 
 OP_NAME = "matchrt::depthwise_conv2d"
 TILE_ELEMENTS = 4096  # output pixels x channels per program (4 warps: 32 fp32 accumulators per thread)
+ROW_ELEMENTS = 1024  # columns x channels of the 5 x 5 row kernel's accumulators (5 of them, 4 warps: 40 fp32 a thread)
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -55,7 +56,111 @@ def tiles(channels: int, width: int) -> tuple[int, int, int]:
     return block_c, max(1, pixels // block_w), block_w
 
 
+def row_tiles(channels: int, width: int, height: int) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_W, BAND) of the 5 x 5 row kernel: all channels up to 64 (a power of two),
+    else the largest of 64/32/16/8 that pads the channels by at most 1/16; columns for the rest of
+    ROW_ELEMENTS (at least 16); bands of 32 output rows (16 below 128 rows, for more programs)."""
+    if channels <= 64:
+        block_c = 1 << (max(channels, 1) - 1).bit_length()  # the next power of two
+    else:
+        fitting = [b for b in (64, 32, 16, 8) if (-channels % b) * 16 <= channels]
+        block_c = fitting[0] if fitting else 64
+    block_w = max(16, ROW_ELEMENTS // block_c)
+    block_w = min(block_w, max(16, 1 << (max(width, 1) - 1).bit_length()))
+    return block_c, block_w, 32 if height >= 128 else 16
+
+
+def takes_rows(kernel: int, stride: int, padding: int) -> bool:
+    """Is this convolution the row kernel's (5 x 5, stride 1, padding 2: roma_plus's refiner blocks)?"""
+    return kernel == 5 and stride == 1 and padding == 2
+
+
 if triton is not None:
+
+    @triton.jit
+    def _depthwise5_rows_kernel(x_ptr, w_ptr, b_ptr, y_ptr, H, W, bands, C: tl.constexpr, C_PAD: tl.constexpr,
+                                HAS_BIAS: tl.constexpr,
+                                RELU: tl.constexpr, ROUND_X: tl.constexpr, BLOCK_C: tl.constexpr,
+                                BLOCK_W: tl.constexpr, BAND: tl.constexpr, EVEN_C: tl.constexpr):
+        # A 5 x 5, stride-1, zero-padding-2 depth-wise convolution walking down a band of BAND output
+        # rows. Each input row is loaded once (five loads, one per column shift, the shifted ones from
+        # L1) and added into the five output rows it touches, held as rotating accumulators: a0 is the
+        # row two above the input row (its last input row: complete after this one), a1..a3 the next,
+        # `new` the row two below (its first input row). 5 loads per output element where a
+        # tap-by-tap kernel makes 25.
+        pid = tl.program_id(0)
+        band = pid % bands
+        col = pid // bands
+        b = tl.program_id(2).to(tl.int64)
+        ow = col * BLOCK_W + tl.arange(0, BLOCK_W)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        x_img = x_ptr + b * H * W * C
+        y_img = y_ptr + b * H * W * C
+        row0 = band * BAND
+        if HAS_BIAS:
+            shift = tl.load(b_ptr + c)
+        a0 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+        a1 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+        a2 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+        a3 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+        for i in range(BAND + 4):
+            ih = row0 - 2 + i
+            # the row's column limit: W inside the image, 0 outside (every load masked off); a scalar
+            # limit rather than a scalar condition, as Triton's interpreter refuses bool scalar & vector
+            limit = tl.where((ih >= 0) & (ih < H), W, 0)
+            src = x_img + ih * W * C
+            new = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+            for kx in tl.static_range(5):
+                iw = ow + (kx - 2)
+                ok = (iw >= 0) & (iw < limit)
+                ptrs = src + (iw * C)[:, None] + c[None, :]
+                if EVEN_C:
+                    x = tl.load(ptrs, mask=ok[:, None], other=0.0)
+                else:
+                    x = tl.load(ptrs, mask=ok[:, None] & c_ok[None, :], other=0.0)
+                if ROUND_X:  # autocast's cast of the input, done in registers
+                    x = x.to(y_ptr.dtype.element_ty)
+                x = x.to(tl.float32)
+                # taps stored 25 x C_PAD (fp32, zero past C: no masks): row ky, column kx at (5 ky + kx) C_PAD
+                a0 += x * tl.load(w_ptr + (20 + kx) * C_PAD + c)[None, :]
+                a1 += x * tl.load(w_ptr + (15 + kx) * C_PAD + c)[None, :]
+                a2 += x * tl.load(w_ptr + (10 + kx) * C_PAD + c)[None, :]
+                a3 += x * tl.load(w_ptr + (5 + kx) * C_PAD + c)[None, :]
+                new += x * tl.load(w_ptr + kx * C_PAD + c)[None, :]
+            oh = ih - 2  # a0's row, complete: stored when it is one of the band's rows
+            out = a0
+            if HAS_BIAS:
+                out += shift[None, :]
+            if RELU:
+                out = tl.maximum(out, 0.0)
+            store_limit = tl.where((i >= 4) & (oh < H), W, 0)
+            dst = y_img + oh * W * C + (ow * C)[:, None] + c[None, :]
+            if EVEN_C:
+                tl.store(dst, out.to(y_ptr.dtype.element_ty), mask=(ow < store_limit)[:, None])
+            else:
+                tl.store(dst, out.to(y_ptr.dtype.element_ty), mask=(ow < store_limit)[:, None] & c_ok[None, :])
+            a0, a1, a2, a3 = a1, a2, a3, new
+
+    def _launch_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], relu: bool,
+                     dtype: torch.dtype, launcher: Any, block: Optional[tuple[int, int, int]] = None,
+                     warps: int = 4) -> torch.Tensor:
+        n, c, h, w = (int(v) for v in x.shape)
+        x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.empty_strided((n, c, h, w), (c * h * w, 1, w * c, c), dtype=dtype, device=x.device)
+        # 25 x C, rounded as autocast rounds them and held in fp32: a tap's load then needs no conversion
+        # (converting fp16 taps took as many instructions as the multiply-adds)
+        # and padded with zeros to whole channel blocks, so that the kernel loads them without masks
+        block_c, block_w, band = block or row_tiles(c, w, h)
+        c_pad = triton.cdiv(c, block_c) * block_c
+        taps = F.pad(weight.reshape(c, 25).to(dtype).float(), (0, 0, 0, c_pad - c)).t().contiguous()
+        shift = F.pad(bias.to(dtype).float(), (0, c_pad - c)) if bias is not None else taps
+        bands = triton.cdiv(h, band)
+        grid = (bands * triton.cdiv(w, block_w), triton.cdiv(c, block_c), n)
+        launcher(_depthwise5_rows_kernel)[grid](
+            x, taps, shift, y, h, w, bands, C=c, C_PAD=c_pad, HAS_BIAS=bias is not None, RELU=relu, ROUND_X=x.dtype != dtype,
+            BLOCK_C=block_c, BLOCK_W=block_w, BAND=band, EVEN_C=c % block_c == 0, num_warps=warps)
+        return y
 
     @triton.jit
     def _depthwise_kernel(x_ptr, w_ptr, b_ptr, y_ptr, H, W, HO, WO, tiles_w, C: tl.constexpr, K: tl.constexpr,
@@ -128,7 +233,10 @@ if triton is not None:
                          padding: int, relu: bool, dtype: torch.dtype) -> torch.Tensor:
         """Depth-wise convolution of x (N x C x H x W) by weight (C x 1 x K x K), square kernel and
         stride, zero padding, + bias, then ReLU when `relu`; computed from operands rounded to
-        `dtype`, accumulated in fp32, returned in `dtype`, channels-last."""
+        `dtype`, accumulated in fp32, returned in `dtype`, channels-last. 5 x 5 stride-1 padding-2
+        convolutions run the row kernel."""
+        if takes_rows(int(weight.shape[-1]), stride, padding):
+            return _launch_rows(x, weight, bias, relu, dtype, torch.library.wrap_triton)
         return _launch(x, weight, bias, stride, padding, relu, dtype, torch.library.wrap_triton)
 
 
@@ -188,12 +296,29 @@ class DepthwiseConv2d(nn.Conv2d):
         return super().extra_repr() + (", relu=True" if self.relu else "")
 
 
+def conv_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``relu(conv(x))`` for a depth-wise ``conv`` in inference: the Triton kernel (convolution, bias
+    and ReLU in one pass) where it runs, else the convolution and ReLU. Under autocast it computes
+    as autocast's convolution does (operands rounded to the autocast dtype, output in that dtype)."""
+    _checked(conv)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
+    if needs_grad or not usable(x):
+        return F.relu(conv(x))
+    dtype = x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    return _kernel(x, conv.weight, conv.bias, int(conv.stride[0]), int(conv.padding[0]), True, dtype)
+
+
 def interpreted(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int, padding: int,
                 relu: bool = False, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """The kernel launched directly (Triton's CPU interpreter in tests: TRITON_INTERPRET=1)."""
     if triton is None:
         raise RuntimeError("Triton (with torch >= 2.6) is not installed")
+    if takes_rows(int(weight.shape[-1]), stride, padding):
+        return _launch_rows(x, weight, bias, relu, dtype or x.dtype, lambda kernel: kernel)
     return _launch(x, weight, bias, stride, padding, relu, dtype or x.dtype, lambda kernel: kernel)
 
 
-__all__ = ["DepthwiseConv2d", "OP_NAME", "interpreted", "output_size", "tiles", "usable"]
+__all__ = ["DepthwiseConv2d", "OP_NAME", "conv_relu", "interpreted", "output_size", "row_tiles", "takes_rows", "tiles",
+           "usable"]

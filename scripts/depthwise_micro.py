@@ -1,19 +1,23 @@
 #!/usr/bin/env python3
 """Micro-benchmark of depth-wise convolutions on a GPU: cuDNN (+ ReLU) against matchrt.depthwise.
 
-Times one call (triton.testing.do_bench, median microseconds) of each layer shape that the
-matchers run, fp16 channels-last, batch 2 (roma_plus's symmetric pair, eloftr's two images):
+Times one call (triton.testing.do_bench_cudagraph: replayed from a CUDA graph, as compiled
+pipelines run them, so Python's launch cost is not counted; median microseconds) of each layer
+shape that the matchers run, fp16 channels-last, batch 2 (roma_plus's symmetric pair, eloftr's two
+images):
 
     cudnn        F.conv2d (+ F.relu where the block has one): what torch runs without the kernel
     conv         F.conv2d alone
-    triton       matchrt.depthwise with its default tile, then each tile of --tiles
-                 (channels x rows x columns, warps); every tile's output is checked against cuDNN's
+    cudnn_relu   torch.cudnn_convolution_relu: cuDNN's fused convolution + bias + ReLU (where it runs)
+    matchrt      matchrt's op (5 x 5 stride 1: the row kernel; else the tile kernel), weight
+                 preparation included, then each row-kernel block of --tiles for the 5 x 5 shapes
+                 (channels x columns x band rows, warps); every output is checked against cuDNN's
 
 and adds up "calls per pair" x time per shape: the per-pair cost each way. Supporting evidence
-for a kernel choice; whether a pipeline gets faster is `matchrt bench`'s to say. Each new tile
-compiles a Triton kernel (about a second), so a long --tiles list runs for minutes.
+for a kernel choice; whether a pipeline gets faster is `matchrt bench`'s to say. Each new block
+compiles a Triton kernel (about a second).
 
-    python scripts/depthwise_micro.py --json out.json [--only r4,u4] [--tiles 128x2x16w4,64x4x16w4]
+    python scripts/depthwise_micro.py --json out.json [--only r4,u4] [--tiles 64x16x16w4,32x32x32w4]
 """
 
 from __future__ import annotations
@@ -39,29 +43,35 @@ SHAPES: dict[str, tuple[int, int, int, int, int, bool, bool, int]] = {
 
 
 def parse_tile(text: str) -> tuple[tuple[int, int, int], int]:
-    """'128x2x16w4' -> ((128, 2, 16), 4)."""
+    """'64x16x32w4' -> ((64, 16, 32), 4): channels, columns, band rows; warps."""
     dims, warps = text.split("w")
-    c, h, w = (int(v) for v in dims.split("x"))
-    return (c, h, w), int(warps)
+    c, w, band = (int(v) for v in dims.split("x"))
+    return (c, w, band), int(warps)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", required=True, help="where to write the results")
     parser.add_argument("--only", default="", help="comma-separated shape names (default: all)")
-    parser.add_argument("--tiles", default="128x2x16w4,64x4x16w4,32x8x16w4", help="tiles to try besides the default")
+    parser.add_argument("--tiles", default="", help="row-kernel blocks to try besides the default")
     args = parser.parse_args()
     from matchrt import depthwise
 
     if depthwise.triton is None or not torch.cuda.is_available():
         raise SystemExit("depthwise_micro: needs a CUDA GPU and Triton with torch >= 2.6 (CUDA wheels of torch ship "
                          "Triton); run it on the GPU machine")
-    from triton.testing import do_bench
+    from triton.testing import do_bench_cudagraph
+
+    def bench(fn) -> float:
+        fn()
+        torch.cuda.synchronize()
+        return do_bench_cudagraph(fn, rep=50) * 1e3
+
     torch.backends.cudnn.benchmark = True
     names = [n for n in args.only.split(",") if n] or list(SHAPES)
     tiles = [parse_tile(t) for t in args.tiles.split(",") if t]
     rows: dict[str, dict] = {}
-    per_pair = {"cudnn_ms": 0.0, "triton_default_ms": 0.0, "triton_best_ms": 0.0}
+    per_pair = {"cudnn_ms": 0.0, "cudnn_relu_ms": 0.0, "matchrt_ms": 0.0, "matchrt_best_ms": 0.0}
     for name in names:
         c, side, k, s, p, bias, relu, calls = SHAPES[name]
         x = torch.randn(2, c, side, side, device="cuda", dtype=torch.float16).contiguous(
@@ -73,37 +83,48 @@ def main() -> None:
             y = F.conv2d(x, w, b, s, p, groups=c)
             return F.relu(y) if relu else y
 
-        def triton_run(tile=None, warps: int = 4) -> torch.Tensor:
-            return depthwise._launch(x, w, b, s, p, relu, torch.float16, lambda kernel: kernel, tile, warps)
+        def ours() -> torch.Tensor:
+            return torch.ops.matchrt.depthwise_conv2d(x, w, b, s, p, relu, torch.float16)
 
-        want = cudnn()
-        default_tile = depthwise.tiles(c, (side + 2 * p - k) // s + 1)
-        row = {"channels": c, "side": side, "calls_per_pair": calls,
-               "cudnn_us": do_bench(cudnn, warmup=10, rep=40) * 1e3,
-               "conv_us": do_bench(lambda: F.conv2d(x, w, b, s, p, groups=c), warmup=10, rep=40) * 1e3,
-               "default_tile": default_tile,
-               "max_abs_vs_cudnn": float((triton_run().float() - want.float()).abs().max()),
-               "triton_default_us": do_bench(triton_run, warmup=10, rep=40) * 1e3, "tiles": {}}
-        best = row["triton_default_us"]
-        for tile, warps in tiles:
-            if tile == default_tile or tile[0] > 2 * depthwise.triton.next_power_of_2(c):
-                continue
-            err = float((triton_run(tile, warps).float() - want.float()).abs().max())
-            t = do_bench(lambda: triton_run(tile, warps), warmup=10, rep=40) * 1e3
-            row["tiles"][f"{tile[0]}x{tile[1]}x{tile[2]}w{warps}"] = {"us": t, "max_abs_vs_cudnn": err}
-            best = min(best, t)
-        row["triton_best_us"] = best
+        want = cudnn().float()
+        row = {"channels": c, "side": side, "calls_per_pair": calls, "cudnn_us": bench(cudnn),
+               "conv_us": bench(lambda: F.conv2d(x, w, b, s, p, groups=c)),
+               "matchrt_us": bench(ours), "max_abs_vs_cudnn": float((ours().float() - want).abs().max()),
+               "tiles": {}}
+        if relu and bias:
+            try:
+                fused = lambda: torch.cudnn_convolution_relu(x, w, b, [s, s], [p, p], [1, 1], c)  # noqa: E731
+                row["cudnn_relu_max_abs"] = float((fused().float() - want).abs().max())
+                row["cudnn_relu_us"] = bench(fused)
+            except RuntimeError as error:  # no engine for this grouped convolution
+                row["cudnn_relu_error"] = str(error).splitlines()[0][:200]
+        best = row["matchrt_us"]
+        if depthwise.takes_rows(k, s, p):
+            row["default_block"] = depthwise.row_tiles(c, side, side)
+            for tile, warps in tiles:
+                def run(tile=tile, warps=warps) -> torch.Tensor:
+                    return depthwise._launch_rows(x, w, b, relu, torch.float16, torch.library.wrap_triton, tile,
+                                                  warps)
+                err = float((run().float() - want).abs().max())
+                t = bench(run)
+                row["tiles"][f"{tile[0]}x{tile[1]}x{tile[2]}w{warps}"] = {"us": t, "max_abs_vs_cudnn": err}
+                best = min(best, t)
+        row["matchrt_best_us"] = best
         per_pair["cudnn_ms"] += row["cudnn_us"] * calls / 1e3
-        per_pair["triton_default_ms"] += row["triton_default_us"] * calls / 1e3
-        per_pair["triton_best_ms"] += best * calls / 1e3
+        per_pair["cudnn_relu_ms"] += row.get("cudnn_relu_us", row["cudnn_us"]) * calls / 1e3
+        per_pair["matchrt_ms"] += row["matchrt_us"] * calls / 1e3
+        per_pair["matchrt_best_ms"] += best * calls / 1e3
         rows[name] = row
-        print(f"{name:7s} C={c:5d} {side}^2  cudnn {row['cudnn_us']:8.1f} us  conv {row['conv_us']:8.1f}  "
-              f"triton {row['triton_default_us']:8.1f} {default_tile}  best {best:8.1f}  "
+        gbs = 2 * x.numel() * 2 / (row["matchrt_us"] * 1e-6) / 1e9
+        print(f"{name:7s} C={c:5d} {side}^2  cudnn {row['cudnn_us']:7.1f} us  conv {row['conv_us']:7.1f}  "
+              f"cudnn_relu {row.get('cudnn_relu_us', float('nan')):7.1f}  matchrt {row['matchrt_us']:7.1f} "
+              f"({gbs:5.0f} GB/s) {row.get('default_block', '')}  best {best:7.1f}  "
               f"max |d| {row['max_abs_vs_cudnn']:.1e}", flush=True)
         # after every shape (a run cut short keeps what it measured), renamed into place whole
         with open(args.json + ".tmp", "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows,
-                       "per_pair_ms_for_these_shapes": per_pair}, f, indent=1)
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "timer":
+                       "triton.testing.do_bench_cudagraph", "rows": rows, "per_pair_ms_for_these_shapes": per_pair},
+                      f, indent=1)
         os.replace(args.json + ".tmp", args.json)
     print("per pair, these shapes:", {k: round(v, 3) for k, v in per_pair.items()})
 

@@ -7,7 +7,7 @@ where ``st.global.v4.b32``, 16-byte vectors, were meant). Session 16 found both 
 spilled at roma_plus's refiner shapes (255 registers and a stack, or 32 registers and 3-5 KB of stack), and the
 piece kernel stored every bf16 alone in rows of 3k + 8 elements. Timings still need a GPU: this is a first look.
 
-    python scripts/triton_kernel_report.py
+    python scripts/triton_kernel_report.py [depthwise] [pieces] [other]   (default: all)
 Needs Triton with its CUDA backend (the CUDA wheels ship ptxas and cuobjdump); no GPU, no network.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from collections import Counter
 from typing import Any
@@ -92,11 +93,23 @@ def depthwise_row(c: int, s: int, k: int, stride: int, pad: int, bias: bool, rel
     return report(f"{label} {c} x {s}^2 {(bc, bh, bw)}", depthwise._depthwise_kernel, args, consts, 4)
 
 
+def depthwise5_row(c: int, s: int) -> str:
+    """matchrt.depthwise's 5 x 5 row kernel (+ bias, ReLU) over a 2 x c x s x s fp16 channels-last input."""
+    bc, bw, band = depthwise.row_tiles(c, s, s)
+    consts = dict(C=c, C_PAD=-(-c // bc) * bc, HAS_BIAS=True, RELU=True, ROUND_X=False, BLOCK_C=bc, BLOCK_W=bw,
+                  BAND=band,
+                  EVEN_C=c % bc == 0)
+    args = dict(x_ptr="*fp16", w_ptr="*fp32", b_ptr="*fp32", y_ptr="*fp16", H=s, W=s, bands=-(-s // band))
+    return report(f"depthwise 5x5 rows {c} x {s}^2 {(bc, bw, band)}", depthwise._depthwise5_rows_kernel, args,
+                  consts, 4)
+
+
 def depthwise_rows() -> list[str]:
     shapes = [(1384, 35), (1144, 70), (576, 140), (144, 280), (24, 560), (1144, 108), (576, 216), (144, 432),
               (24, 864)]
-    # roma_plus's refiners: 5 x 5, stride 1, padding 2, + bias, ReLU; eloftr 832's query pooling: 4 x 4, stride 4
-    return ([depthwise_row(c, s, 5, 1, 2, True, True, "depthwise 5x5") for c, s in shapes]
+    # roma_plus's refiners: 5 x 5, stride 1, padding 2, + bias, ReLU (the row kernel); eloftr 832's query
+    # pooling: 4 x 4, stride 4 (the tile kernel)
+    return ([depthwise5_row(c, s) for c, s in shapes]
             + [depthwise_row(256, 104, 4, 4, 0, False, False, "depthwise 4x4/4 (eloftr)")])
 
 
@@ -144,8 +157,14 @@ def other_rows() -> list[str]:
 
 
 def main() -> None:
-    for line in depthwise_rows() + piece_rows() + other_rows():
-        print(line)
+    groups = {"depthwise": depthwise_rows, "pieces": piece_rows, "other": other_rows}
+    chosen = sys.argv[1:] or list(groups)
+    unknown = [g for g in chosen if g not in groups]
+    if unknown:
+        raise SystemExit(f"unknown group(s) {unknown}: choose from {', '.join(groups)}")
+    for group in chosen:
+        for line in groups[group]():
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -34,8 +34,11 @@ DEFAULTS: dict[str, Any] = {
     "fuse": True,
     "pad_channels": 8,
     "coarse_graphs": True,
+    "refiner_depthwise": "rows",
     **coarse_export.DEFAULTS,
 }
+
+REFINER_DEPTHWISE = ("rows", "cudnn")
 
 # ONNX node-name globs TensorRT keeps in fp32 in fp16/bf16 engines (module scopes of the graph;
 # the coordinate paths and the reductions that lose precision or overflow in half precision)
@@ -98,6 +101,11 @@ def resolve_options(extra: dict[str, Any]) -> dict[str, Any]:
         raise MatchrtError(f"roma_plus: pad_channels={extra.get('pad_channels')!r} must be a whole number from 0 "
                            "to 256: the refiners' block width is padded to a multiple of it (8, the default, "
                            "aligns half-precision matrix products; 0 or 1 leaves the widths as they are)")
+    opts["refiner_depthwise"] = str(opts["refiner_depthwise"]).strip().lower()
+    if opts["refiner_depthwise"] not in REFINER_DEPTHWISE:
+        raise MatchrtError(f"roma_plus: refiner_depthwise={extra.get('refiner_depthwise')!r} must be one of "
+                           f"{', '.join(REFINER_DEPTHWISE)}: 'rows' runs the compiled refiners' 5 x 5 depth-wise "
+                           "convolution, bias and ReLU as one Triton pass, 'cudnn' as cuDNN's convolution and a ReLU")
     opts["coarse_precision"] = str(opts["coarse_precision"]).strip().lower().replace(" ", "")
     coarse_region_modes(opts["coarse_precision"])  # MatchrtError naming the values
     return opts
@@ -110,7 +118,8 @@ def configured(model: RomaPlus, options: dict[str, Any]) -> RomaPlus:
     are folded into their convolutions, and with ``pad_channels`` > 1 (default 8) the refiners'
     block widths are padded with zero channels to a multiple of it (``refiner.pad_channels``), in
     copies of those parts (the model keeps its keys and shapes). ``coarse_graphs`` (default on)
-    replays the split coarse regions as CUDA graphs (``replay.replayed``).
+    replays the split coarse regions as CUDA graphs (``replay.replayed``); ``refiner_depthwise``
+    picks the compiled refiners' depth-wise kernel (``refiner.run_block``).
     """
     view = shallow_module_copy(model)
     refiners = folded_copy(model.conv_refiner) if options["fuse"] else None
@@ -120,6 +129,8 @@ def configured(model: RomaPlus, options: dict[str, Any]) -> RomaPlus:
             pad_channels(refiner, options["pad_channels"])
     if refiners is not None:
         view.conv_refiner = refiners
+        for refiner in refiners.values():  # copies: the model's own refiners keep the class default
+            refiner.depthwise_rows = options["refiner_depthwise"] == "rows"
     if options["fuse"]:
         view.proj = folded_copy(model.proj)
         coarse = shallow_module_copy(model.coarse)

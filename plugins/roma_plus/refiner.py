@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from matchrt import depthwise
+
 # scale -> (feature channels after projection, displacement-embedding channels, correlation radius)
 REFINER_SPECS: dict[int, tuple[int, int, int]] = {
     16: (512, 128, 7),
@@ -211,6 +213,8 @@ def _block(in_dim: int, out_dim: int, bias: bool = True) -> nn.Sequential:
 class ConvRefiner(nn.Module):
     """One scale's refiner: (A features, B features, flow) -> (flow delta in pixels/4, certainty delta)."""
 
+    depthwise_rows = True  # compiled on a GPU with BatchNorms folded: blocks through the 5 x 5 row kernel
+
     def __init__(self, feat_dim: int, emb_dim: int, radius: int):
         super().__init__()
         self.radius = radius
@@ -241,7 +245,7 @@ class ConvRefiner(nn.Module):
             parts.append(feat_a.new_zeros(b, extra, h, w))
         d = torch.cat(parts, dim=1)
         for block in (self.block1, *self.hidden_blocks):
-            d = run_block(block, d)
+            d = run_block(block, d, self.depthwise_rows)
         # the output head runs in fp32 as upstream (outside its autocast region)
         with torch.autocast(device_type=d.device.type, enabled=False):
             out = pointwise_conv(self.out_conv, d.float())
@@ -288,10 +292,23 @@ def pointwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return out.permute(0, 3, 1, 2)
 
 
-def run_block(block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+def run_block(block: nn.Sequential, x: torch.Tensor, rows: bool = True) -> torch.Tensor:
     """One refiner block (depth-wise conv, BatchNorm or its folded Identity, ReLU, 1 x 1 conv),
-    its 1 x 1 convolution through ``pointwise_conv``."""
-    for layer in block:
+    its 1 x 1 convolution through ``pointwise_conv``.
+
+    With ``rows``, compiled on a GPU with the BatchNorm folded, the depth-wise convolution, its bias and the ReLU
+    run as one pass of ``matchrt.depthwise``'s 5 x 5 row kernel (each input row read once), where
+    cuDNN's depth-wise kernel and Inductor's ReLU pass read and wrote the activation twice.
+    """
+    conv = block[0]
+    if (rows and torch.compiler.is_compiling() and isinstance(block[1], nn.Identity) and isinstance(block[2], nn.ReLU)
+            and depthwise.usable(x) and depthwise.takes_rows(conv.kernel_size[0], conv.stride[0], conv.padding[0])
+            and conv.groups == conv.in_channels == conv.out_channels):
+        x = depthwise.conv_relu(conv, x)
+        layers = list(block)[3:]
+    else:
+        layers = list(block)
+    for layer in layers:
         x = pointwise_conv(layer, x) if is_pointwise(layer) else layer(x)
     return x
 
