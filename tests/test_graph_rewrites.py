@@ -774,3 +774,33 @@ def test_compiled_refiner_runs_its_1x1_convolutions_as_matrix_products() -> None
     x = torch.randn(1, 6, 3, 5)
     with torch.no_grad():
         assert torch.equal(pointwise_conv(conv, x), conv(x))  # eager: the convolution itself
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (Triton's row kernel under torch.compile)")
+@pytest.mark.parametrize("rows", [True, False])
+def test_compiled_folded_refiner_runs_its_depthwise_blocks_through_the_row_kernel(rows: bool) -> None:
+    """Compiled on a GPU with its BatchNorms folded, the refiner's nine 5 x 5 depth-wise convolution +
+    ReLU pairs are matchrt's depth-wise op (unless depthwise_rows is off), with the eager refiner's
+    outputs: fp32 to 1e-4 relative, fp16 autocast to 1e-2."""
+    refiner = folded_copy(_random_refiner(21, 3, 1)).cuda().eval()  # 2 x 21 + 3 + 9 = 54 channels: a masked block
+    refiner.depthwise_rows = rows
+    feat_a, feat_b = torch.randn(2, 21, 30, 26, device="cuda"), torch.randn(2, 21, 30, 26, device="cuda")
+    flow = torch.rand(2, 2, 30, 26, device="cuda") * 1.6 - 0.8
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    for dtype, tolerance in ((torch.float32, 1e-4), (torch.float16, 1e-2)):
+        graphs.clear()
+        torch._dynamo.reset()
+        with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            want = refiner(feat_a, feat_b, flow, 1.5)
+            got = torch.compile(refiner, backend=backend, fullgraph=True)(feat_a, feat_b, flow, 1.5)
+            inductor = torch.compile(refiner, fullgraph=True)(feat_a, feat_b, flow, 1.5)
+        for out in (got, inductor):
+            for g, r in zip(out, want):
+                assert float((g.float() - r.float()).abs().max() / r.float().abs().max()) <= tolerance
+        calls = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+        assert sum("depthwise_conv2d" in c for c in calls) == (9 if rows else 0)
