@@ -30,7 +30,8 @@ from .triton_ops import op_runs_on, tl, triton  # None without Triton or torch's
 
 OP_NAME = "matchrt::depthwise_conv2d"
 TILE_ELEMENTS = 4096  # output pixels x channels per program (4 warps: 32 fp32 accumulators per thread)
-ROW_ELEMENTS = 1024  # columns x channels of the 5 x 5 row kernel's accumulators (5 of them, 4 warps: 40 fp32 a thread)
+ROW_ELEMENTS = 512  # columns x channels of the 5 x 5 row kernel's accumulators (5 of them, 2 warps: 40 fp32 a thread)
+ROW_WARPS = 2
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -57,14 +58,14 @@ def tiles(channels: int, width: int) -> tuple[int, int, int]:
 
 
 def row_tiles(channels: int, width: int, height: int) -> tuple[int, int, int]:
-    """(BLOCK_C, BLOCK_W, BAND) of the 5 x 5 row kernel: all channels up to 64 (a power of two),
-    else the largest of 64/32/16/8 that pads the channels by at most 1/16; columns for the rest of
+    """(BLOCK_C, BLOCK_W, BAND) of the 5 x 5 row kernel: all channels up to 32 (a power of two),
+    else the largest of 32/16/8 that pads the channels by at most 1/16; columns for the rest of
     ROW_ELEMENTS (at least 16); bands of 32 output rows (16 below 128 rows, for more programs)."""
-    if channels <= 64:
+    if channels <= 32:
         block_c = 1 << (max(channels, 1) - 1).bit_length()  # the next power of two
     else:
-        fitting = [b for b in (64, 32, 16, 8) if (-channels % b) * 16 <= channels]
-        block_c = fitting[0] if fitting else 64
+        fitting = [b for b in (32, 16, 8) if (-channels % b) * 16 <= channels]
+        block_c = fitting[0] if fitting else 32
     block_w = max(16, ROW_ELEMENTS // block_c)
     block_w = min(block_w, max(16, 1 << (max(width, 1) - 1).bit_length()))
     return block_c, block_w, 32 if height >= 128 else 16
@@ -78,16 +79,56 @@ def takes_rows(kernel: int, stride: int, padding: int) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _shifted(src, iw, limit, c, c_ok, C: tl.constexpr, EVEN_C: tl.constexpr):
+        # one input row's pixels at columns iw (zeros outside 0 <= iw < limit), channels c
+        ok = (iw >= 0) & (iw < limit)
+        ptrs = src + (iw * C)[:, None] + c[None, :]
+        if EVEN_C:  # the channels fill the blocks: no channel mask that would split the vector loads
+            x = tl.load(ptrs, mask=ok[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=ok[:, None] & c_ok[None, :], other=0.0)
+        return x
+
+    @triton.jit
+    def _input_row(x_img, ih, H, W, ow, c, c_ok, C: tl.constexpr, EVEN_C: tl.constexpr):
+        # input row ih at the five column shifts -2..+2 (the shifted loads mostly hit L1); zeros outside
+        # the image. The column limit is W inside the image and 0 outside (every load masked off): a
+        # scalar limit rather than a scalar condition, as Triton's interpreter refuses bool scalar & vector
+        limit = tl.where((ih >= 0) & (ih < H), W, 0)
+        src = x_img + ih * W * C
+        x0 = _shifted(src, ow - 2, limit, c, c_ok, C, EVEN_C)
+        x1 = _shifted(src, ow - 1, limit, c, c_ok, C, EVEN_C)
+        x2 = _shifted(src, ow, limit, c, c_ok, C, EVEN_C)
+        x3 = _shifted(src, ow + 1, limit, c, c_ok, C, EVEN_C)
+        x4 = _shifted(src, ow + 2, limit, c, c_ok, C, EVEN_C)
+        return x0, x1, x2, x3, x4
+
+    @triton.jit
+    def _tap_row(acc, x0, x1, x2, x3, x4, w_ptr, ky: tl.constexpr, c, C_PAD: tl.constexpr, dtype: tl.constexpr,
+                 ROUND_X: tl.constexpr):
+        # acc + the five taps of kernel row ky against the shifted input rows (fp32 products and sums);
+        # taps stored 25 x C_PAD (fp32, zero past C: no masks): row ky, column kx at (5 ky + kx) C_PAD
+        if ROUND_X:  # autocast's cast of the input, done in registers
+            x0, x1, x2, x3, x4 = x0.to(dtype), x1.to(dtype), x2.to(dtype), x3.to(dtype), x4.to(dtype)
+        acc += x0.to(tl.float32) * tl.load(w_ptr + (5 * ky) * C_PAD + c)[None, :]
+        acc += x1.to(tl.float32) * tl.load(w_ptr + (5 * ky + 1) * C_PAD + c)[None, :]
+        acc += x2.to(tl.float32) * tl.load(w_ptr + (5 * ky + 2) * C_PAD + c)[None, :]
+        acc += x3.to(tl.float32) * tl.load(w_ptr + (5 * ky + 3) * C_PAD + c)[None, :]
+        acc += x4.to(tl.float32) * tl.load(w_ptr + (5 * ky + 4) * C_PAD + c)[None, :]
+        return acc
+
+    @triton.jit
     def _depthwise5_rows_kernel(x_ptr, w_ptr, b_ptr, y_ptr, H, W, bands, C: tl.constexpr, C_PAD: tl.constexpr,
-                                HAS_BIAS: tl.constexpr,
-                                RELU: tl.constexpr, ROUND_X: tl.constexpr, BLOCK_C: tl.constexpr,
-                                BLOCK_W: tl.constexpr, BAND: tl.constexpr, EVEN_C: tl.constexpr):
+                                HAS_BIAS: tl.constexpr, RELU: tl.constexpr, ROUND_X: tl.constexpr,
+                                BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, BAND: tl.constexpr,
+                                EVEN_C: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr):
         # A 5 x 5, stride-1, zero-padding-2 depth-wise convolution walking down a band of BAND output
-        # rows. Each input row is loaded once (five loads, one per column shift, the shifted ones from
-        # L1) and added into the five output rows it touches, held as rotating accumulators: a0 is the
-        # row two above the input row (its last input row: complete after this one), a1..a3 the next,
-        # `new` the row two below (its first input row). 5 loads per output element where a
-        # tap-by-tap kernel makes 25.
+        # rows. Each input row is loaded once (five loads, one per column shift) and added into the five
+        # output rows it touches, held as rotating accumulators: a0 is the row two above the input row
+        # (its last input row: complete after this one), a1..a3 the next, `new` the row two below (its
+        # first input row). 5 loads per output element where a tap-by-tap kernel makes 25. With
+        # PREFETCH the next input row's loads are issued before this row's multiply-adds (their memory
+        # latency overlaps the arithmetic); STAGES > 1 asks Triton's pipeliner to stage the loads instead.
         pid = tl.program_id(0)
         band = pid % bands
         col = pid // bands
@@ -97,6 +138,7 @@ if triton is not None:
         c_ok = c < C
         x_img = x_ptr + b * H * W * C
         y_img = y_ptr + b * H * W * C
+        dtype = y_ptr.dtype.element_ty
         row0 = band * BAND
         if HAS_BIAS:
             shift = tl.load(b_ptr + c)
@@ -104,30 +146,19 @@ if triton is not None:
         a1 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
         a2 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
         a3 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-        for i in range(BAND + 4):
+        x0, x1, x2, x3, x4 = _input_row(x_img, row0 - 2, H, W, ow, c, c_ok, C, EVEN_C)
+        for i in tl.range(0, BAND + 4, num_stages=STAGES):
             ih = row0 - 2 + i
-            # the row's column limit: W inside the image, 0 outside (every load masked off); a scalar
-            # limit rather than a scalar condition, as Triton's interpreter refuses bool scalar & vector
-            limit = tl.where((ih >= 0) & (ih < H), W, 0)
-            src = x_img + ih * W * C
-            new = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-            for kx in tl.static_range(5):
-                iw = ow + (kx - 2)
-                ok = (iw >= 0) & (iw < limit)
-                ptrs = src + (iw * C)[:, None] + c[None, :]
-                if EVEN_C:
-                    x = tl.load(ptrs, mask=ok[:, None], other=0.0)
-                else:
-                    x = tl.load(ptrs, mask=ok[:, None] & c_ok[None, :], other=0.0)
-                if ROUND_X:  # autocast's cast of the input, done in registers
-                    x = x.to(y_ptr.dtype.element_ty)
-                x = x.to(tl.float32)
-                # taps stored 25 x C_PAD (fp32, zero past C: no masks): row ky, column kx at (5 ky + kx) C_PAD
-                a0 += x * tl.load(w_ptr + (20 + kx) * C_PAD + c)[None, :]
-                a1 += x * tl.load(w_ptr + (15 + kx) * C_PAD + c)[None, :]
-                a2 += x * tl.load(w_ptr + (10 + kx) * C_PAD + c)[None, :]
-                a3 += x * tl.load(w_ptr + (5 + kx) * C_PAD + c)[None, :]
-                new += x * tl.load(w_ptr + kx * C_PAD + c)[None, :]
+            if PREFETCH:
+                n0, n1, n2, n3, n4 = _input_row(x_img, ih + 1, H, W, ow, c, c_ok, C, EVEN_C)
+            else:
+                x0, x1, x2, x3, x4 = _input_row(x_img, ih, H, W, ow, c, c_ok, C, EVEN_C)
+            a0 = _tap_row(a0, x0, x1, x2, x3, x4, w_ptr, 4, c, C_PAD, dtype, ROUND_X)
+            a1 = _tap_row(a1, x0, x1, x2, x3, x4, w_ptr, 3, c, C_PAD, dtype, ROUND_X)
+            a2 = _tap_row(a2, x0, x1, x2, x3, x4, w_ptr, 2, c, C_PAD, dtype, ROUND_X)
+            a3 = _tap_row(a3, x0, x1, x2, x3, x4, w_ptr, 1, c, C_PAD, dtype, ROUND_X)
+            new = _tap_row(tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32), x0, x1, x2, x3, x4, w_ptr, 0, c, C_PAD,
+                           dtype, ROUND_X)
             oh = ih - 2  # a0's row, complete: stored when it is one of the band's rows
             out = a0
             if HAS_BIAS:
@@ -137,14 +168,16 @@ if triton is not None:
             store_limit = tl.where((i >= 4) & (oh < H), W, 0)
             dst = y_img + oh * W * C + (ow * C)[:, None] + c[None, :]
             if EVEN_C:
-                tl.store(dst, out.to(y_ptr.dtype.element_ty), mask=(ow < store_limit)[:, None])
+                tl.store(dst, out.to(dtype), mask=(ow < store_limit)[:, None])
             else:
-                tl.store(dst, out.to(y_ptr.dtype.element_ty), mask=(ow < store_limit)[:, None] & c_ok[None, :])
+                tl.store(dst, out.to(dtype), mask=(ow < store_limit)[:, None] & c_ok[None, :])
             a0, a1, a2, a3 = a1, a2, a3, new
+            if PREFETCH:
+                x0, x1, x2, x3, x4 = n0, n1, n2, n3, n4
 
     def _launch_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], relu: bool,
                      dtype: torch.dtype, launcher: Any, block: Optional[tuple[int, int, int]] = None,
-                     warps: int = 4) -> torch.Tensor:
+                     warps: int = ROW_WARPS, prefetch: bool = True, stages: int = 1) -> torch.Tensor:
         n, c, h, w = (int(v) for v in x.shape)
         x = x.contiguous(memory_format=torch.channels_last)
         y = torch.empty_strided((n, c, h, w), (c * h * w, 1, w * c, c), dtype=dtype, device=x.device)
@@ -159,7 +192,8 @@ if triton is not None:
         grid = (bands * triton.cdiv(w, block_w), triton.cdiv(c, block_c), n)
         launcher(_depthwise5_rows_kernel)[grid](
             x, taps, shift, y, h, w, bands, C=c, C_PAD=c_pad, HAS_BIAS=bias is not None, RELU=relu, ROUND_X=x.dtype != dtype,
-            BLOCK_C=block_c, BLOCK_W=block_w, BAND=band, EVEN_C=c % block_c == 0, num_warps=warps)
+            BLOCK_C=block_c, BLOCK_W=block_w, BAND=band, EVEN_C=c % block_c == 0, PREFETCH=prefetch,
+            STAGES=stages, num_warps=warps)
         return y
 
     @triton.jit

@@ -17,7 +17,7 @@ and adds up "calls per pair" x time per shape: the per-pair cost each way. Suppo
 for a kernel choice; whether a pipeline gets faster is `matchrt bench`'s to say. Each new block
 compiles a Triton kernel (about a second).
 
-    python scripts/depthwise_micro.py --json out.json [--only r4,u4] [--tiles 64x16x16w4,32x32x32w4]
+    python scripts/depthwise_micro.py --json out.json [--only r4,u4] [--tiles 32x16x32w2p1,32x16x32w2p0s3]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 
 import torch
 import torch.nn.functional as F
@@ -42,11 +43,14 @@ SHAPES: dict[str, tuple[int, int, int, int, int, bool, bool, int]] = {
 }
 
 
-def parse_tile(text: str) -> tuple[tuple[int, int, int], int]:
-    """'64x16x32w4' -> ((64, 16, 32), 4): channels, columns, band rows; warps."""
-    dims, warps = text.split("w")
-    c, w, band = (int(v) for v in dims.split("x"))
-    return (c, w, band), int(warps)
+def parse_tile(text: str) -> tuple[tuple[int, int, int], int, bool, int]:
+    """'64x16x32w4p1s1' -> ((64, 16, 32), 4, True, 1): channels, columns, band rows; warps; prefetch of
+    the next row (p0/p1, default 1); pipeliner stages (default 1)."""
+    m = re.fullmatch(r"(\d+)x(\d+)x(\d+)w(\d+)(?:p([01]))?(?:s(\d+))?", text)
+    if not m:
+        raise SystemExit(f"depthwise_micro: tile {text!r} is not CxWxBANDwWARPS[p0|p1][sSTAGES]")
+    c, w, band, warps = (int(v) for v in m.groups()[:4])
+    return (c, w, band), warps, m.group(5) != "0", int(m.group(6) or 1)
 
 
 def main() -> None:
@@ -101,13 +105,17 @@ def main() -> None:
         best = row["matchrt_us"]
         if depthwise.takes_rows(k, s, p):
             row["default_block"] = depthwise.row_tiles(c, side, side)
-            for tile, warps in tiles:
-                def run(tile=tile, warps=warps) -> torch.Tensor:
+            for text, (tile, warps, prefetch, stages) in zip(args.tiles.split(","), tiles):
+                def run(tile=tile, warps=warps, prefetch=prefetch, stages=stages) -> torch.Tensor:
                     return depthwise._launch_rows(x, w, b, relu, torch.float16, torch.library.wrap_triton, tile,
-                                                  warps)
-                err = float((run().float() - want).abs().max())
-                t = bench(run)
-                row["tiles"][f"{tile[0]}x{tile[1]}x{tile[2]}w{warps}"] = {"us": t, "max_abs_vs_cudnn": err}
+                                                  warps, prefetch, stages)
+                try:
+                    err = float((run().float() - want).abs().max())
+                    t = bench(run)
+                except Exception as error:  # a block that does not compile (shared memory, registers)
+                    row["tiles"][text] = {"error": str(error).splitlines()[0][:200]}
+                    continue
+                row["tiles"][text] = {"us": t, "max_abs_vs_cudnn": err}
                 best = min(best, t)
         row["matchrt_best_us"] = best
         per_pair["cudnn_ms"] += row["cudnn_us"] * calls / 1e3

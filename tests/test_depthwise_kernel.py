@@ -152,17 +152,20 @@ def test_the_module_under_autocast_and_compile_matches_the_convolution(channels,
 
 
 @needs_kernel
-@pytest.mark.parametrize("channels,block", [(40, (16, 16, 4)), (32, (16, 16, 8)), (72, None)])
-def test_the_row_kernel_covers_bands_column_tiles_and_channel_blocks(channels, block) -> None:
+@pytest.mark.parametrize("channels,block,prefetch", [(40, (16, 16, 4), True), (32, (16, 16, 8), True),
+                                                     (72, None, True), (40, (16, 16, 4), False)])
+def test_the_row_kernel_covers_bands_column_tiles_and_channel_blocks(channels, block, prefetch) -> None:
     """The 5 x 5 row kernel over several bands (the last one partial), several column tiles and
-    channel blocks, with and without a channel remainder: every output row and column as cuDNN's."""
+    channel blocks, with and without a channel remainder, with and without the next row's loads
+    issued ahead: every output row and column as the convolution's."""
     conv = _conv(channels, 5, 1, 2, True, seed=3)
     x = torch.randn(2, channels, 37, 21)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x, conv = x.to(device), conv.to(device)
     launcher = (lambda kernel: kernel) if INTERPRETER else torch.library.wrap_triton
     with torch.no_grad():
-        got = depthwise._launch_rows(x, conv.weight, conv.bias, True, torch.float32, launcher, block)
+        got = depthwise._launch_rows(x, conv.weight, conv.bias, True, torch.float32, launcher, block,
+                                     prefetch=prefetch)
         want = _reference(x, conv, True)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
