@@ -34,7 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "fuse": True,
     "pad_channels": 8,
     "coarse_graphs": True,
-    "refiner_depthwise": "rows",
+    "refiner_depthwise": "cudnn",
     **coarse_export.DEFAULTS,
 }
 

@@ -213,7 +213,7 @@ def _block(in_dim: int, out_dim: int, bias: bool = True) -> nn.Sequential:
 class ConvRefiner(nn.Module):
     """One scale's refiner: (A features, B features, flow) -> (flow delta in pixels/4, certainty delta)."""
 
-    depthwise_rows = True  # compiled on a GPU with BatchNorms folded: blocks through the 5 x 5 row kernel
+    depthwise_rows = False  # True: compiled on a GPU with BatchNorms folded, blocks through the 5 x 5 row kernel
 
     def __init__(self, feat_dim: int, emb_dim: int, radius: int):
         super().__init__()
@@ -292,7 +292,7 @@ def pointwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return out.permute(0, 3, 1, 2)
 
 
-def run_block(block: nn.Sequential, x: torch.Tensor, rows: bool = True) -> torch.Tensor:
+def run_block(block: nn.Sequential, x: torch.Tensor, rows: bool = False) -> torch.Tensor:
     """One refiner block (depth-wise conv, BatchNorm or its folded Identity, ReLU, 1 x 1 conv),
     its 1 x 1 convolution through ``pointwise_conv``.
 
