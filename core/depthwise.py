@@ -3,9 +3,13 @@
 Why: eloftr pools its attention queries with a 4 x 4 stride-4 depth-wise convolution (16 calls a
 pair), for which cuDNN runs a grouped kernel (0.385 ms of a pair's compiled fp16 time on an
 H100); a direct pass over the channels-last activation does the same work near the memory's pace.
-The kernel also handles stride 1 with padding, + bias and ReLU (a ReLU read and write saved), but
-for roma_plus's refiners (5 x 5, 576 to 1384 channels) cuDNN's depth-wise kernels were faster
-on the H100 (micro-benchmark and `matchrt bench`, session 10): there it is not used.
+The kernel also handles stride 1 with padding, + bias and ReLU (a ReLU read and write saved).
+
+5 x 5 stride-1 convolutions (roma_plus's refiner blocks, 24 to 1384 channels) run a second
+kernel, the row kernel: a program walks down a band of output rows and loads each input row once,
+adding it into the five output rows it touches (5 loads per output instead of 25). On an H200 it
+ties cuDNN + ReLU standalone but loses inside the compiled pipeline (roma_plus 50.9 against 46.4
+ms a pair, session 18), so roma_plus takes it only with ``-O refiner_depthwise=rows``.
 
 `DepthwiseConv2d` is an ``nn.Conv2d`` (same parameters, same state-dict keys, same ONNX Conv node)
 whose forward, on CUDA tensors under torch with Triton, calls ``matchrt::depthwise_conv2d``: a
