@@ -144,8 +144,7 @@ if triton is not None:
         y_img = y_ptr + b * H * W * C
         dtype = y_ptr.dtype.element_ty
         row0 = band * BAND
-        if HAS_BIAS:
-            shift = tl.load(b_ptr + c)
+        shift = tl.load(b_ptr + c)  # (the taps when there is no bias: not used)
         a0 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
         a1 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
         a2 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
@@ -163,25 +162,107 @@ if triton is not None:
             a3 = _tap_row(a3, x0, x1, x2, x3, x4, w_ptr, 1, c, C_PAD, dtype, ROUND_X)
             new = _tap_row(tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32), x0, x1, x2, x3, x4, w_ptr, 0, c, C_PAD,
                            dtype, ROUND_X)
-            oh = ih - 2  # a0's row, complete: stored when it is one of the band's rows
-            out = a0
-            if HAS_BIAS:
-                out += shift[None, :]
-            if RELU:
-                out = tl.maximum(out, 0.0)
-            store_limit = tl.where((i >= 4) & (oh < H), W, 0)
-            dst = y_img + oh * W * C + (ow * C)[:, None] + c[None, :]
-            if EVEN_C:
-                tl.store(dst, out.to(dtype), mask=(ow < store_limit)[:, None])
-            else:
-                tl.store(dst, out.to(dtype), mask=(ow < store_limit)[:, None] & c_ok[None, :])
+            # a0's row ih - 2 is complete: stored when it is one of the band's rows
+            _store_row(y_img, ih - 2, i >= 4, H, W, ow, c, c_ok, a0, shift, C, HAS_BIAS, RELU, EVEN_C)
             a0, a1, a2, a3 = a1, a2, a3, new
             if PREFETCH:
                 x0, x1, x2, x3, x4 = n0, n1, n2, n3, n4
 
+    @triton.jit
+    def _store_row(y_img, oh, keep, H, W, ow, c, c_ok, acc, shift, C: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   RELU: tl.constexpr, EVEN_C: tl.constexpr):
+        # output row oh (+ bias, ReLU) stored when `keep` and inside the image
+        if HAS_BIAS:
+            acc += shift[None, :]
+        if RELU:
+            acc = tl.maximum(acc, 0.0)
+        limit = tl.where(keep & (oh < H), W, 0)
+        dst = y_img + oh * W * C + (ow * C)[:, None] + c[None, :]
+        if EVEN_C:
+            tl.store(dst, acc.to(dst.dtype.element_ty), mask=(ow < limit)[:, None])
+        else:
+            tl.store(dst, acc.to(dst.dtype.element_ty), mask=(ow < limit)[:, None] & c_ok[None, :])
+
+    @triton.jit
+    def _pair_column(a0, a1, a2, a3, n4, n5, xa, xb, w_ptr, kx: tl.constexpr, c, C_PAD: tl.constexpr, dtype: tl.constexpr,
+                     ROUND_X: tl.constexpr):
+        # kernel column kx against two input rows shifted by kx - 2: row A (ih) adds into the outputs
+        # ih-2 .. ih+2 (a0..a3, n4) and row B (ih + 1) into ih-1 .. ih+3 (a1..a3, n4, n5); each tap is
+        # loaded once for both rows
+        if ROUND_X:  # autocast's cast of the input, done in registers
+            xa, xb = xa.to(dtype), xb.to(dtype)
+        xa = xa.to(tl.float32)
+        xb = xb.to(tl.float32)
+        w = tl.load(w_ptr + (20 + kx) * C_PAD + c)[None, :]  # kernel row 4
+        a0 += xa * w
+        a1 += xb * w
+        w = tl.load(w_ptr + (15 + kx) * C_PAD + c)[None, :]  # kernel row 3
+        a1 += xa * w
+        a2 += xb * w
+        w = tl.load(w_ptr + (10 + kx) * C_PAD + c)[None, :]  # kernel row 2
+        a2 += xa * w
+        a3 += xb * w
+        w = tl.load(w_ptr + (5 + kx) * C_PAD + c)[None, :]  # kernel row 1
+        a3 += xa * w
+        n4 += xb * w
+        w = tl.load(w_ptr + kx * C_PAD + c)[None, :]  # kernel row 0
+        n4 += xa * w
+        n5 += xb * w
+        return a0, a1, a2, a3, n4, n5
+
+    @triton.jit
+    def _depthwise5_pairs_kernel(x_ptr, w_ptr, b_ptr, y_ptr, H, W, bands, C: tl.constexpr, C_PAD: tl.constexpr,
+                                 HAS_BIAS: tl.constexpr, RELU: tl.constexpr, ROUND_X: tl.constexpr,
+                                 BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, BAND: tl.constexpr,
+                                 EVEN_C: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr):
+        # The row kernel taking two input rows a step: each tap's load serves both rows, so the taps'
+        # loads (25 a step, L1's busiest traffic in the one-row kernel) halve per row. Six rotating
+        # accumulators: a0..a3 the outputs ih-2 .. ih+1, n4 and n5 the two begun this step; a0 and a1
+        # are complete after it. BAND is even.
+        pid = tl.program_id(0)
+        band = pid % bands
+        col = pid // bands
+        b = tl.program_id(2).to(tl.int64)
+        ow = col * BLOCK_W + tl.arange(0, BLOCK_W)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        x_img = x_ptr + b * H * W * C
+        y_img = y_ptr + b * H * W * C
+        dtype = y_ptr.dtype.element_ty
+        row0 = band * BAND
+        shift = tl.load(b_ptr + c)  # (the taps when there is no bias: not used)
+        a0 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+        a1 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+        a2 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+        a3 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+        x0, x1, x2, x3, x4 = _input_row(x_img, row0 - 2, H, W, ow, c, c_ok, C, EVEN_C)
+        y0, y1, y2, y3, y4 = _input_row(x_img, row0 - 1, H, W, ow, c, c_ok, C, EVEN_C)
+        for i in tl.range(0, BAND + 4, 2, num_stages=STAGES):
+            ih = row0 - 2 + i
+            if PREFETCH:  # the next two rows' loads before this step's multiply-adds
+                p0, p1, p2, p3, p4 = _input_row(x_img, ih + 2, H, W, ow, c, c_ok, C, EVEN_C)
+                q0, q1, q2, q3, q4 = _input_row(x_img, ih + 3, H, W, ow, c, c_ok, C, EVEN_C)
+            else:
+                x0, x1, x2, x3, x4 = _input_row(x_img, ih, H, W, ow, c, c_ok, C, EVEN_C)
+                y0, y1, y2, y3, y4 = _input_row(x_img, ih + 1, H, W, ow, c, c_ok, C, EVEN_C)
+            n4 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+            n5 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+            a0, a1, a2, a3, n4, n5 = _pair_column(a0, a1, a2, a3, n4, n5, x0, y0, w_ptr, 0, c, C_PAD, dtype, ROUND_X)
+            a0, a1, a2, a3, n4, n5 = _pair_column(a0, a1, a2, a3, n4, n5, x1, y1, w_ptr, 1, c, C_PAD, dtype, ROUND_X)
+            a0, a1, a2, a3, n4, n5 = _pair_column(a0, a1, a2, a3, n4, n5, x2, y2, w_ptr, 2, c, C_PAD, dtype, ROUND_X)
+            a0, a1, a2, a3, n4, n5 = _pair_column(a0, a1, a2, a3, n4, n5, x3, y3, w_ptr, 3, c, C_PAD, dtype, ROUND_X)
+            a0, a1, a2, a3, n4, n5 = _pair_column(a0, a1, a2, a3, n4, n5, x4, y4, w_ptr, 4, c, C_PAD, dtype, ROUND_X)
+            _store_row(y_img, ih - 2, i >= 4, H, W, ow, c, c_ok, a0, shift, C, HAS_BIAS, RELU, EVEN_C)
+            _store_row(y_img, ih - 1, i >= 4, H, W, ow, c, c_ok, a1, shift, C, HAS_BIAS, RELU, EVEN_C)
+            a0, a1, a2, a3 = a2, a3, n4, n5
+            if PREFETCH:
+                x0, x1, x2, x3, x4 = p0, p1, p2, p3, p4
+                y0, y1, y2, y3, y4 = q0, q1, q2, q3, q4
+
     def _launch_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], relu: bool,
                      dtype: torch.dtype, launcher: Any, block: Optional[tuple[int, int, int]] = None,
-                     warps: int = ROW_WARPS, prefetch: bool = True, stages: int = 1) -> torch.Tensor:
+                     warps: int = ROW_WARPS, prefetch: bool = True, stages: int = 1,
+                     pairs: bool = False) -> torch.Tensor:
         n, c, h, w = (int(v) for v in x.shape)
         x = x.contiguous(memory_format=torch.channels_last)
         y = torch.empty_strided((n, c, h, w), (c * h * w, 1, w * c, c), dtype=dtype, device=x.device)
@@ -189,14 +270,16 @@ if triton is not None:
         # (converting fp16 taps took as many instructions as the multiply-adds)
         # and padded with zeros to whole channel blocks, so that the kernel loads them without masks
         block_c, block_w, band = block or row_tiles(c, w, h)
+        if pairs and band % 2:
+            raise ValueError(f"the two-row kernel takes bands of an even number of rows, not {band}")
         c_pad = triton.cdiv(c, block_c) * block_c
         taps = F.pad(weight.reshape(c, 25).to(dtype).float(), (0, 0, 0, c_pad - c)).t().contiguous()
         shift = F.pad(bias.to(dtype).float(), (0, c_pad - c)) if bias is not None else taps
         bands = triton.cdiv(h, band)
         grid = (bands * triton.cdiv(w, block_w), triton.cdiv(c, block_c), n)
-        launcher(_depthwise5_rows_kernel)[grid](
-            x, taps, shift, y, h, w, bands, C=c, C_PAD=c_pad, HAS_BIAS=bias is not None, RELU=relu, ROUND_X=x.dtype != dtype,
-            BLOCK_C=block_c, BLOCK_W=block_w, BAND=band, EVEN_C=c % block_c == 0, PREFETCH=prefetch,
+        launcher(_depthwise5_pairs_kernel if pairs else _depthwise5_rows_kernel)[grid](
+            x, taps, shift, y, h, w, bands, C=c, C_PAD=c_pad, HAS_BIAS=bias is not None, RELU=relu,
+            ROUND_X=x.dtype != dtype, BLOCK_C=block_c, BLOCK_W=block_w, BAND=band, EVEN_C=c % block_c == 0, PREFETCH=prefetch,
             STAGES=stages, num_warps=warps)
         return y
 

@@ -152,12 +152,14 @@ def test_the_module_under_autocast_and_compile_matches_the_convolution(channels,
 
 
 @needs_kernel
-@pytest.mark.parametrize("channels,block,prefetch", [(40, (16, 16, 4), True), (32, (16, 16, 8), True),
-                                                     (72, None, True), (40, (16, 16, 4), False)])
-def test_the_row_kernel_covers_bands_column_tiles_and_channel_blocks(channels, block, prefetch) -> None:
-    """The 5 x 5 row kernel over several bands (the last one partial), several column tiles and
-    channel blocks, with and without a channel remainder, with and without the next row's loads
-    issued ahead: every output row and column as the convolution's."""
+@pytest.mark.parametrize("channels,block,prefetch,pairs", [
+    (40, (16, 16, 4), True, False), (32, (16, 16, 8), True, False), (72, None, True, False),
+    (40, (16, 16, 4), False, False), (40, (16, 16, 4), True, True), (32, (16, 16, 8), False, True),
+    (72, None, True, True)])
+def test_the_row_kernel_covers_bands_column_tiles_and_channel_blocks(channels, block, prefetch, pairs) -> None:
+    """The 5 x 5 row kernel (one or two input rows a step) over several bands (the last one
+    partial), several column tiles and channel blocks, with and without a channel remainder, with
+    and without the next rows' loads issued ahead: every output row and column as the convolution's."""
     conv = _conv(channels, 5, 1, 2, True, seed=3)
     x = torch.randn(2, channels, 37, 21)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -165,7 +167,7 @@ def test_the_row_kernel_covers_bands_column_tiles_and_channel_blocks(channels, b
     launcher = (lambda kernel: kernel) if INTERPRETER else torch.library.wrap_triton
     with torch.no_grad():
         got = depthwise._launch_rows(x, conv.weight, conv.bias, True, torch.float32, launcher, block,
-                                     prefetch=prefetch)
+                                     prefetch=prefetch, pairs=pairs)
         want = _reference(x, conv, True)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
