@@ -7,9 +7,12 @@ The kernel also handles stride 1 with padding, + bias and ReLU (a ReLU read and 
 
 5 x 5 stride-1 convolutions (roma_plus's refiner blocks, 24 to 1384 channels) run a second
 kernel, the row kernel: a program walks down a band of output rows and loads each input row once,
-adding it into the five output rows it touches (5 loads per output instead of 25). On an H200 it
-ties cuDNN + ReLU standalone but loses inside the compiled pipeline (roma_plus 50.9 against 46.4
-ms a pair, session 18), so roma_plus takes it only with ``-O refiner_depthwise=rows``.
+adding it into the five output rows it touches (5 loads per output instead of 25). Its tap loads
+were its bottleneck (L1 traffic), so the op takes two input rows a step, each tap load serving
+both. On an H200 the one-row form tied cuDNN + ReLU standalone and lost inside the compiled
+pipeline (roma_plus 50.9 against 46.4 ms a pair); the two-row step is 30% faster standalone
+(10.2 against cuDNN + ReLU's 14.7 ms summed over a pair's calls) but was not timed in the
+pipeline (session 18). roma_plus takes it only with ``-O refiner_depthwise=rows``.
 
 `DepthwiseConv2d` is an ``nn.Conv2d`` (same parameters, same state-dict keys, same ONNX Conv node)
 whose forward, on CUDA tensors under torch with Triton, calls ``matchrt::depthwise_conv2d``: a
@@ -34,7 +37,10 @@ from .triton_ops import op_runs_on, tl, triton  # None without Triton or torch's
 
 OP_NAME = "matchrt::depthwise_conv2d"
 TILE_ELEMENTS = 4096  # output pixels x channels per program (4 warps: 32 fp32 accumulators per thread)
-ROW_ELEMENTS = 512  # columns x channels of the 5 x 5 row kernel's accumulators (5 of them, 2 warps: 40 fp32 a thread)
+# columns x channels of the 5 x 5 row kernel's accumulators (6 of them in the two-row step, 2 warps:
+# 48 fp32 a thread); blocks, warps and the two-row step without prefetch were the fastest at 7 of the
+# 9 refiner shapes on an H200 (session 18's micro-benchmark)
+ROW_ELEMENTS = 512
 ROW_WARPS = 2
 
 
@@ -261,8 +267,8 @@ if triton is not None:
 
     def _launch_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], relu: bool,
                      dtype: torch.dtype, launcher: Any, block: Optional[tuple[int, int, int]] = None,
-                     warps: int = ROW_WARPS, prefetch: bool = True, stages: int = 1,
-                     pairs: bool = False) -> torch.Tensor:
+                     warps: int = ROW_WARPS, prefetch: bool = False, stages: int = 1,
+                     pairs: bool = True) -> torch.Tensor:
         n, c, h, w = (int(v) for v in x.shape)
         x = x.contiguous(memory_format=torch.channels_last)
         y = torch.empty_strided((n, c, h, w), (c * h * w, 1, w * c, c), dtype=dtype, device=x.device)
