@@ -147,10 +147,15 @@ def gap_threshold(ranked: np.ndarray, lo: int, hi: int) -> tuple[float, int]:
 
 
 def assert_same_matches(ours: dict[str, np.ndarray], runtime: dict[str, np.ndarray]) -> None:
-    """Identical valid sets, keypoints within 1e-3 px, confidences within 1e-4 relative.
+    """Identical valid sets, keypoints within 1e-3 px, log-confidences within 1e-4 relative.
 
     Near-equal confidences may swap places, so matches are paired by (kp0, kp1), which is
     unique per coarse pair (two pairs differ by a cell, i.e. pixels, in one image at least).
+    A confidence is the exponential of a dual-softmax score (about -10.7 here, confidences near
+    2e-5): its relative error is the score's absolute error, which fp32 arithmetic only bounds
+    relative to the score. So the fp32 rule (1e-4 relative) applies to the log-confidence. (On an
+    AVX-512 Xeon, session 18, torch and onnxruntime 1.22-1.32 differed by 1.7e-4 in confidence,
+    1.6e-5 in log-confidence.)
     """
     assert np.array_equal(ours["valid"], runtime["valid"])
     valid = ours["valid"][0]
@@ -160,5 +165,6 @@ def assert_same_matches(ours: dict[str, np.ndarray], runtime: dict[str, np.ndarr
     nearest = dist.argmin(1)
     assert len(set(nearest.tolist())) == len(a), "not a one-to-one correspondence"
     assert float(dist.min(1).max()) <= 1e-3
-    rel = np.abs(runtime["confidence"][0, valid][nearest] / ours["confidence"][0, valid] - 1)
-    assert float(rel.max()) <= 1e-4
+    log_ours = np.log(ours["confidence"][0, valid].astype(np.float64))
+    log_runtime = np.log(runtime["confidence"][0, valid][nearest].astype(np.float64))
+    assert float((np.abs(log_runtime - log_ours) / np.abs(log_ours)).max()) <= 1e-4
