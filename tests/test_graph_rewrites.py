@@ -806,3 +806,21 @@ def test_compiled_folded_refiner_runs_its_depthwise_blocks_through_the_row_kerne
                 assert float((g.float() - r.float()).abs().max() / r.float().abs().max()) <= tolerance
         calls = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
         assert sum("depthwise_conv2d" in c for c in calls) == (9 if rows else 0)
+
+
+def test_refiner_depthwise_option_picks_the_kernel_and_refuses_other_values() -> None:
+    """-O refiner_depthwise: 'cudnn' (default) and 'rows' set the configured refiners' kernel, the
+    model's own refiners keep the class default; another value is an error naming the choices."""
+    from roma_plus_helpers import loaded_model
+
+    from matchrt.errors import MatchrtError
+    from matchrt.plugins.roma_plus import export as export_mod
+
+    model = loaded_model()
+    for value, rows in (("cudnn", False), ("ROWS", True)):
+        view = export_mod.configured(model, export_mod.resolve_options({"refiner_depthwise": value}))
+        assert {r.depthwise_rows for r in view.conv_refiner.values()} == {rows}
+    assert not any(r.depthwise_rows for r in model.conv_refiner.values())
+    assert export_mod.resolve_options({})["refiner_depthwise"] == "cudnn"
+    with pytest.raises(MatchrtError, match="rows, cudnn"):
+        export_mod.resolve_options({"refiner_depthwise": "triton"})
