@@ -8,8 +8,8 @@ The kernel also handles stride 1 with padding, + bias and ReLU (a ReLU read and 
 5 x 5 stride-1 convolutions (roma_plus's refiner blocks, 24 to 1384 channels) run a second
 kernel, the row kernel: a program walks down a band of output rows and loads each input row once,
 adding it into the five output rows it touches (5 loads per output instead of 25). Its tap loads
-were its bottleneck (L1 traffic), so the op takes two input rows a step, each tap load serving
-both. On an H200 the one-row form tied cuDNN + ReLU standalone and lost inside the compiled
+were its bottleneck (L1 traffic), so it takes two input rows a step, each tap load serving both.
+On an H200 the one-row form tied cuDNN + ReLU standalone and lost inside the compiled
 pipeline (roma_plus 50.9 against 46.4 ms a pair); the two-row step is 30% faster standalone
 (10.2 against cuDNN + ReLU's 14.7 ms summed over a pair's calls) but was not timed in the
 pipeline (session 18). roma_plus takes it only with ``-O refiner_depthwise=rows``.
@@ -37,9 +37,9 @@ from .triton_ops import op_runs_on, tl, triton  # None without Triton or torch's
 
 OP_NAME = "matchrt::depthwise_conv2d"
 TILE_ELEMENTS = 4096  # output pixels x channels per program (4 warps: 32 fp32 accumulators per thread)
-# columns x channels of the 5 x 5 row kernel's accumulators (6 of them in the two-row step, 2 warps:
-# 48 fp32 a thread); blocks, warps and the two-row step without prefetch were the fastest at 7 of the
-# 9 refiner shapes on an H200 (session 18's micro-benchmark)
+# columns x channels of the 5 x 5 row kernel's accumulators (6 of them, 2 warps: 48 fp32 a thread);
+# these blocks and warps were the fastest at 7 of the 9 refiner shapes on an H200 (session 18's
+# micro-benchmark; issuing the next rows' loads ahead or Triton's pipelining were slower)
 ROW_ELEMENTS = 512
 ROW_WARPS = 2
 
@@ -68,17 +68,14 @@ def tiles(channels: int, width: int) -> tuple[int, int, int]:
 
 
 def row_tiles(channels: int, width: int, height: int) -> tuple[int, int, int]:
-    """(BLOCK_C, BLOCK_W, BAND) of the 5 x 5 row kernel: all channels up to 32 (a power of two),
-    else the largest of 32/16/8 that pads the channels by at most 1/16; columns for the rest of
-    ROW_ELEMENTS (at least 16); bands of 32 output rows (16 below 128 rows, for more programs)."""
-    if channels <= 32:
-        block_c = 1 << (max(channels, 1) - 1).bit_length()  # the next power of two
-    else:
-        fitting = [b for b in (32, 16, 8) if (-channels % b) * 16 <= channels]
-        block_c = fitting[0] if fitting else 32
+    """(BLOCK_C, BLOCK_W, BAND) of the 5 x 5 row kernel: 32 channels (fewer, a power of two, for
+    narrower inputs), columns for the rest of ROW_ELEMENTS (at least 16, at most the width's power of
+    two), bands of 32 output rows: the blocks measured fastest at roma_plus's nine refiner shapes
+    (session 18, one H200). ``height`` is part of the signature for callers that size bands by it."""
+    block_c = min(32, 1 << (max(channels, 1) - 1).bit_length())
     block_w = max(16, ROW_ELEMENTS // block_c)
     block_w = min(block_w, max(16, 1 << (max(width, 1) - 1).bit_length()))
-    return block_c, block_w, 32 if height >= 128 else 16
+    return block_c, block_w, 32
 
 
 def takes_rows(kernel: int, stride: int, padding: int) -> bool:
@@ -114,67 +111,6 @@ if triton is not None:
         return x0, x1, x2, x3, x4
 
     @triton.jit
-    def _tap_row(acc, x0, x1, x2, x3, x4, w_ptr, ky: tl.constexpr, c, C_PAD: tl.constexpr, dtype: tl.constexpr,
-                 ROUND_X: tl.constexpr):
-        # acc + the five taps of kernel row ky against the shifted input rows (fp32 products and sums);
-        # taps stored 25 x C_PAD (fp32, zero past C: no masks): row ky, column kx at (5 ky + kx) C_PAD
-        if ROUND_X:  # autocast's cast of the input, done in registers
-            x0, x1, x2, x3, x4 = x0.to(dtype), x1.to(dtype), x2.to(dtype), x3.to(dtype), x4.to(dtype)
-        acc += x0.to(tl.float32) * tl.load(w_ptr + (5 * ky) * C_PAD + c)[None, :]
-        acc += x1.to(tl.float32) * tl.load(w_ptr + (5 * ky + 1) * C_PAD + c)[None, :]
-        acc += x2.to(tl.float32) * tl.load(w_ptr + (5 * ky + 2) * C_PAD + c)[None, :]
-        acc += x3.to(tl.float32) * tl.load(w_ptr + (5 * ky + 3) * C_PAD + c)[None, :]
-        acc += x4.to(tl.float32) * tl.load(w_ptr + (5 * ky + 4) * C_PAD + c)[None, :]
-        return acc
-
-    @triton.jit
-    def _depthwise5_rows_kernel(x_ptr, w_ptr, b_ptr, y_ptr, H, W, bands, C: tl.constexpr, C_PAD: tl.constexpr,
-                                HAS_BIAS: tl.constexpr, RELU: tl.constexpr, ROUND_X: tl.constexpr,
-                                BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, BAND: tl.constexpr,
-                                EVEN_C: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr):
-        # A 5 x 5, stride-1, zero-padding-2 depth-wise convolution walking down a band of BAND output
-        # rows. Each input row is loaded once (five loads, one per column shift) and added into the five
-        # output rows it touches, held as rotating accumulators: a0 is the row two above the input row
-        # (its last input row: complete after this one), a1..a3 the next, `new` the row two below (its
-        # first input row). 5 loads per output element where a tap-by-tap kernel makes 25. With
-        # PREFETCH the next input row's loads are issued before this row's multiply-adds (their memory
-        # latency overlaps the arithmetic); STAGES > 1 asks Triton's pipeliner to stage the loads instead.
-        pid = tl.program_id(0)
-        band = pid % bands
-        col = pid // bands
-        b = tl.program_id(2).to(tl.int64)
-        ow = col * BLOCK_W + tl.arange(0, BLOCK_W)
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_ok = c < C
-        x_img = x_ptr + b * H * W * C
-        y_img = y_ptr + b * H * W * C
-        dtype = y_ptr.dtype.element_ty
-        row0 = band * BAND
-        shift = tl.load(b_ptr + c)  # (the taps when there is no bias: not used)
-        a0 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-        a1 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-        a2 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-        a3 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-        x0, x1, x2, x3, x4 = _input_row(x_img, row0 - 2, H, W, ow, c, c_ok, C, EVEN_C)
-        for i in tl.range(0, BAND + 4, num_stages=STAGES):
-            ih = row0 - 2 + i
-            if PREFETCH:
-                n0, n1, n2, n3, n4 = _input_row(x_img, ih + 1, H, W, ow, c, c_ok, C, EVEN_C)
-            else:
-                x0, x1, x2, x3, x4 = _input_row(x_img, ih, H, W, ow, c, c_ok, C, EVEN_C)
-            a0 = _tap_row(a0, x0, x1, x2, x3, x4, w_ptr, 4, c, C_PAD, dtype, ROUND_X)
-            a1 = _tap_row(a1, x0, x1, x2, x3, x4, w_ptr, 3, c, C_PAD, dtype, ROUND_X)
-            a2 = _tap_row(a2, x0, x1, x2, x3, x4, w_ptr, 2, c, C_PAD, dtype, ROUND_X)
-            a3 = _tap_row(a3, x0, x1, x2, x3, x4, w_ptr, 1, c, C_PAD, dtype, ROUND_X)
-            new = _tap_row(tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32), x0, x1, x2, x3, x4, w_ptr, 0, c, C_PAD,
-                           dtype, ROUND_X)
-            # a0's row ih - 2 is complete: stored when it is one of the band's rows
-            _store_row(y_img, ih - 2, i >= 4, H, W, ow, c, c_ok, a0, shift, C, HAS_BIAS, RELU, EVEN_C)
-            a0, a1, a2, a3 = a1, a2, a3, new
-            if PREFETCH:
-                x0, x1, x2, x3, x4 = n0, n1, n2, n3, n4
-
-    @triton.jit
     def _store_row(y_img, oh, keep, H, W, ow, c, c_ok, acc, shift, C: tl.constexpr, HAS_BIAS: tl.constexpr,
                    RELU: tl.constexpr, EVEN_C: tl.constexpr):
         # output row oh (+ bias, ReLU) stored when `keep` and inside the image
@@ -190,8 +126,8 @@ if triton is not None:
             tl.store(dst, acc.to(dst.dtype.element_ty), mask=(ow < limit)[:, None] & c_ok[None, :])
 
     @triton.jit
-    def _pair_column(a0, a1, a2, a3, n4, n5, xa, xb, w_ptr, kx: tl.constexpr, c, C_PAD: tl.constexpr, dtype: tl.constexpr,
-                     ROUND_X: tl.constexpr):
+    def _pair_column(a0, a1, a2, a3, n4, n5, xa, xb, w_ptr, kx: tl.constexpr, c, C_PAD: tl.constexpr,
+                     dtype: tl.constexpr, ROUND_X: tl.constexpr):
         # kernel column kx against two input rows shifted by kx - 2: row A (ih) adds into the outputs
         # ih-2 .. ih+2 (a0..a3, n4) and row B (ih + 1) into ih-1 .. ih+3 (a1..a3, n4, n5); each tap is
         # loaded once for both rows
@@ -217,14 +153,16 @@ if triton is not None:
         return a0, a1, a2, a3, n4, n5
 
     @triton.jit
-    def _depthwise5_pairs_kernel(x_ptr, w_ptr, b_ptr, y_ptr, H, W, bands, C: tl.constexpr, C_PAD: tl.constexpr,
-                                 HAS_BIAS: tl.constexpr, RELU: tl.constexpr, ROUND_X: tl.constexpr,
-                                 BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, BAND: tl.constexpr,
-                                 EVEN_C: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr):
-        # The row kernel taking two input rows a step: each tap's load serves both rows, so the taps'
-        # loads (25 a step, L1's busiest traffic in the one-row kernel) halve per row. Six rotating
+    def _depthwise5_rows_kernel(x_ptr, w_ptr, b_ptr, y_ptr, H, W, bands, C: tl.constexpr, C_PAD: tl.constexpr,
+                                HAS_BIAS: tl.constexpr, RELU: tl.constexpr, ROUND_X: tl.constexpr,
+                                BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, BAND: tl.constexpr,
+                                EVEN_C: tl.constexpr):
+        # A 5 x 5, stride-1, zero-padding-2 depth-wise convolution walking down a band of BAND (even)
+        # output rows, two input rows a step. Each input row is loaded once (five loads, one per
+        # column shift) and added into the five output rows it touches, held as rotating fp32
         # accumulators: a0..a3 the outputs ih-2 .. ih+1, n4 and n5 the two begun this step; a0 and a1
-        # are complete after it. BAND is even.
+        # are complete after it. Each tap's load serves both rows: with one row a step the tap loads
+        # (25 a row) were the kernel's bottleneck (L1 traffic), at half the speed (session 18).
         pid = tl.program_id(0)
         band = pid % bands
         col = pid // bands
@@ -241,52 +179,48 @@ if triton is not None:
         a1 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
         a2 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
         a3 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-        x0, x1, x2, x3, x4 = _input_row(x_img, row0 - 2, H, W, ow, c, c_ok, C, EVEN_C)
-        y0, y1, y2, y3, y4 = _input_row(x_img, row0 - 1, H, W, ow, c, c_ok, C, EVEN_C)
-        for i in tl.range(0, BAND + 4, 2, num_stages=STAGES):
+        for i in range(0, BAND + 4, 2):
             ih = row0 - 2 + i
-            if PREFETCH:  # the next two rows' loads before this step's multiply-adds
-                p0, p1, p2, p3, p4 = _input_row(x_img, ih + 2, H, W, ow, c, c_ok, C, EVEN_C)
-                q0, q1, q2, q3, q4 = _input_row(x_img, ih + 3, H, W, ow, c, c_ok, C, EVEN_C)
-            else:
-                x0, x1, x2, x3, x4 = _input_row(x_img, ih, H, W, ow, c, c_ok, C, EVEN_C)
-                y0, y1, y2, y3, y4 = _input_row(x_img, ih + 1, H, W, ow, c, c_ok, C, EVEN_C)
+            x0, x1, x2, x3, x4 = _input_row(x_img, ih, H, W, ow, c, c_ok, C, EVEN_C)
+            y0, y1, y2, y3, y4 = _input_row(x_img, ih + 1, H, W, ow, c, c_ok, C, EVEN_C)
             n4 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
             n5 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-            a0, a1, a2, a3, n4, n5 = _pair_column(a0, a1, a2, a3, n4, n5, x0, y0, w_ptr, 0, c, C_PAD, dtype, ROUND_X)
-            a0, a1, a2, a3, n4, n5 = _pair_column(a0, a1, a2, a3, n4, n5, x1, y1, w_ptr, 1, c, C_PAD, dtype, ROUND_X)
-            a0, a1, a2, a3, n4, n5 = _pair_column(a0, a1, a2, a3, n4, n5, x2, y2, w_ptr, 2, c, C_PAD, dtype, ROUND_X)
-            a0, a1, a2, a3, n4, n5 = _pair_column(a0, a1, a2, a3, n4, n5, x3, y3, w_ptr, 3, c, C_PAD, dtype, ROUND_X)
-            a0, a1, a2, a3, n4, n5 = _pair_column(a0, a1, a2, a3, n4, n5, x4, y4, w_ptr, 4, c, C_PAD, dtype, ROUND_X)
+            a0, a1, a2, a3, n4, n5 = _pair_column(a0, a1, a2, a3, n4, n5, x0, y0, w_ptr, 0, c, C_PAD, dtype,
+                                                  ROUND_X)
+            a0, a1, a2, a3, n4, n5 = _pair_column(a0, a1, a2, a3, n4, n5, x1, y1, w_ptr, 1, c, C_PAD, dtype,
+                                                  ROUND_X)
+            a0, a1, a2, a3, n4, n5 = _pair_column(a0, a1, a2, a3, n4, n5, x2, y2, w_ptr, 2, c, C_PAD, dtype,
+                                                  ROUND_X)
+            a0, a1, a2, a3, n4, n5 = _pair_column(a0, a1, a2, a3, n4, n5, x3, y3, w_ptr, 3, c, C_PAD, dtype,
+                                                  ROUND_X)
+            a0, a1, a2, a3, n4, n5 = _pair_column(a0, a1, a2, a3, n4, n5, x4, y4, w_ptr, 4, c, C_PAD, dtype,
+                                                  ROUND_X)
+            # rows ih - 2 and ih - 1 are complete: stored where they are the band's rows
             _store_row(y_img, ih - 2, i >= 4, H, W, ow, c, c_ok, a0, shift, C, HAS_BIAS, RELU, EVEN_C)
             _store_row(y_img, ih - 1, i >= 4, H, W, ow, c, c_ok, a1, shift, C, HAS_BIAS, RELU, EVEN_C)
             a0, a1, a2, a3 = a2, a3, n4, n5
-            if PREFETCH:
-                x0, x1, x2, x3, x4 = p0, p1, p2, p3, p4
-                y0, y1, y2, y3, y4 = q0, q1, q2, q3, q4
 
     def _launch_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], relu: bool,
                      dtype: torch.dtype, launcher: Any, block: Optional[tuple[int, int, int]] = None,
-                     warps: int = ROW_WARPS, prefetch: bool = False, stages: int = 1,
-                     pairs: bool = True) -> torch.Tensor:
+                     warps: int = ROW_WARPS) -> torch.Tensor:
         n, c, h, w = (int(v) for v in x.shape)
         x = x.contiguous(memory_format=torch.channels_last)
         y = torch.empty_strided((n, c, h, w), (c * h * w, 1, w * c, c), dtype=dtype, device=x.device)
-        # 25 x C, rounded as autocast rounds them and held in fp32: a tap's load then needs no conversion
-        # (converting fp16 taps took as many instructions as the multiply-adds)
-        # and padded with zeros to whole channel blocks, so that the kernel loads them without masks
         block_c, block_w, band = block or row_tiles(c, w, h)
-        if pairs and band % 2:
-            raise ValueError(f"the two-row kernel takes bands of an even number of rows, not {band}")
+        if band % 2:
+            raise ValueError(f"the row kernel takes bands of an even number of rows, not {band}")
+        # taps 25 x C_PAD: rounded as autocast rounds them, held in fp32 (a tap's load then needs no
+        # conversion: converting fp16 taps took as many instructions as the multiply-adds), and
+        # padded with zeros to whole channel blocks, so that the kernel loads them without masks
         c_pad = triton.cdiv(c, block_c) * block_c
         taps = F.pad(weight.reshape(c, 25).to(dtype).float(), (0, 0, 0, c_pad - c)).t().contiguous()
         shift = F.pad(bias.to(dtype).float(), (0, c_pad - c)) if bias is not None else taps
         bands = triton.cdiv(h, band)
         grid = (bands * triton.cdiv(w, block_w), triton.cdiv(c, block_c), n)
-        launcher(_depthwise5_pairs_kernel if pairs else _depthwise5_rows_kernel)[grid](
+        launcher(_depthwise5_rows_kernel)[grid](
             x, taps, shift, y, h, w, bands, C=c, C_PAD=c_pad, HAS_BIAS=bias is not None, RELU=relu,
-            ROUND_X=x.dtype != dtype, BLOCK_C=block_c, BLOCK_W=block_w, BAND=band, EVEN_C=c % block_c == 0, PREFETCH=prefetch,
-            STAGES=stages, num_warps=warps)
+            ROUND_X=x.dtype != dtype, BLOCK_C=block_c, BLOCK_W=block_w, BAND=band, EVEN_C=c % block_c == 0,
+            num_warps=warps)
         return y
 
     @triton.jit

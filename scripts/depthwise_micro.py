@@ -17,7 +17,7 @@ and adds up "calls per pair" x time per shape: the per-pair cost each way. Suppo
 for a kernel choice; whether a pipeline gets faster is `matchrt bench`'s to say. Each new block
 compiles a Triton kernel (about a second).
 
-    python scripts/depthwise_micro.py --json out.json [--only r4,u4] [--tiles 32x16x32w2p1,32x16x32w4p1r2]
+    python scripts/depthwise_micro.py --json out.json [--only r4,u4] [--tiles 32x16x32w4,16x32x32w2]
 """
 
 from __future__ import annotations
@@ -43,15 +43,13 @@ SHAPES: dict[str, tuple[int, int, int, int, int, bool, bool, int]] = {
 }
 
 
-def parse_tile(text: str) -> tuple[tuple[int, int, int], int, bool, int, bool]:
-    """'64x16x32w4p1s1r2' -> ((64, 16, 32), 4, True, 1, True): channels, columns, band rows; warps;
-    prefetch of the next rows (p0/p1, default 1); pipeliner stages (default 1); input rows a step
-    (r1/r2, default 1: r2 is the two-row kernel)."""
-    m = re.fullmatch(r"(\d+)x(\d+)x(\d+)w(\d+)(?:p([01]))?(?:s(\d+))?(?:r([12]))?", text)
+def parse_tile(text: str) -> tuple[tuple[int, int, int], int]:
+    """'32x16x32w2' -> ((32, 16, 32), 2): channels, columns, band rows (even); warps."""
+    m = re.fullmatch(r"(\d+)x(\d+)x(\d+)w(\d+)", text)
     if not m:
-        raise SystemExit(f"depthwise_micro: tile {text!r} is not CxWxBANDwWARPS[p0|p1][sSTAGES][r1|r2]")
-    c, w, band, warps = (int(v) for v in m.groups()[:4])
-    return (c, w, band), warps, m.group(5) != "0", int(m.group(6) or 1), m.group(7) == "2"
+        raise SystemExit(f"depthwise_micro: tile {text!r} is not CxWxBANDwWARPS")
+    c, w, band, warps = (int(v) for v in m.groups())
+    return (c, w, band), warps
 
 
 def main() -> None:
@@ -106,10 +104,10 @@ def main() -> None:
         best = row["matchrt_us"]
         if depthwise.takes_rows(k, s, p):
             row["default_block"] = depthwise.row_tiles(c, side, side)
-            for text, (tile, warps, prefetch, stages, pairs) in zip(args.tiles.split(","), tiles):
-                def run(tile=tile, warps=warps, prefetch=prefetch, stages=stages, pairs=pairs) -> torch.Tensor:
+            for text, (tile, warps) in zip(args.tiles.split(","), tiles):
+                def run(tile=tile, warps=warps) -> torch.Tensor:
                     return depthwise._launch_rows(x, w, b, relu, torch.float16, torch.library.wrap_triton, tile,
-                                                  warps, prefetch, stages, pairs)
+                                                  warps)
                 try:
                     err = float((run().float() - want).abs().max())
                     t = bench(run)

@@ -94,14 +94,14 @@ def depthwise_row(c: int, s: int, k: int, stride: int, pad: int, bias: bool, rel
 
 
 def depthwise5_row(c: int, s: int) -> str:
-    """matchrt.depthwise's 5 x 5 row kernel as the op launches it (two input rows a step, no prefetch,
-    + bias, ReLU) over a 2 x c x s x s fp16 channels-last input."""
+    """matchrt.depthwise's 5 x 5 row kernel (two input rows a step, + bias, ReLU) over a 2 x c x s x s
+    fp16 channels-last input, with the blocks and warps it picks."""
     bc, bw, band = depthwise.row_tiles(c, s, s)
     consts = dict(C=c, C_PAD=-(-c // bc) * bc, HAS_BIAS=True, RELU=True, ROUND_X=False, BLOCK_C=bc, BLOCK_W=bw,
-                  BAND=band, EVEN_C=c % bc == 0, PREFETCH=False, STAGES=1)
+                  BAND=band, EVEN_C=c % bc == 0)
     args = dict(x_ptr="*fp16", w_ptr="*fp32", b_ptr="*fp32", y_ptr="*fp16", H=s, W=s, bands=-(-s // band))
-    return report(f"depthwise 5x5 rows (two-row step) {c} x {s}^2 {(bc, bw, band)}",
-                  depthwise._depthwise5_pairs_kernel, args, consts, depthwise.ROW_WARPS)
+    return report(f"depthwise 5x5 rows {c} x {s}^2 {(bc, bw, band)}", depthwise._depthwise5_rows_kernel, args,
+                  consts, depthwise.ROW_WARPS)
 
 
 def depthwise_rows() -> list[str]:
