@@ -85,8 +85,8 @@ INFO = MatcherInfo(
         "channels to a multiple of 8 for aligned half-precision kernels, same outputs (0 keeps them)",
         "refiner_depthwise=cudnn (default): compiled refiners run each block's 5 x 5 depth-wise convolution as "
         "cuDNN's, its bias and ReLU as an Inductor pass; 'rows' runs all three as one Triton pass that reads "
-        "each input row once (on an H200 50.9 against 46.4 ms a pair, session 18: kept as an option, not the "
-        "default); exported graphs hold Conv + Relu either way",
+        "each input row once (its first form ran 50.9 against 46.4 ms a pair on an H200, session 18; the current "
+        "one was not timed in the pipeline): an option, not the default; exported graphs hold Conv + Relu either way",
         "coarse_graphs=true (default): torch runs on a GPU replay the split coarse regions (DINOv2; proj.16 + GP + decoder + anchor soft-argmax) "
         "as CUDA graphs after two calls of one input shape (same kernels, less CPU time); false keeps them eager",
         "outputs warp (B x H x 2W x 4) and certainty (B x H x 2W) as upstream's symmetric match; "
