@@ -67,11 +67,11 @@ def tiles(channels: int, width: int) -> tuple[int, int, int]:
     return block_c, max(1, pixels // block_w), block_w
 
 
-def row_tiles(channels: int, width: int, height: int) -> tuple[int, int, int]:
+def row_tiles(channels: int, width: int) -> tuple[int, int, int]:
     """(BLOCK_C, BLOCK_W, BAND) of the 5 x 5 row kernel: 32 channels (fewer, a power of two, for
     narrower inputs), columns for the rest of ROW_ELEMENTS (at least 16, at most the width's power of
     two), bands of 32 output rows: the blocks measured fastest at roma_plus's nine refiner shapes
-    (session 18, one H200). ``height`` is part of the signature for callers that size bands by it."""
+    (session 18, one H200)."""
     block_c = min(32, 1 << (max(channels, 1) - 1).bit_length())
     block_w = max(16, ROW_ELEMENTS // block_c)
     block_w = min(block_w, max(16, 1 << (max(width, 1) - 1).bit_length()))
@@ -206,7 +206,7 @@ if triton is not None:
         n, c, h, w = (int(v) for v in x.shape)
         x = x.contiguous(memory_format=torch.channels_last)
         y = torch.empty_strided((n, c, h, w), (c * h * w, 1, w * c, c), dtype=dtype, device=x.device)
-        block_c, block_w, band = block or row_tiles(c, w, h)
+        block_c, block_w, band = block or row_tiles(c, w)
         if band % 2:
             raise ValueError(f"the row kernel takes bands of an even number of rows, not {band}")
         # taps 25 x C_PAD: rounded as autocast rounds them, held in fp32 (a tap's load then needs no
@@ -289,6 +289,13 @@ if triton is not None:
             BLOCK_W=block_w, EVEN_C=c % block_c == 0, num_warps=warps)
         return y
 
+    def _launch_for(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int, padding: int,
+                    relu: bool, dtype: torch.dtype, launcher: Any) -> torch.Tensor:
+        """The row kernel for 5 x 5 stride-1 padding-2 convolutions, the tile kernel for the others."""
+        if takes_rows(int(weight.shape[-1]), stride, padding):
+            return _launch_rows(x, weight, bias, relu, dtype, launcher)
+        return _launch(x, weight, bias, stride, padding, relu, dtype, launcher)
+
     @torch.library.triton_op(OP_NAME, mutates_args=())
     def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int,
                          padding: int, relu: bool, dtype: torch.dtype) -> torch.Tensor:
@@ -296,9 +303,7 @@ if triton is not None:
         stride, zero padding, + bias, then ReLU when `relu`; computed from operands rounded to
         `dtype`, accumulated in fp32, returned in `dtype`, channels-last. 5 x 5 stride-1 padding-2
         convolutions run the row kernel."""
-        if takes_rows(int(weight.shape[-1]), stride, padding):
-            return _launch_rows(x, weight, bias, relu, dtype, torch.library.wrap_triton)
-        return _launch(x, weight, bias, stride, padding, relu, dtype, torch.library.wrap_triton)
+        return _launch_for(x, weight, bias, stride, padding, relu, dtype, torch.library.wrap_triton)
 
 
 def _kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int, padding: int,
@@ -307,6 +312,20 @@ def _kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     channels-last in and out, the channel-contiguous reads the kernel is fast on."""
     x = x.contiguous(memory_format=torch.channels_last)
     return torch.ops.matchrt.depthwise_conv2d(x, weight, bias, stride, padding, relu, dtype)
+
+
+def _forward(conv: nn.Conv2d, x: torch.Tensor, relu: bool) -> torch.Tensor:
+    """``conv(x)`` (then ReLU) for a depth-wise convolution: the Triton kernel on CUDA where no
+    gradient is wanted (it has no backward), else the convolution itself. Under autocast the kernel
+    computes as autocast's convolution does (operands rounded to the autocast dtype, output in it)."""
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in conv.parameters()))
+    if needs_grad or not usable(x):
+        y = nn.Conv2d.forward(conv, x)
+        return F.relu(y) if relu else y
+    dtype = x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    return _kernel(x, conv.weight, conv.bias, int(conv.stride[0]), int(conv.padding[0]), relu, dtype)
 
 
 def _checked(conv: nn.Conv2d) -> None:
@@ -343,15 +362,7 @@ class DepthwiseConv2d(nn.Conv2d):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the kernel has no backward: where gradients are wanted (training) the convolution runs
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        if needs_grad or not usable(x):
-            y = super().forward(x)
-            return F.relu(y) if self.relu else y
-        dtype = x.dtype
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-        return _kernel(x, self.weight, self.bias, int(self.stride[0]), int(self.padding[0]), self.relu, dtype)
+        return _forward(self, x, self.relu)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", relu=True" if self.relu else "")
@@ -362,13 +373,7 @@ def conv_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     and ReLU in one pass) where it runs, else the convolution and ReLU. Under autocast it computes
     as autocast's convolution does (operands rounded to the autocast dtype, output in that dtype)."""
     _checked(conv)
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
-    if needs_grad or not usable(x):
-        return F.relu(conv(x))
-    dtype = x.dtype
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-    return _kernel(x, conv.weight, conv.bias, int(conv.stride[0]), int(conv.padding[0]), True, dtype)
+    return _forward(conv, x, True)
 
 
 def interpreted(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int, padding: int,
@@ -376,9 +381,7 @@ def interpreted(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     """The kernel launched directly (Triton's CPU interpreter in tests: TRITON_INTERPRET=1)."""
     if triton is None:
         raise RuntimeError("Triton (with torch >= 2.6) is not installed")
-    if takes_rows(int(weight.shape[-1]), stride, padding):
-        return _launch_rows(x, weight, bias, relu, dtype or x.dtype, lambda kernel: kernel)
-    return _launch(x, weight, bias, stride, padding, relu, dtype or x.dtype, lambda kernel: kernel)
+    return _launch_for(x, weight, bias, stride, padding, relu, dtype or x.dtype, lambda kernel: kernel)
 
 
 __all__ = ["DepthwiseConv2d", "OP_NAME", "conv_relu", "interpreted", "output_size", "row_tiles", "takes_rows", "tiles",

@@ -103,7 +103,7 @@ def main() -> None:
                 row["cudnn_relu_error"] = str(error).splitlines()[0][:200]
         best = row["matchrt_us"]
         if depthwise.takes_rows(k, s, p):
-            row["default_block"] = depthwise.row_tiles(c, side, side)
+            row["default_block"] = depthwise.row_tiles(c, side)
             for text, (tile, warps) in zip(args.tiles.split(","), tiles):
                 def run(tile=tile, warps=warps) -> torch.Tensor:
                     return depthwise._launch_rows(x, w, b, relu, torch.float16, torch.library.wrap_triton, tile,

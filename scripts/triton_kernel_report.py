@@ -96,7 +96,7 @@ def depthwise_row(c: int, s: int, k: int, stride: int, pad: int, bias: bool, rel
 def depthwise5_row(c: int, s: int) -> str:
     """matchrt.depthwise's 5 x 5 row kernel (two input rows a step, + bias, ReLU) over a 2 x c x s x s
     fp16 channels-last input, with the blocks and warps it picks."""
-    bc, bw, band = depthwise.row_tiles(c, s, s)
+    bc, bw, band = depthwise.row_tiles(c, s)
     consts = dict(C=c, C_PAD=-(-c // bc) * bc, HAS_BIAS=True, RELU=True, ROUND_X=False, BLOCK_C=bc, BLOCK_W=bw,
                   BAND=band, EVEN_C=c % bc == 0)
     args = dict(x_ptr="*fp16", w_ptr="*fp32", b_ptr="*fp32", y_ptr="*fp16", H=s, W=s, bands=-(-s // band))

@@ -171,12 +171,12 @@ def test_the_row_kernel_covers_bands_column_tiles_and_channel_blocks(channels, b
 def test_row_tiles_fill_the_accumulators_with_even_bands() -> None:
     for channels in (24, 70, 144, 576, 1144, 1384, 8, 1):
         for side in (35, 140, 864):
-            block_c, block_w, band = depthwise.row_tiles(channels, side, side)
+            block_c, block_w, band = depthwise.row_tiles(channels, side)
             assert block_c & (block_c - 1) == 0 and block_w & (block_w - 1) == 0  # powers of two
             assert block_c * block_w <= max(depthwise.ROW_ELEMENTS, 16 * block_c)
             assert band % 2 == 0  # two input rows a step
             assert block_c // 2 < min(channels, 32) <= block_c  # the smallest power of two that covers them
-    assert depthwise.row_tiles(576, 216, 216) == (32, 16, 32)  # the block measured at the refiner shapes
+    assert depthwise.row_tiles(576, 216) == (32, 16, 32)  # the block measured at the refiner shapes
     assert depthwise.takes_rows(5, 1, 2) and not depthwise.takes_rows(4, 4, 0) and not depthwise.takes_rows(5, 2, 2)
     if depthwise.triton is not None:  # the two-row step needs bands of an even number of rows
         with pytest.raises(ValueError, match="even"):

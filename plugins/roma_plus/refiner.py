@@ -302,9 +302,9 @@ def run_block(block: nn.Sequential, x: torch.Tensor, rows: bool = False) -> torc
     """
     conv = block[0]
     if (rows and torch.compiler.is_compiling() and isinstance(block[1], nn.Identity) and isinstance(block[2], nn.ReLU)
-            and depthwise.usable(x) and depthwise.takes_rows(conv.kernel_size[0], conv.stride[0], conv.padding[0])
+            and depthwise.takes_rows(conv.kernel_size[0], conv.stride[0], conv.padding[0])
             and conv.groups == conv.in_channels == conv.out_channels):
-        x = depthwise.conv_relu(conv, x)
+        x = depthwise.conv_relu(conv, x)  # the convolution and ReLU where the kernel cannot run
         layers = list(block)[3:]
     else:
         layers = list(block)
