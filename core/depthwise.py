@@ -42,6 +42,7 @@ TILE_ELEMENTS = 4096  # output pixels x channels per program (4 warps: 32 fp32 a
 # micro-benchmark; issuing the next rows' loads ahead or Triton's pipelining were slower)
 ROW_ELEMENTS = 512
 ROW_WARPS = 2
+ROW_STEP = 2  # input rows a step (2 or 4)
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -200,15 +201,109 @@ if triton is not None:
             _store_row(y_img, ih - 1, i >= 4, H, W, ow, c, c_ok, a1, shift, C, HAS_BIAS, RELU, EVEN_C)
             a0, a1, a2, a3 = a2, a3, n4, n5
 
+    @triton.jit
+    def _quad_column(a0, a1, a2, a3, n4, n5, n6, n7, x0, x1, x2, x3, w_ptr, kx: tl.constexpr, c,
+                     C_PAD: tl.constexpr, dtype: tl.constexpr, ROUND_X: tl.constexpr):
+        # kernel column kx against four input rows ih .. ih+3 (shifted by kx - 2): row ih+r adds into
+        # the outputs ih+r-2 .. ih+r+2, held as a0..a3 (ih-2 .. ih+1) and n4..n7 (ih+2 .. ih+5); each
+        # tap is loaded once for the four rows
+        if ROUND_X:
+            x0, x1, x2, x3 = x0.to(dtype), x1.to(dtype), x2.to(dtype), x3.to(dtype)
+        x0 = x0.to(tl.float32)
+        x1 = x1.to(tl.float32)
+        x2 = x2.to(tl.float32)
+        x3 = x3.to(tl.float32)
+        w = tl.load(w_ptr + (20 + kx) * C_PAD + c)[None, :]  # kernel row 4
+        a0 += x0 * w
+        a1 += x1 * w
+        a2 += x2 * w
+        a3 += x3 * w
+        w = tl.load(w_ptr + (15 + kx) * C_PAD + c)[None, :]  # kernel row 3
+        a1 += x0 * w
+        a2 += x1 * w
+        a3 += x2 * w
+        n4 += x3 * w
+        w = tl.load(w_ptr + (10 + kx) * C_PAD + c)[None, :]  # kernel row 2
+        a2 += x0 * w
+        a3 += x1 * w
+        n4 += x2 * w
+        n5 += x3 * w
+        w = tl.load(w_ptr + (5 + kx) * C_PAD + c)[None, :]  # kernel row 1
+        a3 += x0 * w
+        n4 += x1 * w
+        n5 += x2 * w
+        n6 += x3 * w
+        w = tl.load(w_ptr + kx * C_PAD + c)[None, :]  # kernel row 0
+        n4 += x0 * w
+        n5 += x1 * w
+        n6 += x2 * w
+        n7 += x3 * w
+        return a0, a1, a2, a3, n4, n5, n6, n7
+
+    @triton.jit
+    def _shifted_rows(x_img, ih, H, W, iw, c, c_ok, C: tl.constexpr, EVEN_C: tl.constexpr):
+        # input rows ih .. ih+3 at columns iw (zeros outside the image)
+        x0 = _shifted(x_img + ih * W * C, iw, tl.where((ih >= 0) & (ih < H), W, 0), c, c_ok, C, EVEN_C)
+        x1 = _shifted(x_img + (ih + 1) * W * C, iw, tl.where((ih + 1 >= 0) & (ih + 1 < H), W, 0), c, c_ok, C,
+                      EVEN_C)
+        x2 = _shifted(x_img + (ih + 2) * W * C, iw, tl.where((ih + 2 >= 0) & (ih + 2 < H), W, 0), c, c_ok, C,
+                      EVEN_C)
+        x3 = _shifted(x_img + (ih + 3) * W * C, iw, tl.where((ih + 3 >= 0) & (ih + 3 < H), W, 0), c, c_ok, C,
+                      EVEN_C)
+        return x0, x1, x2, x3
+
+    @triton.jit
+    def _depthwise5_rows4_kernel(x_ptr, w_ptr, b_ptr, y_ptr, H, W, bands, C: tl.constexpr, C_PAD: tl.constexpr,
+                                 HAS_BIAS: tl.constexpr, RELU: tl.constexpr, ROUND_X: tl.constexpr,
+                                 BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, BAND: tl.constexpr,
+                                 EVEN_C: tl.constexpr):
+        # The row kernel with four input rows a step (BAND a multiple of 4): eight rotating
+        # accumulators, a0..a3 complete after each step; a tap's load serves four rows. The input is
+        # read one column shift at a time, all four rows together, so that fewer loads are live at once.
+        pid = tl.program_id(0)
+        band = pid % bands
+        col = pid // bands
+        b = tl.program_id(2).to(tl.int64)
+        ow = col * BLOCK_W + tl.arange(0, BLOCK_W)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        x_img = x_ptr + b * H * W * C
+        y_img = y_ptr + b * H * W * C
+        dtype = y_ptr.dtype.element_ty
+        row0 = band * BAND
+        shift = tl.load(b_ptr + c)
+        a0 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+        a1 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+        a2 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+        a3 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+        for i in range(0, BAND + 4, 4):
+            ih = row0 - 2 + i
+            n4 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+            n5 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+            n6 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+            n7 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+            for kx in tl.static_range(5):
+                x0, x1, x2, x3 = _shifted_rows(x_img, ih, H, W, ow + (kx - 2), c, c_ok, C, EVEN_C)
+                a0, a1, a2, a3, n4, n5, n6, n7 = _quad_column(a0, a1, a2, a3, n4, n5, n6, n7, x0, x1, x2, x3,
+                                                              w_ptr, kx, c, C_PAD, dtype, ROUND_X)
+            # rows ih - 2 .. ih + 1 are complete: stored where they are the band's rows
+            _store_row(y_img, ih - 2, i >= 4, H, W, ow, c, c_ok, a0, shift, C, HAS_BIAS, RELU, EVEN_C)
+            _store_row(y_img, ih - 1, i >= 4, H, W, ow, c, c_ok, a1, shift, C, HAS_BIAS, RELU, EVEN_C)
+            _store_row(y_img, ih, i >= 4, H, W, ow, c, c_ok, a2, shift, C, HAS_BIAS, RELU, EVEN_C)
+            _store_row(y_img, ih + 1, i >= 4, H, W, ow, c, c_ok, a3, shift, C, HAS_BIAS, RELU, EVEN_C)
+            a0, a1, a2, a3 = n4, n5, n6, n7
+
     def _launch_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], relu: bool,
                      dtype: torch.dtype, launcher: Any, block: Optional[tuple[int, int, int]] = None,
-                     warps: int = ROW_WARPS) -> torch.Tensor:
+                     warps: int = ROW_WARPS, step: int = ROW_STEP) -> torch.Tensor:
         n, c, h, w = (int(v) for v in x.shape)
         x = x.contiguous(memory_format=torch.channels_last)
         y = torch.empty_strided((n, c, h, w), (c * h * w, 1, w * c, c), dtype=dtype, device=x.device)
         block_c, block_w, band = block or row_tiles(c, w)
-        if band % 2:
-            raise ValueError(f"the row kernel takes bands of an even number of rows, not {band}")
+        if step not in (2, 4):
+            raise ValueError(f"the row kernel reads 2 or 4 input rows a step, not {step}")
+        if band % step:
+            raise ValueError(f"the row kernel's bands must be a multiple of its {step} rows a step, not {band}")
         # taps 25 x C_PAD: rounded as autocast rounds them, held in fp32 (a tap's load then needs no
         # conversion: converting fp16 taps took as many instructions as the multiply-adds), and
         # padded with zeros to whole channel blocks, so that the kernel loads them without masks
@@ -217,7 +312,7 @@ if triton is not None:
         shift = F.pad(bias.to(dtype).float(), (0, c_pad - c)) if bias is not None else taps
         bands = triton.cdiv(h, band)
         grid = (bands * triton.cdiv(w, block_w), triton.cdiv(c, block_c), n)
-        launcher(_depthwise5_rows_kernel)[grid](
+        launcher(_depthwise5_rows_kernel if step == 2 else _depthwise5_rows4_kernel)[grid](
             x, taps, shift, y, h, w, bands, C=c, C_PAD=c_pad, HAS_BIAS=bias is not None, RELU=relu,
             ROUND_X=x.dtype != dtype, BLOCK_C=block_c, BLOCK_W=block_w, BAND=band, EVEN_C=c % block_c == 0,
             num_warps=warps)
