@@ -8,11 +8,10 @@ The kernel also handles stride 1 with padding, + bias and ReLU (a ReLU read and 
 5 x 5 stride-1 convolutions (roma_plus's refiner blocks, 24 to 1384 channels) run a second
 kernel, the row kernel: a program walks down a band of output rows and loads each input row once,
 adding it into the five output rows it touches (5 loads per output instead of 25). Its tap loads
-were its bottleneck (L1 traffic), so it takes two input rows a step, each tap load serving both.
-On an H200 the one-row form tied cuDNN + ReLU standalone and lost inside the compiled
-pipeline (roma_plus 50.9 against 46.4 ms a pair); the two-row step is 30% faster standalone
-(10.2 against cuDNN + ReLU's 14.7 ms summed over a pair's calls) but was not timed in the
-pipeline (session 18). roma_plus takes it only with ``-O refiner_depthwise=rows``.
+bounded it (L1 traffic), so it takes four input rows a step, each tap load serving all four. On an
+H200, summed over a roma_plus pair's 81 calls: 8.15 ms, against 10.30 with two rows a step and
+14.80 for cuDNN + ReLU (sessions 18-19). roma_plus's compiled refiners run it by default
+(``-O refiner_depthwise=cudnn`` keeps cuDNN).
 
 `DepthwiseConv2d` is an ``nn.Conv2d`` (same parameters, same state-dict keys, same ONNX Conv node)
 whose forward, on CUDA tensors under torch with Triton, calls ``matchrt::depthwise_conv2d``: a
@@ -37,12 +36,11 @@ from .triton_ops import op_runs_on, tl, triton  # None without Triton or torch's
 
 OP_NAME = "matchrt::depthwise_conv2d"
 TILE_ELEMENTS = 4096  # output pixels x channels per program (4 warps: 32 fp32 accumulators per thread)
-# columns x channels of the 5 x 5 row kernel's accumulators (6 of them, 2 warps: 48 fp32 a thread);
-# these blocks and warps were the fastest at 7 of the 9 refiner shapes on an H200 (session 18's
-# micro-benchmark; issuing the next rows' loads ahead or Triton's pipelining were slower)
+# columns x channels of the 5 x 5 row kernel's accumulators (8 of them; 4 warps: 32 fp32 a thread). Its
+# blocks and warps were the fastest at roma_plus's refiner shapes on an H200 (session 19's micro-benchmark:
+# four input rows a step, 8.15 ms a pair against 10.30 with two rows a step and 14.80 for cuDNN + ReLU)
 ROW_ELEMENTS = 512
-ROW_WARPS = 2
-ROW_STEP = 2  # input rows a step (2 or 4)
+ROW_STEP = 4  # input rows a step: a band is a whole number of steps
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -68,15 +66,19 @@ def tiles(channels: int, width: int) -> tuple[int, int, int]:
     return block_c, max(1, pixels // block_w), block_w
 
 
-def row_tiles(channels: int, width: int) -> tuple[int, int, int]:
-    """(BLOCK_C, BLOCK_W, BAND) of the 5 x 5 row kernel: 32 channels (fewer, a power of two, for
-    narrower inputs), columns for the rest of ROW_ELEMENTS (at least 16, at most the width's power of
-    two), bands of 32 output rows: the blocks measured fastest at roma_plus's nine refiner shapes
-    (session 18, one H200)."""
+def row_tiles(channels: int, width: int) -> tuple[int, int, int, int]:
+    """(BLOCK_C, BLOCK_W, BAND, warps) of the 5 x 5 row kernel: 32 channels (fewer, a power of two, for
+    narrower inputs; 16 where that divides the channels and 32 does not, as roma_plus's 144), columns
+    for the rest of ROW_ELEMENTS (at least 16, at most the width's power of two), bands of 32 output
+    rows, 4 warps (2 for 16-channel blocks): the blocks measured fastest at roma_plus's nine refiner
+    shapes (session 19, one H200)."""
     block_c = min(32, 1 << (max(channels, 1) - 1).bit_length())
+    warps = 4
+    if channels % 32 and channels % 16 == 0:
+        block_c, warps = 16, 2
     block_w = max(16, ROW_ELEMENTS // block_c)
     block_w = min(block_w, max(16, 1 << (max(width, 1) - 1).bit_length()))
-    return block_c, block_w, 32
+    return block_c, block_w, 32, warps
 
 
 def takes_rows(kernel: int, stride: int, padding: int) -> bool:
@@ -98,20 +100,6 @@ if triton is not None:
         return x
 
     @triton.jit
-    def _input_row(x_img, ih, H, W, ow, c, c_ok, C: tl.constexpr, EVEN_C: tl.constexpr):
-        # input row ih at the five column shifts -2..+2 (the shifted loads mostly hit L1); zeros outside
-        # the image. The column limit is W inside the image and 0 outside (every load masked off): a
-        # scalar limit rather than a scalar condition, as Triton's interpreter refuses bool scalar & vector
-        limit = tl.where((ih >= 0) & (ih < H), W, 0)
-        src = x_img + ih * W * C
-        x0 = _shifted(src, ow - 2, limit, c, c_ok, C, EVEN_C)
-        x1 = _shifted(src, ow - 1, limit, c, c_ok, C, EVEN_C)
-        x2 = _shifted(src, ow, limit, c, c_ok, C, EVEN_C)
-        x3 = _shifted(src, ow + 1, limit, c, c_ok, C, EVEN_C)
-        x4 = _shifted(src, ow + 2, limit, c, c_ok, C, EVEN_C)
-        return x0, x1, x2, x3, x4
-
-    @triton.jit
     def _store_row(y_img, oh, keep, H, W, ow, c, c_ok, acc, shift, C: tl.constexpr, HAS_BIAS: tl.constexpr,
                    RELU: tl.constexpr, EVEN_C: tl.constexpr):
         # output row oh (+ bias, ReLU) stored when `keep` and inside the image
@@ -127,87 +115,12 @@ if triton is not None:
             tl.store(dst, acc.to(dst.dtype.element_ty), mask=(ow < limit)[:, None] & c_ok[None, :])
 
     @triton.jit
-    def _pair_column(a0, a1, a2, a3, n4, n5, xa, xb, w_ptr, kx: tl.constexpr, c, C_PAD: tl.constexpr,
-                     dtype: tl.constexpr, ROUND_X: tl.constexpr):
-        # kernel column kx against two input rows shifted by kx - 2: row A (ih) adds into the outputs
-        # ih-2 .. ih+2 (a0..a3, n4) and row B (ih + 1) into ih-1 .. ih+3 (a1..a3, n4, n5); each tap is
-        # loaded once for both rows
-        if ROUND_X:  # autocast's cast of the input, done in registers
-            xa, xb = xa.to(dtype), xb.to(dtype)
-        xa = xa.to(tl.float32)
-        xb = xb.to(tl.float32)
-        w = tl.load(w_ptr + (20 + kx) * C_PAD + c)[None, :]  # kernel row 4
-        a0 += xa * w
-        a1 += xb * w
-        w = tl.load(w_ptr + (15 + kx) * C_PAD + c)[None, :]  # kernel row 3
-        a1 += xa * w
-        a2 += xb * w
-        w = tl.load(w_ptr + (10 + kx) * C_PAD + c)[None, :]  # kernel row 2
-        a2 += xa * w
-        a3 += xb * w
-        w = tl.load(w_ptr + (5 + kx) * C_PAD + c)[None, :]  # kernel row 1
-        a3 += xa * w
-        n4 += xb * w
-        w = tl.load(w_ptr + kx * C_PAD + c)[None, :]  # kernel row 0
-        n4 += xa * w
-        n5 += xb * w
-        return a0, a1, a2, a3, n4, n5
-
-    @triton.jit
-    def _depthwise5_rows_kernel(x_ptr, w_ptr, b_ptr, y_ptr, H, W, bands, C: tl.constexpr, C_PAD: tl.constexpr,
-                                HAS_BIAS: tl.constexpr, RELU: tl.constexpr, ROUND_X: tl.constexpr,
-                                BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, BAND: tl.constexpr,
-                                EVEN_C: tl.constexpr):
-        # A 5 x 5, stride-1, zero-padding-2 depth-wise convolution walking down a band of BAND (even)
-        # output rows, two input rows a step. Each input row is loaded once (five loads, one per
-        # column shift) and added into the five output rows it touches, held as rotating fp32
-        # accumulators: a0..a3 the outputs ih-2 .. ih+1, n4 and n5 the two begun this step; a0 and a1
-        # are complete after it. Each tap's load serves both rows: with one row a step the tap loads
-        # (25 a row) were the kernel's bottleneck (L1 traffic), at half the speed (session 18).
-        pid = tl.program_id(0)
-        band = pid % bands
-        col = pid // bands
-        b = tl.program_id(2).to(tl.int64)
-        ow = col * BLOCK_W + tl.arange(0, BLOCK_W)
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_ok = c < C
-        x_img = x_ptr + b * H * W * C
-        y_img = y_ptr + b * H * W * C
-        dtype = y_ptr.dtype.element_ty
-        row0 = band * BAND
-        shift = tl.load(b_ptr + c)  # (the taps when there is no bias: not used)
-        a0 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-        a1 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-        a2 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-        a3 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-        for i in range(0, BAND + 4, 2):
-            ih = row0 - 2 + i
-            x0, x1, x2, x3, x4 = _input_row(x_img, ih, H, W, ow, c, c_ok, C, EVEN_C)
-            y0, y1, y2, y3, y4 = _input_row(x_img, ih + 1, H, W, ow, c, c_ok, C, EVEN_C)
-            n4 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-            n5 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-            a0, a1, a2, a3, n4, n5 = _pair_column(a0, a1, a2, a3, n4, n5, x0, y0, w_ptr, 0, c, C_PAD, dtype,
-                                                  ROUND_X)
-            a0, a1, a2, a3, n4, n5 = _pair_column(a0, a1, a2, a3, n4, n5, x1, y1, w_ptr, 1, c, C_PAD, dtype,
-                                                  ROUND_X)
-            a0, a1, a2, a3, n4, n5 = _pair_column(a0, a1, a2, a3, n4, n5, x2, y2, w_ptr, 2, c, C_PAD, dtype,
-                                                  ROUND_X)
-            a0, a1, a2, a3, n4, n5 = _pair_column(a0, a1, a2, a3, n4, n5, x3, y3, w_ptr, 3, c, C_PAD, dtype,
-                                                  ROUND_X)
-            a0, a1, a2, a3, n4, n5 = _pair_column(a0, a1, a2, a3, n4, n5, x4, y4, w_ptr, 4, c, C_PAD, dtype,
-                                                  ROUND_X)
-            # rows ih - 2 and ih - 1 are complete: stored where they are the band's rows
-            _store_row(y_img, ih - 2, i >= 4, H, W, ow, c, c_ok, a0, shift, C, HAS_BIAS, RELU, EVEN_C)
-            _store_row(y_img, ih - 1, i >= 4, H, W, ow, c, c_ok, a1, shift, C, HAS_BIAS, RELU, EVEN_C)
-            a0, a1, a2, a3 = a2, a3, n4, n5
-
-    @triton.jit
     def _quad_column(a0, a1, a2, a3, n4, n5, n6, n7, x0, x1, x2, x3, w_ptr, kx: tl.constexpr, c,
                      C_PAD: tl.constexpr, dtype: tl.constexpr, ROUND_X: tl.constexpr):
         # kernel column kx against four input rows ih .. ih+3 (shifted by kx - 2): row ih+r adds into
         # the outputs ih+r-2 .. ih+r+2, held as a0..a3 (ih-2 .. ih+1) and n4..n7 (ih+2 .. ih+5); each
         # tap is loaded once for the four rows
-        if ROUND_X:
+        if ROUND_X:  # autocast's cast of the input, done in registers
             x0, x1, x2, x3 = x0.to(dtype), x1.to(dtype), x2.to(dtype), x3.to(dtype)
         x0 = x0.to(tl.float32)
         x1 = x1.to(tl.float32)
@@ -253,13 +166,16 @@ if triton is not None:
         return x0, x1, x2, x3
 
     @triton.jit
-    def _depthwise5_rows4_kernel(x_ptr, w_ptr, b_ptr, y_ptr, H, W, bands, C: tl.constexpr, C_PAD: tl.constexpr,
-                                 HAS_BIAS: tl.constexpr, RELU: tl.constexpr, ROUND_X: tl.constexpr,
-                                 BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, BAND: tl.constexpr,
-                                 EVEN_C: tl.constexpr):
-        # The row kernel with four input rows a step (BAND a multiple of 4): eight rotating
-        # accumulators, a0..a3 complete after each step; a tap's load serves four rows. The input is
-        # read one column shift at a time, all four rows together, so that fewer loads are live at once.
+    def _depthwise5_rows_kernel(x_ptr, w_ptr, b_ptr, y_ptr, H, W, bands, C: tl.constexpr, C_PAD: tl.constexpr,
+                                HAS_BIAS: tl.constexpr, RELU: tl.constexpr, ROUND_X: tl.constexpr,
+                                BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, BAND: tl.constexpr,
+                                EVEN_C: tl.constexpr):
+        # A 5 x 5, stride-1, zero-padding-2 depth-wise convolution walking down a band of BAND output
+        # rows (a multiple of 4), four input rows a step. Each input row is loaded once at each of the
+        # five column shifts (mostly L1 hits) and added into the five output rows it touches, held as
+        # eight rotating fp32 accumulators: a0..a3 the outputs ih-2 .. ih+1, complete after the step,
+        # n4..n7 the four begun in it. A tap's load serves four rows: tap loads, not DRAM, bounded the
+        # kernel with one row a step (half the speed) and two (a fifth slower; sessions 18-19).
         pid = tl.program_id(0)
         band = pid % bands
         col = pid // bands
@@ -271,7 +187,7 @@ if triton is not None:
         y_img = y_ptr + b * H * W * C
         dtype = y_ptr.dtype.element_ty
         row0 = band * BAND
-        shift = tl.load(b_ptr + c)
+        shift = tl.load(b_ptr + c)  # (the taps when there is no bias: not used)
         a0 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
         a1 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
         a2 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
@@ -295,15 +211,15 @@ if triton is not None:
 
     def _launch_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], relu: bool,
                      dtype: torch.dtype, launcher: Any, block: Optional[tuple[int, int, int]] = None,
-                     warps: int = ROW_WARPS, step: int = ROW_STEP) -> torch.Tensor:
+                     warps: Optional[int] = None) -> torch.Tensor:
         n, c, h, w = (int(v) for v in x.shape)
         x = x.contiguous(memory_format=torch.channels_last)
         y = torch.empty_strided((n, c, h, w), (c * h * w, 1, w * c, c), dtype=dtype, device=x.device)
-        block_c, block_w, band = block or row_tiles(c, w)
-        if step not in (2, 4):
-            raise ValueError(f"the row kernel reads 2 or 4 input rows a step, not {step}")
-        if band % step:
-            raise ValueError(f"the row kernel's bands must be a multiple of its {step} rows a step, not {band}")
+        block_c, block_w, band, default_warps = row_tiles(c, w)
+        if block is not None:
+            block_c, block_w, band = block
+        if band % ROW_STEP:
+            raise ValueError(f"the row kernel's bands must be a multiple of its {ROW_STEP} rows a step, not {band}")
         # taps 25 x C_PAD: rounded as autocast rounds them, held in fp32 (a tap's load then needs no
         # conversion: converting fp16 taps took as many instructions as the multiply-adds), and
         # padded with zeros to whole channel blocks, so that the kernel loads them without masks
@@ -312,10 +228,10 @@ if triton is not None:
         shift = F.pad(bias.to(dtype).float(), (0, c_pad - c)) if bias is not None else taps
         bands = triton.cdiv(h, band)
         grid = (bands * triton.cdiv(w, block_w), triton.cdiv(c, block_c), n)
-        launcher(_depthwise5_rows_kernel if step == 2 else _depthwise5_rows4_kernel)[grid](
+        launcher(_depthwise5_rows_kernel)[grid](
             x, taps, shift, y, h, w, bands, C=c, C_PAD=c_pad, HAS_BIAS=bias is not None, RELU=relu,
             ROUND_X=x.dtype != dtype, BLOCK_C=block_c, BLOCK_W=block_w, BAND=band, EVEN_C=c % block_c == 0,
-            num_warps=warps)
+            num_warps=warps or default_warps)
         return y
 
     @triton.jit

@@ -93,25 +93,23 @@ def depthwise_row(c: int, s: int, k: int, stride: int, pad: int, bias: bool, rel
     return report(f"{label} {c} x {s}^2 {(bc, bh, bw)}", depthwise._depthwise_kernel, args, consts, 4)
 
 
-def depthwise5_row(c: int, s: int, step: int = 2, warps: int = 0) -> str:
-    """matchrt.depthwise's 5 x 5 row kernel (``step`` input rows a step, + bias, ReLU) over a 2 x c x s x s
-    fp16 channels-last input, with the blocks it picks (and its warps unless given)."""
-    bc, bw, band = depthwise.row_tiles(c, s)
+def depthwise5_row(c: int, s: int) -> str:
+    """matchrt.depthwise's 5 x 5 row kernel (four input rows a step, + bias, ReLU) over a 2 x c x s x s
+    fp16 channels-last input, with the blocks and warps it picks."""
+    bc, bw, band, warps = depthwise.row_tiles(c, s)
     consts = dict(C=c, C_PAD=-(-c // bc) * bc, HAS_BIAS=True, RELU=True, ROUND_X=False, BLOCK_C=bc, BLOCK_W=bw,
                   BAND=band, EVEN_C=c % bc == 0)
     args = dict(x_ptr="*fp16", w_ptr="*fp32", b_ptr="*fp32", y_ptr="*fp16", H=s, W=s, bands=-(-s // band))
-    kernel = depthwise._depthwise5_rows_kernel if step == 2 else depthwise._depthwise5_rows4_kernel
-    warps = warps or depthwise.ROW_WARPS
-    return report(f"depthwise 5x5 rows, {step} a step, {warps} warps, {c} x {s}^2 {(bc, bw, band)}", kernel, args,
-                  consts, warps)
+    return report(f"depthwise 5x5 rows {c} x {s}^2 {(bc, bw, band)} {warps} warps", depthwise._depthwise5_rows_kernel,
+                  args, consts, warps)
 
 
 def depthwise_rows() -> list[str]:
     shapes = [(1384, 35), (1144, 70), (576, 140), (144, 280), (24, 560), (1144, 108), (576, 216), (144, 432),
               (24, 864)]
-    # roma_plus's refiners: 5 x 5, stride 1, padding 2, + bias, ReLU (the row kernel, both steps); eloftr 832's
-    # query pooling: 4 x 4, stride 4 (the tile kernel)
-    return ([depthwise5_row(c, s, step, warps) for c, s in shapes for step, warps in ((2, 0), (4, 2), (4, 4))]
+    # roma_plus's refiners: 5 x 5, stride 1, padding 2, + bias, ReLU (the row kernel); eloftr 832's query
+    # pooling: 4 x 4, stride 4 (the tile kernel)
+    return ([depthwise5_row(c, s) for c, s in shapes]
             + [depthwise_row(256, 104, 4, 4, 0, False, False, "depthwise 4x4/4 (eloftr)")])
 
 

@@ -152,36 +152,39 @@ def test_the_module_under_autocast_and_compile_matches_the_convolution(channels,
 
 
 @needs_kernel
-@pytest.mark.parametrize("step", [2, 4])
-@pytest.mark.parametrize("channels,block", [(40, (16, 16, 4)), (32, (16, 16, 8)), (72, None)])
-def test_the_row_kernel_covers_bands_column_tiles_and_channel_blocks(channels, block, step) -> None:
-    """The 5 x 5 row kernel (two or four input rows a step) over several bands (the last one partial),
-    several column tiles and channel blocks, with and without a channel remainder: every output row and
-    column as the convolution's."""
+@pytest.mark.parametrize("channels,block", [(40, (16, 16, 4)), (32, (16, 16, 8)), (72, None), (48, None)])
+def test_the_row_kernel_covers_bands_column_tiles_and_channel_blocks(channels, block) -> None:
+    """The 5 x 5 row kernel (four input rows a step) over several bands (the last one partial), several
+    column tiles and channel blocks, with and without a channel remainder: every output row and column
+    as the convolution's."""
     conv = _conv(channels, 5, 1, 2, True, seed=3)
     x = torch.randn(2, channels, 37, 21)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x, conv = x.to(device), conv.to(device)
     launcher = (lambda kernel: kernel) if INTERPRETER else torch.library.wrap_triton
     with torch.no_grad():
-        got = depthwise._launch_rows(x, conv.weight, conv.bias, True, torch.float32, launcher, block, step=step)
+        got = depthwise._launch_rows(x, conv.weight, conv.bias, True, torch.float32, launcher, block)
         want = _reference(x, conv, True)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_row_tiles_fill_the_accumulators_with_whole_steps() -> None:
-    for channels in (24, 70, 144, 576, 1144, 1384, 8, 1):
+    for channels in (24, 70, 144, 576, 1144, 1384, 8, 1, 16, 48):
         for side in (35, 140, 864):
-            block_c, block_w, band = depthwise.row_tiles(channels, side)
+            block_c, block_w, band, warps = depthwise.row_tiles(channels, side)
             assert block_c & (block_c - 1) == 0 and block_w & (block_w - 1) == 0  # powers of two
             assert block_c * block_w <= max(depthwise.ROW_ELEMENTS, 16 * block_c)
             assert band % depthwise.ROW_STEP == 0  # whole steps of input rows
-            assert block_c // 2 < min(channels, 32) <= block_c  # the smallest power of two that covers them
-    assert depthwise.row_tiles(576, 216) == (32, 16, 32)  # the block measured at the refiner shapes
+            assert warps in (2, 4)
+            if channels % 32 and channels % 16 == 0:  # 16-channel blocks where they divide the channels
+                assert block_c == 16
+            else:  # the smallest power of two that covers them, up to 32
+                assert block_c // 2 < min(channels, 32) <= block_c
+    # the blocks measured at the refiner shapes
+    assert depthwise.row_tiles(576, 216) == (32, 16, 32, 4)
+    assert depthwise.row_tiles(144, 432) == (16, 32, 32, 2)
     assert depthwise.takes_rows(5, 1, 2) and not depthwise.takes_rows(4, 4, 0) and not depthwise.takes_rows(5, 2, 2)
-    if depthwise.triton is not None:  # a band is a whole number of steps (2 or 4 input rows)
-        for band, step, message in ((3, 2, "multiple of its 2 rows"), (6, 4, "multiple of its 4 rows"),
-                                    (8, 3, "2 or 4 input rows")):
-            with pytest.raises(ValueError, match=message):
-                depthwise._launch_rows(torch.zeros(1, 8, 6, 6), torch.zeros(8, 1, 5, 5), None, False,
-                                       torch.float32, lambda kernel: kernel, (8, 16, band), step=step)
+    if depthwise.triton is not None:  # a band is a whole number of four-row steps
+        with pytest.raises(ValueError, match="multiple of its 4 rows"):
+            depthwise._launch_rows(torch.zeros(1, 8, 6, 6), torch.zeros(8, 1, 5, 5), None, False, torch.float32,
+                                   lambda kernel: kernel, (8, 16, 6))

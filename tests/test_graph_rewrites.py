@@ -809,7 +809,7 @@ def test_compiled_folded_refiner_runs_its_depthwise_blocks_through_the_row_kerne
 
 
 def test_refiner_depthwise_option_picks_the_kernel_and_refuses_other_values() -> None:
-    """-O refiner_depthwise: 'cudnn' (default) and 'rows' set the configured refiners' kernel, the
+    """-O refiner_depthwise: 'rows' (default) and 'cudnn' set the configured refiners' kernel, the
     model's own refiners keep the class default; another value is an error naming the choices."""
     from roma_plus_helpers import loaded_model
 
@@ -821,6 +821,6 @@ def test_refiner_depthwise_option_picks_the_kernel_and_refuses_other_values() ->
         view = export_mod.configured(model, export_mod.resolve_options({"refiner_depthwise": value}))
         assert {r.depthwise_rows for r in view.conv_refiner.values()} == {rows}
     assert not any(r.depthwise_rows for r in model.conv_refiner.values())
-    assert export_mod.resolve_options({})["refiner_depthwise"] == "cudnn"
+    assert export_mod.resolve_options({})["refiner_depthwise"] == "rows"
     with pytest.raises(MatchrtError, match="rows, cudnn"):
         export_mod.resolve_options({"refiner_depthwise": "triton"})

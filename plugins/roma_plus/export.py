@@ -34,7 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "fuse": True,
     "pad_channels": 8,
     "coarse_graphs": True,
-    "refiner_depthwise": "cudnn",
+    "refiner_depthwise": "rows",
     **coarse_export.DEFAULTS,
 }
 
