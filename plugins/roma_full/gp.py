@@ -31,8 +31,6 @@ TEMPERATURE = 0.2
 SIGMA_NOISE = 0.1
 COS_EPS = 1e-6
 DEFAULT_CG_ITERS = 64
-# columns per block of the blocked Cholesky solve on CUDA (0: one cuSOLVER factorisation per matrix)
-CHOLESKY_BLOCK = 256
 
 
 def cosine_kernel(x: torch.Tensor, y: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:
@@ -81,64 +79,13 @@ def cholesky_factor(a: torch.Tensor) -> torch.Tensor:
     return torch.linalg.cholesky_ex(a)[0]
 
 
-def blocked_cholesky_solve(a: torch.Tensor, rhs: torch.Tensor, block: int = CHOLESKY_BLOCK) -> torch.Tensor:
-    """a^-1 rhs for SPD ``a`` (B x M x M) by a blocked Cholesky factorisation: columns of ``block``.
-
-    Why: at roma_plus's M = 1225 cuSOLVER factorises each matrix in one thread block (one SM: 0.53 ms,
-    about one SM's fp32 rate), and its triangular solves take 1.4 ms more (H200, session 17). Here
-    only the diagonal blocks are factorised that way; the panels and the trailing updates are
-    batched matrix products over all SMs. Each diagonal factor L_kk is inverted once (a triangular
-    solve against the identity), so both substitutions are matrix products too:
-
-        L_kk = chol(A_kk),  P_k = A_(below k),k L_kk^-T,  A_(below k) -= P_k P_k^T   (factorisation)
-        y_k = L_kk^-1 (b_k - ...),  x_k = L_kk^-T (y_k - P_k^T x_(below k))        (substitutions)
-
-    fp32 in, fp32 products: the caller keeps TF32 off (the GP's strict region). Same result as
-    ``solve_cholesky``'s to fp32 rounding (tested against float64).
-    """
-    a = at_least_fp32(a)
-    b = at_least_fp32(rhs).expand(a.shape[0], -1, -1)
-    m = int(a.shape[-1])
-    edges = list(range(0, m, max(1, int(block)))) + [m]
-    inverses, panels = [], []
-    trailing = a
-    for start, end in zip(edges[:-1], edges[1:]):
-        width = end - start
-        factor = cholesky_factor(trailing[:, :width, :width])
-        eye = torch.eye(width, dtype=a.dtype, device=a.device).expand_as(factor)
-        inverse = torch.linalg.solve_triangular(factor, eye, upper=False)  # L_kk^-1
-        inverses.append(inverse)
-        if end < m:
-            panel = trailing[:, width:, :width] @ inverse.mT  # rows below the block: L_(below k),k
-            panels.append(panel)
-            trailing = trailing[:, width:, width:] - panel @ panel.mT
-    ys = []
-    rest = b
-    for k, inverse in enumerate(inverses):  # forward: L y = b
-        width = inverse.shape[-1]
-        y = inverse @ rest[:, :width]
-        ys.append(y)
-        if k < len(panels):
-            rest = rest[:, width:] - panels[k] @ y
-    x: torch.Tensor | None = None  # the solution's rows below block k
-    for k in range(len(inverses) - 1, -1, -1):  # backward: L^T x = y
-        y = ys[k] if x is None else ys[k] - panels[k].mT @ x
-        part = inverses[k].mT @ y
-        x = part if x is None else torch.cat((part, x), dim=1)
-    assert x is not None
-    return x
-
-
-def solve_cholesky(k_ss: torch.Tensor, rhs: torch.Tensor, block: int = 0) -> torch.Tensor:
+def solve_cholesky(k_ss: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """(K_yy + sigma I)^-1 rhs by Cholesky, without the host-side check of ``solve_exact``.
 
     For torch runs inside one graph (compiled, CUDA graphs): K_yy + sigma I is SPD by
     construction (eigenvalues >= sigma), so the factorisation's status is not read back.
-    ``block`` > 0: on CUDA, matrices larger than it take ``blocked_cholesky_solve``.
     """
     a = at_least_fp32(k_ss)
-    if block > 0 and a.is_cuda and int(a.shape[-1]) > block:
-        return blocked_cholesky_solve(a, rhs, block).to(k_ss.dtype)
     chol = cholesky_factor(a)
     # L L^T x = rhs as two triangular solves (cuBLAS), not cholesky_solve: for a batch CUDA torch
     # takes that from MAGMA, which allocates while it runs and aborts inside a CUDA graph capture
@@ -262,13 +209,12 @@ class GaussianProcess(nn.Module):
         return mu.transpose(1, 2).reshape(mu.shape[0], mu.shape[2], h, w)
 
     def forward(self, f_q: torch.Tensor, f_s: torch.Tensor, solve: str = "exact",
-                iters: int | None = None, block: int = 0) -> torch.Tensor:
-        """``block``: the "cholesky" solve's block size on CUDA (0: cuSOLVER's whole factorisation)."""
+                iters: int | None = None) -> torch.Tensor:
         k_qs, k_ss, basis = self.kernel_matrices(f_q, f_s)
         if solve == "exact":
             alpha = solve_exact(k_ss, basis)
         elif solve == "cholesky":
-            alpha = solve_cholesky(k_ss, basis, block)
+            alpha = solve_cholesky(k_ss, basis)
         elif solve == "iterative":
             alpha = solve_iterative(k_ss, basis, "newton_schulz", iters)
         else:
