@@ -154,16 +154,11 @@ if triton is not None:
         return a0, a1, a2, a3, n4, n5, n6, n7
 
     @triton.jit
-    def _shifted_rows(x_img, ih, H, W, iw, c, c_ok, C: tl.constexpr, EVEN_C: tl.constexpr):
-        # input rows ih .. ih+3 at columns iw (zeros outside the image)
-        x0 = _shifted(x_img + ih * W * C, iw, tl.where((ih >= 0) & (ih < H), W, 0), c, c_ok, C, EVEN_C)
-        x1 = _shifted(x_img + (ih + 1) * W * C, iw, tl.where((ih + 1 >= 0) & (ih + 1 < H), W, 0), c, c_ok, C,
-                      EVEN_C)
-        x2 = _shifted(x_img + (ih + 2) * W * C, iw, tl.where((ih + 2 >= 0) & (ih + 2 < H), W, 0), c, c_ok, C,
-                      EVEN_C)
-        x3 = _shifted(x_img + (ih + 3) * W * C, iw, tl.where((ih + 3 >= 0) & (ih + 3 < H), W, 0), c, c_ok, C,
-                      EVEN_C)
-        return x0, x1, x2, x3
+    def _input_at(x_img, ih, H, W, iw, c, c_ok, C: tl.constexpr, EVEN_C: tl.constexpr):
+        # input row ih at columns iw, zeros outside the image: the column limit is W inside the image
+        # and 0 outside (every load masked off), a scalar limit rather than a scalar condition, as
+        # Triton's interpreter refuses a bool scalar & a vector
+        return _shifted(x_img + ih * W * C, iw, tl.where((ih >= 0) & (ih < H), W, 0), c, c_ok, C, EVEN_C)
 
     @triton.jit
     def _depthwise5_rows_kernel(x_ptr, w_ptr, b_ptr, y_ptr, H, W, bands, C: tl.constexpr, C_PAD: tl.constexpr,
@@ -199,7 +194,11 @@ if triton is not None:
             n6 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
             n7 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
             for kx in tl.static_range(5):
-                x0, x1, x2, x3 = _shifted_rows(x_img, ih, H, W, ow + (kx - 2), c, c_ok, C, EVEN_C)
+                iw = ow + (kx - 2)
+                x0 = _input_at(x_img, ih, H, W, iw, c, c_ok, C, EVEN_C)
+                x1 = _input_at(x_img, ih + 1, H, W, iw, c, c_ok, C, EVEN_C)
+                x2 = _input_at(x_img, ih + 2, H, W, iw, c, c_ok, C, EVEN_C)
+                x3 = _input_at(x_img, ih + 3, H, W, iw, c, c_ok, C, EVEN_C)
                 a0, a1, a2, a3, n4, n5, n6, n7 = _quad_column(a0, a1, a2, a3, n4, n5, n6, n7, x0, x1, x2, x3,
                                                               w_ptr, kx, c, C_PAD, dtype, ROUND_X)
             # rows ih - 2 .. ih + 1 are complete: stored where they are the band's rows
