@@ -210,7 +210,9 @@ if triton is not None:
 
     def _launch_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], relu: bool,
                      dtype: torch.dtype, launcher: Any, block: Optional[tuple[int, int, int]] = None,
-                     warps: Optional[int] = None) -> torch.Tensor:
+                     warps: Optional[int] = None, maxnreg: Optional[int] = None) -> torch.Tensor:
+        """The row kernel over x; ``block`` (BLOCK_C, BLOCK_W, BAND), ``warps`` and ``maxnreg`` (a register
+        cap per thread) override ``row_tiles``'s choice, for the micro-benchmark's sweeps."""
         n, c, h, w = (int(v) for v in x.shape)
         x = x.contiguous(memory_format=torch.channels_last)
         y = torch.empty_strided((n, c, h, w), (c * h * w, 1, w * c, c), dtype=dtype, device=x.device)
@@ -230,7 +232,7 @@ if triton is not None:
         launcher(_depthwise5_rows_kernel)[grid](
             x, taps, shift, y, h, w, bands, C=c, C_PAD=c_pad, HAS_BIAS=bias is not None, RELU=relu,
             ROUND_X=x.dtype != dtype, BLOCK_C=block_c, BLOCK_W=block_w, BAND=band, EVEN_C=c % block_c == 0,
-            num_warps=warps or default_warps)
+            num_warps=warps or default_warps, **({"maxnreg": maxnreg} if maxnreg else {}))
         return y
 
     @triton.jit

@@ -11,13 +11,14 @@ images):
     cudnn_relu   torch.cudnn_convolution_relu: cuDNN's fused convolution + bias + ReLU (where it runs)
     matchrt      matchrt's op (5 x 5 stride 1: the row kernel; else the tile kernel), weight
                  preparation included, then each row-kernel block of --tiles for the 5 x 5 shapes
-                 (channels x columns x band rows, warps); every output is checked against cuDNN's
+                 (channels x columns x band rows, warps, register cap); every output is checked
+                 against cuDNN's
 
 and adds up "calls per pair" x time per shape: the per-pair cost each way. Supporting evidence
 for a kernel choice; whether a pipeline gets faster is `matchrt bench`'s to say. Each new block
 compiles a Triton kernel (about a second).
 
-    python scripts/depthwise_micro.py --json out.json [--only r4,u4] [--tiles 32x16x32w4,16x32x32w2]
+    python scripts/depthwise_micro.py --json out.json [--only r4,u4] [--tiles 32x16x32w4,32x16x32w4r128]
 """
 
 from __future__ import annotations
@@ -43,13 +44,14 @@ SHAPES: dict[str, tuple[int, int, int, int, int, bool, bool, int]] = {
 }
 
 
-def parse_tile(text: str) -> tuple[tuple[int, int, int], int]:
-    """'32x16x32w4' -> ((32, 16, 32), 4): channels, columns, band rows (a multiple of 4); warps."""
-    m = re.fullmatch(r"(\d+)x(\d+)x(\d+)w(\d+)", text)
+def parse_tile(text: str) -> tuple[tuple[int, int, int], int, int]:
+    """'32x16x32w4r128' -> ((32, 16, 32), 4, 128): channels, columns, band rows (a multiple of 4); warps;
+    registers a thread at most (0, the compiler's choice, without rN)."""
+    m = re.fullmatch(r"(\d+)x(\d+)x(\d+)w(\d+)(?:r(\d+))?", text)
     if not m:
-        raise SystemExit(f"depthwise_micro: tile {text!r} is not CxWxBANDwWARPS")
-    c, w, band, warps = (int(v) for v in m.groups())
-    return (c, w, band), warps
+        raise SystemExit(f"depthwise_micro: tile {text!r} is not CxWxBANDwWARPS[rMAXNREG]")
+    c, w, band, warps = (int(v) for v in m.groups()[:4])
+    return (c, w, band), warps, int(m.group(5) or 0)
 
 
 def main() -> None:
@@ -104,10 +106,10 @@ def main() -> None:
         best = row["matchrt_us"]
         if depthwise.takes_rows(k, s, p):
             row["default_block"] = depthwise.row_tiles(c, side)
-            for text, (tile, warps) in zip(args.tiles.split(","), tiles):
-                def run(tile=tile, warps=warps) -> torch.Tensor:
+            for text, (tile, warps, maxnreg) in zip(args.tiles.split(","), tiles):
+                def run(tile=tile, warps=warps, maxnreg=maxnreg) -> torch.Tensor:
                     return depthwise._launch_rows(x, w, b, relu, torch.float16, torch.library.wrap_triton, tile,
-                                                  warps)
+                                                  warps, maxnreg or None)
                 try:
                     err = float((run().float() - want).abs().max())
                     t = bench(run)
