@@ -89,17 +89,6 @@ def takes_rows(kernel: int, stride: int, padding: int) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _shifted(src, iw, limit, c, c_ok, C: tl.constexpr, EVEN_C: tl.constexpr):
-        # one input row's pixels at columns iw (zeros outside 0 <= iw < limit), channels c
-        ok = (iw >= 0) & (iw < limit)
-        ptrs = src + (iw * C)[:, None] + c[None, :]
-        if EVEN_C:  # the channels fill the blocks: no channel mask that would split the vector loads
-            x = tl.load(ptrs, mask=ok[:, None], other=0.0)
-        else:
-            x = tl.load(ptrs, mask=ok[:, None] & c_ok[None, :], other=0.0)
-        return x
-
-    @triton.jit
     def _store_row(y_img, oh, keep, H, W, ow, c, c_ok, acc, shift, C: tl.constexpr, HAS_BIAS: tl.constexpr,
                    RELU: tl.constexpr, EVEN_C: tl.constexpr):
         # output row oh (+ bias, ReLU) stored when `keep` and inside the image
@@ -155,10 +144,17 @@ if triton is not None:
 
     @triton.jit
     def _input_at(x_img, ih, H, W, iw, c, c_ok, C: tl.constexpr, EVEN_C: tl.constexpr):
-        # input row ih at columns iw, zeros outside the image: the column limit is W inside the image
-        # and 0 outside (every load masked off), a scalar limit rather than a scalar condition, as
-        # Triton's interpreter refuses a bool scalar & a vector
-        return _shifted(x_img + ih * W * C, iw, tl.where((ih >= 0) & (ih < H), W, 0), c, c_ok, C, EVEN_C)
+        # input row ih at columns iw, channels c; zeros outside the image. The column limit is W inside
+        # the image and 0 outside (every load masked off): a scalar limit rather than a scalar
+        # condition, as Triton's interpreter refuses a bool scalar & a vector
+        limit = tl.where((ih >= 0) & (ih < H), W, 0)
+        ok = (iw >= 0) & (iw < limit)
+        ptrs = x_img + ih * W * C + (iw * C)[:, None] + c[None, :]
+        if EVEN_C:  # the channels fill the blocks: no channel mask that would split the vector loads
+            x = tl.load(ptrs, mask=ok[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=ok[:, None] & c_ok[None, :], other=0.0)
+        return x
 
     @triton.jit
     def _depthwise5_rows_kernel(x_ptr, w_ptr, b_ptr, y_ptr, H, W, bands, C: tl.constexpr, C_PAD: tl.constexpr,
