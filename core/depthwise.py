@@ -41,8 +41,6 @@ TILE_ELEMENTS = 4096  # output pixels x channels per program (4 warps: 32 fp32 a
 # four input rows a step, 8.15 ms a pair against 10.30 with two rows a step and 14.80 for cuDNN + ReLU)
 ROW_ELEMENTS = 512
 ROW_STEP = 4  # input rows a step: a band is a whole number of steps
-ROW_PREFETCH = 0  # column shifts of the next step's rows loaded a step ahead (0, 1 or 2)
-ROW_C_MAJOR = False  # programs numbered channel block first
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -159,42 +157,22 @@ if triton is not None:
         return x
 
     @triton.jit
-    def _four_rows(x_img, ih, H, W, iw, c, c_ok, C: tl.constexpr, EVEN_C: tl.constexpr):
-        # input rows ih .. ih+3 at columns iw
-        x0 = _input_at(x_img, ih, H, W, iw, c, c_ok, C, EVEN_C)
-        x1 = _input_at(x_img, ih + 1, H, W, iw, c, c_ok, C, EVEN_C)
-        x2 = _input_at(x_img, ih + 2, H, W, iw, c, c_ok, C, EVEN_C)
-        x3 = _input_at(x_img, ih + 3, H, W, iw, c, c_ok, C, EVEN_C)
-        return x0, x1, x2, x3
-
-    @triton.jit
-    def _depthwise5_rows_kernel(x_ptr, w_ptr, b_ptr, y_ptr, H, W, bands, cblocks, C: tl.constexpr, C_PAD: tl.constexpr,
+    def _depthwise5_rows_kernel(x_ptr, w_ptr, b_ptr, y_ptr, H, W, bands, C: tl.constexpr, C_PAD: tl.constexpr,
                                 HAS_BIAS: tl.constexpr, RELU: tl.constexpr, ROUND_X: tl.constexpr,
                                 BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, BAND: tl.constexpr,
-                                EVEN_C: tl.constexpr, PREFETCH: tl.constexpr, C_MAJOR: tl.constexpr):
+                                EVEN_C: tl.constexpr):
         # A 5 x 5, stride-1, zero-padding-2 depth-wise convolution walking down a band of BAND output
         # rows (a multiple of 4), four input rows a step. Each input row is loaded once at each of the
         # five column shifts (mostly L1 hits) and added into the five output rows it touches, held as
         # eight rotating fp32 accumulators: a0..a3 the outputs ih-2 .. ih+1, complete after the step,
         # n4..n7 the four begun in it. A tap's load serves four rows: tap loads, not DRAM, bounded the
         # kernel with one row a step (half the speed) and two (a fifth slower; sessions 18-19).
-        # PREFETCH 1 loads the next step's rows at the centre shift, 2 at the outer shifts (kx 0 and
-        # 4, which between them cover every column the step reads), a step ahead, carried across the
-        # loop: their memory latency then overlaps a step's multiply-adds. C_MAJOR numbers the
-        # programs channel block first, so that programs running together read whole pixels.
         pid = tl.program_id(0)
-        if C_MAJOR:
-            cb = pid % cblocks
-            tile = pid // cblocks
-            band = tile % bands
-            col = tile // bands
-        else:
-            cb = tl.program_id(1)
-            band = pid % bands
-            col = pid // bands
+        band = pid % bands
+        col = pid // bands
         b = tl.program_id(2).to(tl.int64)
         ow = col * BLOCK_W + tl.arange(0, BLOCK_W)
-        c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = c < C
         x_img = x_ptr + b * H * W * C
         y_img = y_ptr + b * H * W * C
@@ -205,34 +183,18 @@ if triton is not None:
         a1 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
         a2 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
         a3 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-        if PREFETCH == 1:
-            p0, p1, p2, p3 = _four_rows(x_img, row0 - 2, H, W, ow, c, c_ok, C, EVEN_C)
-        if PREFETCH == 2:
-            p0, p1, p2, p3 = _four_rows(x_img, row0 - 2, H, W, ow - 2, c, c_ok, C, EVEN_C)
-            q0, q1, q2, q3 = _four_rows(x_img, row0 - 2, H, W, ow + 2, c, c_ok, C, EVEN_C)
         for i in range(0, BAND + 4, 4):
             ih = row0 - 2 + i
-            if PREFETCH == 1:
-                e0, e1, e2, e3 = p0, p1, p2, p3
-                p0, p1, p2, p3 = _four_rows(x_img, ih + 4, H, W, ow, c, c_ok, C, EVEN_C)
-            if PREFETCH == 2:
-                e0, e1, e2, e3 = p0, p1, p2, p3
-                f0, f1, f2, f3 = q0, q1, q2, q3
-                p0, p1, p2, p3 = _four_rows(x_img, ih + 4, H, W, ow - 2, c, c_ok, C, EVEN_C)
-                q0, q1, q2, q3 = _four_rows(x_img, ih + 4, H, W, ow + 2, c, c_ok, C, EVEN_C)
             n4 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
             n5 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
             n6 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
             n7 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
             for kx in tl.static_range(5):
-                if PREFETCH == 1 and kx == 2:
-                    x0, x1, x2, x3 = e0, e1, e2, e3
-                elif PREFETCH == 2 and kx == 0:
-                    x0, x1, x2, x3 = e0, e1, e2, e3
-                elif PREFETCH == 2 and kx == 4:
-                    x0, x1, x2, x3 = f0, f1, f2, f3
-                else:
-                    x0, x1, x2, x3 = _four_rows(x_img, ih, H, W, ow + (kx - 2), c, c_ok, C, EVEN_C)
+                iw = ow + (kx - 2)
+                x0 = _input_at(x_img, ih, H, W, iw, c, c_ok, C, EVEN_C)
+                x1 = _input_at(x_img, ih + 1, H, W, iw, c, c_ok, C, EVEN_C)
+                x2 = _input_at(x_img, ih + 2, H, W, iw, c, c_ok, C, EVEN_C)
+                x3 = _input_at(x_img, ih + 3, H, W, iw, c, c_ok, C, EVEN_C)
                 a0, a1, a2, a3, n4, n5, n6, n7 = _quad_column(a0, a1, a2, a3, n4, n5, n6, n7, x0, x1, x2, x3,
                                                               w_ptr, kx, c, C_PAD, dtype, ROUND_X)
             # rows ih - 2 .. ih + 1 are complete: stored where they are the band's rows
@@ -244,11 +206,9 @@ if triton is not None:
 
     def _launch_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], relu: bool,
                      dtype: torch.dtype, launcher: Any, block: Optional[tuple[int, int, int]] = None,
-                     warps: Optional[int] = None, maxnreg: Optional[int] = None, prefetch: Optional[int] = None,
-                     c_major: Optional[bool] = None) -> torch.Tensor:
-        """The row kernel over x; ``block`` (BLOCK_C, BLOCK_W, BAND), ``warps``, ``maxnreg`` (a register
-        cap per thread), ``prefetch`` (0, 1, 2: see the kernel) and ``c_major`` (program order) override
-        the defaults, for the micro-benchmark's sweeps."""
+                     warps: Optional[int] = None, maxnreg: Optional[int] = None) -> torch.Tensor:
+        """The row kernel over x; ``block`` (BLOCK_C, BLOCK_W, BAND), ``warps`` and ``maxnreg`` (a register
+        cap per thread) override ``row_tiles``'s choice, for the micro-benchmark's sweeps."""
         n, c, h, w = (int(v) for v in x.shape)
         x = x.contiguous(memory_format=torch.channels_last)
         y = torch.empty_strided((n, c, h, w), (c * h * w, 1, w * c, c), dtype=dtype, device=x.device)
@@ -257,10 +217,6 @@ if triton is not None:
             block_c, block_w, band = block
         if band % ROW_STEP:
             raise ValueError(f"the row kernel's bands must be a multiple of its {ROW_STEP} rows a step, not {band}")
-        prefetch = ROW_PREFETCH if prefetch is None else prefetch
-        c_major = ROW_C_MAJOR if c_major is None else c_major
-        if prefetch not in (0, 1, 2):
-            raise ValueError(f"the row kernel prefetches 0, 1 or 2 column shifts, not {prefetch}")
         # taps 25 x C_PAD: rounded as autocast rounds them, held in fp32 (a tap's load then needs no
         # conversion: converting fp16 taps took as many instructions as the multiply-adds), and
         # padded with zeros to whole channel blocks, so that the kernel loads them without masks
@@ -268,14 +224,11 @@ if triton is not None:
         taps = F.pad(weight.reshape(c, 25).to(dtype).float(), (0, 0, 0, c_pad - c)).t().contiguous()
         shift = F.pad(bias.to(dtype).float(), (0, c_pad - c)) if bias is not None else taps
         bands = triton.cdiv(h, band)
-        cblocks = triton.cdiv(c, block_c)
-        tiles_hw = bands * triton.cdiv(w, block_w)
-        grid = (tiles_hw * cblocks, 1, n) if c_major else (tiles_hw, cblocks, n)
+        grid = (bands * triton.cdiv(w, block_w), triton.cdiv(c, block_c), n)
         launcher(_depthwise5_rows_kernel)[grid](
-            x, taps, shift, y, h, w, bands, cblocks, C=c, C_PAD=c_pad, HAS_BIAS=bias is not None, RELU=relu,
+            x, taps, shift, y, h, w, bands, C=c, C_PAD=c_pad, HAS_BIAS=bias is not None, RELU=relu,
             ROUND_X=x.dtype != dtype, BLOCK_C=block_c, BLOCK_W=block_w, BAND=band, EVEN_C=c % block_c == 0,
-            PREFETCH=prefetch, C_MAJOR=c_major, num_warps=warps or default_warps,
-            **({"maxnreg": maxnreg} if maxnreg else {}))
+            num_warps=warps or default_warps, **({"maxnreg": maxnreg} if maxnreg else {}))
         return y
 
     @triton.jit

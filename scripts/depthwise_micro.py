@@ -18,7 +18,7 @@ and adds up "calls per pair" x time per shape: the per-pair cost each way. Suppo
 for a kernel choice; whether a pipeline gets faster is `matchrt bench`'s to say. Each new block
 compiles a Triton kernel (about a second).
 
-    python scripts/depthwise_micro.py --json out.json [--only r4,u4] [--tiles 32x16x32w4,32x16x32w4r128,32x16x32w4p2c]
+    python scripts/depthwise_micro.py --json out.json [--only r4,u4] [--tiles 32x16x32w4,32x16x32w4r128]
 """
 
 from __future__ import annotations
@@ -44,15 +44,14 @@ SHAPES: dict[str, tuple[int, int, int, int, int, bool, bool, int]] = {
 }
 
 
-def parse_tile(text: str) -> tuple[tuple[int, int, int], int, int, int, bool]:
-    """'32x16x32w4r128p2c' -> ((32, 16, 32), 4, 128, 2, True): channels, columns, band rows (a multiple
-    of 4); warps; registers a thread at most (0, the compiler's choice, without rN); column shifts loaded
-    a step ahead (pN, default 0); programs numbered channel block first (c)."""
-    m = re.fullmatch(r"(\d+)x(\d+)x(\d+)w(\d+)(?:r(\d+))?(?:p(\d))?(c)?", text)
+def parse_tile(text: str) -> tuple[tuple[int, int, int], int, int]:
+    """'32x16x32w4r128' -> ((32, 16, 32), 4, 128): channels, columns, band rows (a multiple of 4); warps;
+    registers a thread at most (0, the compiler's choice, without rN)."""
+    m = re.fullmatch(r"(\d+)x(\d+)x(\d+)w(\d+)(?:r(\d+))?", text)
     if not m:
-        raise SystemExit(f"depthwise_micro: tile {text!r} is not CxWxBANDwWARPS[rMAXNREG][pPREFETCH][c]")
+        raise SystemExit(f"depthwise_micro: tile {text!r} is not CxWxBANDwWARPS[rMAXNREG]")
     c, w, band, warps = (int(v) for v in m.groups()[:4])
-    return (c, w, band), warps, int(m.group(5) or 0), int(m.group(6) or 0), m.group(7) is not None
+    return (c, w, band), warps, int(m.group(5) or 0)
 
 
 def main() -> None:
@@ -107,10 +106,10 @@ def main() -> None:
         best = row["matchrt_us"]
         if depthwise.takes_rows(k, s, p):
             row["default_block"] = depthwise.row_tiles(c, side)
-            for text, (tile, warps, maxnreg, prefetch, c_major) in zip(args.tiles.split(","), tiles):
-                def run(tile=tile, warps=warps, maxnreg=maxnreg, prefetch=prefetch, c_major=c_major) -> torch.Tensor:
+            for text, (tile, warps, maxnreg) in zip(args.tiles.split(","), tiles):
+                def run(tile=tile, warps=warps, maxnreg=maxnreg) -> torch.Tensor:
                     return depthwise._launch_rows(x, w, b, relu, torch.float16, torch.library.wrap_triton, tile,
-                                                  warps, maxnreg or None, prefetch, c_major)
+                                                  warps, maxnreg or None)
                 try:
                     err = float((run().float() - want).abs().max())
                     t = bench(run)

@@ -93,17 +93,15 @@ def depthwise_row(c: int, s: int, k: int, stride: int, pad: int, bias: bool, rel
     return report(f"{label} {c} x {s}^2 {(bc, bh, bw)}", depthwise._depthwise_kernel, args, consts, 4)
 
 
-def depthwise5_row(c: int, s: int, prefetch: int) -> str:
+def depthwise5_row(c: int, s: int) -> str:
     """matchrt.depthwise's 5 x 5 row kernel (four input rows a step, + bias, ReLU) over a 2 x c x s x s
-    fp16 channels-last input, with the blocks and warps it picks and `prefetch` column shifts loaded a
-    step ahead."""
+    fp16 channels-last input, with the blocks and warps it picks."""
     bc, bw, band, warps = depthwise.row_tiles(c, s)
     consts = dict(C=c, C_PAD=-(-c // bc) * bc, HAS_BIAS=True, RELU=True, ROUND_X=False, BLOCK_C=bc, BLOCK_W=bw,
-                  BAND=band, EVEN_C=c % bc == 0, PREFETCH=prefetch, C_MAJOR=False)
-    args = dict(x_ptr="*fp16", w_ptr="*fp32", b_ptr="*fp32", y_ptr="*fp16", H=s, W=s, bands=-(-s // band),
-                cblocks=-(-c // bc))
-    return report(f"depthwise 5x5 rows {c} x {s}^2 {(bc, bw, band)} {warps} warps, prefetch {prefetch}",
-                  depthwise._depthwise5_rows_kernel, args, consts, warps)
+                  BAND=band, EVEN_C=c % bc == 0)
+    args = dict(x_ptr="*fp16", w_ptr="*fp32", b_ptr="*fp32", y_ptr="*fp16", H=s, W=s, bands=-(-s // band))
+    return report(f"depthwise 5x5 rows {c} x {s}^2 {(bc, bw, band)} {warps} warps", depthwise._depthwise5_rows_kernel,
+                  args, consts, warps)
 
 
 def depthwise_rows() -> list[str]:
@@ -111,7 +109,7 @@ def depthwise_rows() -> list[str]:
               (24, 864)]
     # roma_plus's refiners: 5 x 5, stride 1, padding 2, + bias, ReLU (the row kernel); eloftr 832's query
     # pooling: 4 x 4, stride 4 (the tile kernel)
-    return ([depthwise5_row(c, s, p) for c, s in shapes for p in (0, 1, 2)]
+    return ([depthwise5_row(c, s) for c, s in shapes]
             + [depthwise_row(256, 104, 4, 4, 0, False, False, "depthwise 4x4/4 (eloftr)")])
 
 

@@ -152,21 +152,18 @@ def test_the_module_under_autocast_and_compile_matches_the_convolution(channels,
 
 
 @needs_kernel
-@pytest.mark.parametrize("channels,block,prefetch,c_major", [
-    (40, (16, 16, 4), 0, False), (32, (16, 16, 8), 0, False), (72, None, 0, False), (48, None, 0, False),
-    (40, (16, 16, 4), 1, False), (40, (16, 16, 8), 2, True), (24, (8, 16, 8), 2, False), (72, None, 1, True)])
-def test_the_row_kernel_covers_bands_column_tiles_and_channel_blocks(channels, block, prefetch, c_major) -> None:
+@pytest.mark.parametrize("channels,block", [(40, (16, 16, 4)), (32, (16, 16, 8)), (72, None), (48, None)])
+def test_the_row_kernel_covers_bands_column_tiles_and_channel_blocks(channels, block) -> None:
     """The 5 x 5 row kernel (four input rows a step) over several bands (the last one partial), several
-    column tiles and channel blocks, with and without a channel remainder, its loads a step ahead or
-    not, its programs in either order: every output row and column as the convolution's."""
+    column tiles and channel blocks, with and without a channel remainder: every output row and column
+    as the convolution's."""
     conv = _conv(channels, 5, 1, 2, True, seed=3)
     x = torch.randn(2, channels, 37, 21)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x, conv = x.to(device), conv.to(device)
     launcher = (lambda kernel: kernel) if INTERPRETER else torch.library.wrap_triton
     with torch.no_grad():
-        got = depthwise._launch_rows(x, conv.weight, conv.bias, True, torch.float32, launcher, block,
-                                     prefetch=prefetch, c_major=c_major)
+        got = depthwise._launch_rows(x, conv.weight, conv.bias, True, torch.float32, launcher, block)
         want = _reference(x, conv, True)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -191,6 +188,3 @@ def test_row_tiles_fill_the_accumulators_with_whole_steps() -> None:
         with pytest.raises(ValueError, match="multiple of its 4 rows"):
             depthwise._launch_rows(torch.zeros(1, 8, 6, 6), torch.zeros(8, 1, 5, 5), None, False, torch.float32,
                                    lambda kernel: kernel, (8, 16, 6))
-        with pytest.raises(ValueError, match="0, 1 or 2"):
-            depthwise._launch_rows(torch.zeros(1, 8, 6, 6), torch.zeros(8, 1, 5, 5), None, False, torch.float32,
-                                   lambda kernel: kernel, prefetch=3)
