@@ -824,3 +824,21 @@ def test_refiner_depthwise_option_picks_the_kernel_and_refuses_other_values() ->
     assert export_mod.resolve_options({})["refiner_depthwise"] == "rows"
     with pytest.raises(MatchrtError, match="rows, cudnn"):
         export_mod.resolve_options({"refiner_depthwise": "triton"})
+
+
+def test_gp_block_option_reaches_the_solve_and_refuses_other_values() -> None:
+    """-O gp_block: the configured view's GP solve block (128 by default, 0 for cuBLAS's
+    triangular solves); the model keeps its own; not a whole number from 0 to 4096 is an error."""
+    from roma_plus_helpers import loaded_model
+
+    from matchrt.errors import MatchrtError
+    from matchrt.plugins.roma_full.gp import CHOLESKY_BLOCK
+    from matchrt.plugins.roma_plus import export as export_mod
+
+    model = loaded_model()
+    assert export_mod.resolve_options({})["gp_block"] == CHOLESKY_BLOCK == model.gp_block
+    view = export_mod.configured(model, export_mod.resolve_options({"gp_block": "0"}))
+    assert view.gp_block == 0 and model.gp_block == CHOLESKY_BLOCK
+    for bad in ("-1", "big", "5000"):
+        with pytest.raises(MatchrtError, match="gp_block"):
+            export_mod.resolve_options({"gp_block": bad})

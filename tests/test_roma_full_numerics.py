@@ -90,6 +90,23 @@ def test_in_graph_cholesky_solve_matches_the_exact_solve_for_a_batch(gp_system) 
     assert max_rel(got, G.solve_exact(k, f)) < 1e-4
 
 
+@pytest.mark.parametrize("block", [16, 100, 128, 256, 300])
+def test_blocked_substitutions_solve_the_system_as_the_exact_solve(gp_system, block) -> None:
+    """The blocked substitutions (CUDA's default for roma_plus) with whole, ragged and single blocks
+    solve the reference system as well as the exact fp32 solve does: same error against float64."""
+    k = torch.cat((gp_system["k_ss"], gp_system["k_ss"].transpose(-1, -2)))
+    f = gp_system["basis"]
+    alpha64 = G.solve_exact(k.double(), f.double())
+    exact = G.solve_exact(k, f)
+    got = G.blocked_substitutions(torch.linalg.cholesky(k), f, block)
+    assert got.shape == alpha64.shape and got.dtype == k.dtype
+    assert max_rel(got, alpha64) < 2 * max(max_rel(exact, alpha64), 1e-5)
+    assert max_rel(got, exact) < 1e-4
+    outputs, want = _decode(gp_system, got[:1]), _decode(gp_system, exact[:1])
+    for name in want:
+        assert max_rel(outputs[name], want[name]) < 1e-4, name
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the per-matrix factorisation is the CUDA path")
 def test_cuda_factorises_a_batch_matrix_by_matrix_into_the_same_factors(gp_system) -> None:
     """On CUDA a batch is factorised one matrix at a time (faster than the batched potrf at this
@@ -101,6 +118,14 @@ def test_cuda_factorises_a_batch_matrix_by_matrix_into_the_same_factors(gp_syste
     assert torch.equal(got, got.tril())
     assert max_rel(got.double().cpu(), torch.linalg.cholesky(k.double()).cpu()) < 1e-3  # cond ~ 2.5e3, fp32
     assert max_rel(G.solve_cholesky(k, f).cpu(), G.solve_exact(k.double(), f.double()).cpu()) < 1e-3
+    # the blocked solve on CUDA (as roma_plus runs it), inside a CUDA graph too: the unblocked solution
+    blocked = G.solve_cholesky(k, f, block=64)
+    assert max_rel(blocked.cpu(), G.solve_cholesky(k, f).cpu()) < 1e-4
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = G.solve_cholesky(k, f, block=64)
+    graph.replay()
+    assert max_rel(captured.cpu(), blocked.cpu()) < 1e-6
 
 
 @pytest.mark.parametrize("method", ["newton_schulz", "cg"])

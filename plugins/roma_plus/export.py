@@ -20,6 +20,7 @@ from matchrt.errors import MatchrtError
 from matchrt.fold import folded_copy, shallow_module_copy
 from matchrt.plugins.roma_full import export as coarse_export
 from matchrt.plugins.roma_full.encoder import COARSE_SCALE, check_input_size
+from matchrt.plugins.roma_full.gp import CHOLESKY_BLOCK
 from matchrt.types import ExportOptions, ExportPlan, GraphSpec
 
 from .model import DEFAULT_UPSAMPLE, RomaPlus, coarse_region_modes
@@ -35,6 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "pad_channels": 8,
     "coarse_graphs": True,
     "refiner_depthwise": "rows",
+    "gp_block": CHOLESKY_BLOCK,
     **coarse_export.DEFAULTS,
 }
 
@@ -106,6 +108,14 @@ def resolve_options(extra: dict[str, Any]) -> dict[str, Any]:
         raise MatchrtError(f"roma_plus: refiner_depthwise={extra.get('refiner_depthwise')!r} must be one of "
                            f"{', '.join(REFINER_DEPTHWISE)}: 'rows' runs the compiled refiners' 5 x 5 depth-wise "
                            "convolution, bias and ReLU as one Triton pass, 'cudnn' as cuDNN's convolution and a ReLU")
+    try:
+        opts["gp_block"] = int(opts["gp_block"])
+    except (TypeError, ValueError):
+        opts["gp_block"] = -1
+    if not 0 <= opts["gp_block"] <= 4096:
+        raise MatchrtError(f"roma_plus: gp_block={extra.get('gp_block')!r} must be a whole number from 0 to 4096: "
+                           f"the rows per block of the GP's triangular solves on CUDA ({CHOLESKY_BLOCK}, the "
+                           "default; 0 runs cuBLAS's triangular solves)")
     opts["coarse_precision"] = str(opts["coarse_precision"]).strip().lower().replace(" ", "")
     coarse_region_modes(opts["coarse_precision"])  # MatchrtError naming the values
     return opts
@@ -141,7 +151,7 @@ def configured(model: RomaPlus, options: dict[str, Any]) -> RomaPlus:
     view.symmetric = options["symmetric"]
     view.coarse_precision = options["coarse_precision"]
     view.coarse_graphs = options["coarse_graphs"]
-    view.set_gp(options["gp_solve"], options["gp_method"], options["gp_iters"])
+    view.set_gp(options["gp_solve"], options["gp_method"], options["gp_iters"], options["gp_block"])
     return view
 
 

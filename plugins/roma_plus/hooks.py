@@ -80,6 +80,9 @@ INFO = MatcherInfo(
         "gp_solve=iterative (default): one graph, the GP solved in-graph (ONNX: roma_full's gp_method, "
         "gp_iters; torch runs: an in-graph Cholesky); gp_solve=exact: two graphs with roma_full's "
         "Cholesky solve between them",
+        "gp_block=128 (default): torch runs on CUDA solve the GP's triangular systems in blocks of 128 rows "
+        "(the diagonal blocks inverted in one batched solve, the rest as matrix products); 0: cuBLAS's "
+        "triangular solves. Either way one cuSOLVER Cholesky factorisation per matrix",
         "fuse=true (default): BatchNorms folded into the convolutions before them (fuse=false keeps them)",
         "pad_channels=8 (default): the refiners' odd block widths (1377, 1137, 569) padded with zero "
         "channels to a multiple of 8 for aligned half-precision kernels, same outputs (0 keeps them)",
@@ -124,7 +127,7 @@ def create_model(matcher: str, options: dict[str, Any]) -> Optional[RomaPlus]:
     opts = export_mod.resolve_options(dict(options))
     return RomaPlus(gp_solve=opts["gp_solve"], gp_method=opts["gp_method"], gp_iters=opts["gp_iters"],
                     upsample_res=opts["upsample_res"], symmetric=opts["symmetric"],
-                    coarse_precision=opts["coarse_precision"]).eval()
+                    coarse_precision=opts["coarse_precision"], gp_block=opts["gp_block"]).eval()
 
 
 @matchrt.hookimpl

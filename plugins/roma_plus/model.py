@@ -51,6 +51,7 @@ from torch import nn
 from matchrt.errors import MatchrtError
 from matchrt.plugins.roma_full.decoder import classification_to_flow
 from matchrt.plugins.roma_full.encoder import COARSE_SCALE, normalize_images
+from matchrt.plugins.roma_full.gp import CHOLESKY_BLOCK
 from matchrt.plugins.roma_full.model import RomaCoarse
 from matchrt.plugins.roma_full.ops import strict_fp32, swap_halves
 
@@ -244,7 +245,7 @@ def region_signature(model: "RomaPlus", modes: dict[str, str]) -> tuple[Any, ...
     """What a captured coarse region depends on besides its inputs (see ``CoarseRegion``)."""
     parts = (model.coarse.proj16, model.coarse.gp, model.coarse.embedding_decoder)
     weights = tuple((p.data_ptr(), p._version) for part in parts for p in part.parameters())
-    return (tuple(sorted(modes.items())), model.gp_solve, model.gp_method, model.gp_iters, weights)
+    return (tuple(sorted(modes.items())), model.gp_solve, model.gp_method, model.gp_iters, model.gp_block, weights)
 
 
 def coarse_region(model: "RomaPlus", modes: dict[str, str]) -> CoarseRegion:
@@ -270,7 +271,8 @@ class RomaPlus(nn.Module):
 
     def __init__(self, gp_solve: str = "exact", gp_method: str = "newton_schulz",
                  gp_iters: Union[int, str, None] = None, upsample_res: int = DEFAULT_UPSAMPLE,
-                 symmetric: bool = True, attenuate: bool = True, coarse_precision: str = "bf16x2-flash") -> None:
+                 symmetric: bool = True, attenuate: bool = True, coarse_precision: str = "bf16x2-flash",
+                 gp_block: int = CHOLESKY_BLOCK) -> None:
         super().__init__()
         self.coarse = RomaCoarse()
         self.proj = nn.ModuleDict({
@@ -286,7 +288,7 @@ class RomaPlus(nn.Module):
         self.resize = FlowResize()
         self.update = FlowUpdate()
         self.layout = WarpLayout()
-        self.set_gp(gp_solve, gp_method, gp_iters)
+        self.set_gp(gp_solve, gp_method, gp_iters, gp_block)
         self.upsample_res = int(upsample_res)
         self.symmetric = bool(symmetric)
         self.attenuate = bool(attenuate)
@@ -320,12 +322,15 @@ class RomaPlus(nn.Module):
             return split_eager(fn, mode, *args, graphs=self.coarse_graphs and graphs)
         return strict_eager(fn, *args, tf32=mode == "tf32")
 
-    def set_gp(self, solve: str, method: str = "newton_schulz", iters: Union[int, str, None] = None) -> None:
+    def set_gp(self, solve: str, method: str = "newton_schulz", iters: Union[int, str, None] = None,
+               block: int = CHOLESKY_BLOCK) -> None:
         """GP solve: "exact" (Cholesky; not exportable in-graph) or "iterative" with roma_full's
-        ``method`` ("newton_schulz" | "cg") and ``iters`` steps (None/"auto": roma_full's default)."""
+        ``method`` ("newton_schulz" | "cg") and ``iters`` steps (None/"auto": roma_full's default).
+        ``block``: rows per block of the torch runs' triangular solves on CUDA (0: cuBLAS's whole solves)."""
         self.gp_solve = solve
         self.gp_method = method
         self.gp_iters = None if iters in (None, "", "auto") else int(iters)  # type: ignore[arg-type]
+        self.gp_block = int(block)
 
     def in_graph_solve(self) -> str:
         """The GP solve of this run: "exact" as asked; in an ONNX export the iterative
@@ -431,7 +436,7 @@ class RomaPlus(nn.Module):
         feat_q, feat_s = self.project16(f_q16, f_s16, modes)
         with strict_fp32(feat_q.device.type):
             solve = self.in_graph_solve()
-            gp_feats = self.coarse.gp(feat_q.float(), feat_s.float(), solve, self.gp_iters)
+            gp_feats = self.coarse.gp(feat_q.float(), feat_s.float(), solve, self.gp_iters, self.gp_block)
         return self.with_flow(self.decode_logits(gp_feats, feat_q, feat_s, modes, graphs))
 
     def project16(self, f_q16: torch.Tensor, f_s16: torch.Tensor, modes: Optional[dict[str, str]] = None
