@@ -143,6 +143,9 @@ class GraphSpec:
     fp32_layers: list[str] = field(default_factory=list)
     # whether those fp32 layers may use TF32 (None: the builder's default, on for fp16/bf16)
     tf32: Optional[bool] = None
+    # compiled torch runs on CUDA: freeze the weights into the compiled graphs (Inductor's freezing,
+    # weight-only work folded at compile time). A plugin opts in where it measured that it pays
+    freeze_weights: bool = False
 
 
 @dataclass

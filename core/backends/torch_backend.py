@@ -10,20 +10,23 @@ from ..hookspecs import hookimpl
 from ..types import BackendInfo, GraphSpec
 
 DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
-FREEZE_ENV = "MATCHRT_FREEZE"  # "0": compiled CUDA sessions keep the weights as graph inputs
+FREEZE_ENV = "MATCHRT_FREEZE"  # "1" / "0": freeze every compiled CUDA graph's weights, or none
 
 
-def compile_options(device_type: str, cuda_graph: bool) -> dict[str, Any]:
+def compile_options(device_type: str, cuda_graph: bool, freeze_weights: bool = False) -> dict[str, Any]:
     """Inductor settings of a compiled session: CUDA graphs when asked ("reduce-overhead"), and on
-    CUDA Inductor's freezing: the weights become constants of the compiled graphs, so what is
-    computed from weights alone (autocast's casts of every layer's weights, transposes, the
-    depth-wise kernels' tap layouts) is folded once at compile time instead of run on every call.
-    eloftr 832 compiled fp16 on an H200: 5.5 -> 4.8 ms a pair (session 20). Sessions run under
-    inference mode, so the weights cannot change under a compiled graph. CPUs keep the unfrozen
-    graphs (Inductor's CPU freezing also repacks weights for oneDNN: another set of kernels).
-    ``MATCHRT_FREEZE=0`` turns freezing off."""
-    freeze = device_type == "cuda" and os.environ.get(FREEZE_ENV, "1").strip() != "0"
-    return {"triton.cudagraphs": bool(cuda_graph), "freezing": freeze}
+    CUDA Inductor's freezing where the graph asks for it (``GraphSpec.freeze_weights``): the weights
+    become constants of the compiled graphs, so what is computed from weights alone (autocast's
+    casts of every layer's weights, transposes, the depth-wise kernels' tap layouts) is folded once
+    at compile time instead of run on every call. eloftr 832 compiled fp16 on an H200: 5.5 -> 4.8 ms
+    a pair; roma_plus frozen ran 44.1 ms against 43.1 unfrozen (the two GPUs of one host; its
+    same-GPU comparison did not finish), so the choice is per graph. Sessions run under inference
+    mode, so the weights cannot change under a compiled graph. CPUs never freeze (Inductor's CPU
+    freezing also repacks weights for oneDNN: another set of kernels). ``MATCHRT_FREEZE=1`` or ``0``
+    overrides the graph's choice on CUDA."""
+    override = os.environ.get(FREEZE_ENV, "").strip()
+    freeze = freeze_weights if override not in ("0", "1") else override == "1"
+    return {"triton.cudagraphs": bool(cuda_graph), "freezing": device_type == "cuda" and freeze}
 
 
 def _unavailable() -> Optional[str]:
@@ -52,7 +55,8 @@ class TorchSession:
         if options.get("compile"):
             # triton.cudagraphs (mode "reduce-overhead") captures CUDA graphs and replays them for fixed shapes
             module = torch.compile(module, dynamic=False,
-                                   options=compile_options(self.device.type, bool(options.get("cuda_graph"))))
+                                   options=compile_options(self.device.type, bool(options.get("cuda_graph")),
+                                                           graph.freeze_weights))
         self.module = module
 
     def run(self, inputs: dict[str, Any]) -> dict[str, Any]:

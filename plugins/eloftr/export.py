@@ -250,5 +250,6 @@ def build_plan(model: ELoFTR, options: ExportOptions) -> ExportPlan:
         mask = torch.zeros(batch, 1, h, w)
         mask[:, :, : h - SIDE_MULTIPLE, :] = 1.0  # any top-left rectangle traces the same graph
         example, names = example + (mask, mask.clone()), names + MASK_INPUTS
-    spec = GraphSpec("main", graph, example, names, list(OUTPUTS), {}, list(FP32_LAYERS))
+    # compiled CUDA runs freeze the weights: 5.5 -> 4.8 ms a pair at 832 on an H200 (session 20)
+    spec = GraphSpec("main", graph, example, names, list(OUTPUTS), {}, list(FP32_LAYERS), freeze_weights=True)
     return ExportPlan(NAME, [spec], resolved, (h, w))
