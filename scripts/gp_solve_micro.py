@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Micro-benchmark of the GP's Cholesky solve on a GPU: cuBLAS's triangular solves against the blocked
-substitutions (both after cuSOLVER's factorisation), at roma_plus's size (M = 1225 support cells at 560, B = 2 matrices, 512 right-hand sides).
+substitutions (both after cuSOLVER's factorisation), at roma_plus's size (M = 1225 support cells at
+560, B = 2 matrices, 512 right-hand sides).
 
 Times each solve replayed from a CUDA graph (triton.testing.do_bench_cudagraph, as the replayed
 coarse region runs it; median microseconds) and its error against a float64 solve. The system is
 GP-like: the cosine kernel of random unit features plus sigma I (eigenvalues >= sigma).
 Supporting evidence for the default block; whether the pipeline gets faster is `matchrt bench`'s
-to say (`--sweep roma_plus.gp_block=0,256`).
+to say (`--sweep roma_plus.gp_block=0,128`).
 
     python scripts/gp_solve_micro.py --json out.json [--blocks 0,64,128,256] [--size 1225]
 """

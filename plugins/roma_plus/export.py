@@ -81,6 +81,18 @@ def truthy(value: Any) -> bool:
     return bool(value)
 
 
+def whole_number(value: Any, key: str, extra: dict[str, Any], high: int, why: str) -> int:
+    """``value`` as a whole number from 0 to ``high``, else a MatchrtError naming the option as given
+    (``extra[key]``), the range and ``why``."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = -1
+    if not 0 <= number <= high:
+        raise MatchrtError(f"roma_plus: {key}={extra.get(key)!r} must be a whole number from 0 to {high}: {why}")
+    return number
+
+
 def resolve_options(extra: dict[str, Any]) -> dict[str, Any]:
     """Export options with defaults filled in and checked (the GP's by roma_full's resolver)."""
     opts = dict(DEFAULTS)
@@ -95,27 +107,17 @@ def resolve_options(extra: dict[str, Any]) -> dict[str, Any]:
     opts["symmetric"] = truthy(opts["symmetric"])
     opts["fuse"] = truthy(opts["fuse"])
     opts["coarse_graphs"] = truthy(opts["coarse_graphs"])
-    try:
-        opts["pad_channels"] = int(opts["pad_channels"] or 0)
-    except (TypeError, ValueError):
-        opts["pad_channels"] = -1
-    if not 0 <= opts["pad_channels"] <= 256:
-        raise MatchrtError(f"roma_plus: pad_channels={extra.get('pad_channels')!r} must be a whole number from 0 "
-                           "to 256: the refiners' block width is padded to a multiple of it (8, the default, "
-                           "aligns half-precision matrix products; 0 or 1 leaves the widths as they are)")
+    opts["pad_channels"] = whole_number(opts["pad_channels"] or 0, "pad_channels", extra, 256,
+                                        "the refiners' block width is padded to a multiple of it (8, the default, "
+                                        "aligns half-precision matrix products; 0 or 1 leaves the widths as they are)")
     opts["refiner_depthwise"] = str(opts["refiner_depthwise"]).strip().lower()
     if opts["refiner_depthwise"] not in REFINER_DEPTHWISE:
         raise MatchrtError(f"roma_plus: refiner_depthwise={extra.get('refiner_depthwise')!r} must be one of "
                            f"{', '.join(REFINER_DEPTHWISE)}: 'rows' runs the compiled refiners' 5 x 5 depth-wise "
                            "convolution, bias and ReLU as one Triton pass, 'cudnn' as cuDNN's convolution and a ReLU")
-    try:
-        opts["gp_block"] = int(opts["gp_block"])
-    except (TypeError, ValueError):
-        opts["gp_block"] = -1
-    if not 0 <= opts["gp_block"] <= 4096:
-        raise MatchrtError(f"roma_plus: gp_block={extra.get('gp_block')!r} must be a whole number from 0 to 4096: "
-                           f"the rows per block of the GP's triangular solves on CUDA ({CHOLESKY_BLOCK}, the "
-                           "default; 0 runs cuBLAS's triangular solves)")
+    opts["gp_block"] = whole_number(opts["gp_block"], "gp_block", extra, 4096,
+                                    f"the rows per block of the GP's triangular solves on CUDA ({CHOLESKY_BLOCK}, "
+                                    "the default; 0 runs cuBLAS's triangular solves)")
     opts["coarse_precision"] = str(opts["coarse_precision"]).strip().lower().replace(" ", "")
     coarse_region_modes(opts["coarse_precision"])  # MatchrtError naming the values
     return opts
