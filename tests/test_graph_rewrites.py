@@ -361,6 +361,96 @@ def test_laid_out_pieces_are_bit_for_bit_the_concatenated_pieces() -> None:
     assert float((head.float() + tail.float() - view).abs().max() / view.abs().max()) < 2 ** -16
 
 
+def _chain(blocks: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    for block in blocks:
+        x = block(x)
+    return x
+
+
+@pytest.mark.parametrize("kind", ["bf16x2-flash", "bf16x3", "tf32x3"])
+def test_split_blocks_add_their_skip_connections_inside_their_products(kind: str) -> None:
+    """DINOv2's and the decoder's blocks become SplitBlocks: each skip connection is added inside
+    the product that ends its branch (beta = 1), in place from the second block of a chain on. The
+    sums are the separate additions' (to fp32 rounding), the caller's input is left as it was, and
+    the blocks still compute the plain blocks' function within the kind's precision."""
+    from matchrt.plugins.roma_full.decoder import Block as DecoderBlock
+    from matchrt.plugins.roma_full.dinov2 import Block
+    from matchrt.plugins.roma_plus.split_products import SplitBlock, split_linears
+
+    torch.manual_seed(3)
+    dino = nn.ModuleList([Block(64, 4) for _ in range(3)]).eval()
+    decoder = nn.Sequential(*[DecoderBlock(64, 2) for _ in range(2)]).eval()
+    with torch.no_grad():
+        for module in (*dino.modules(), *decoder.modules()):
+            if isinstance(module, nn.LayerNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+        for block in dino:
+            block.ls1.gamma.uniform_(0.1, 1.0)
+            block.ls2.gamma.uniform_(0.1, 1.0)
+    tolerance = 1e-2 if kind.startswith("bf16x2") else 2e-3
+    for plain in (dino, decoder):
+        split = split_linears(plain, kind)
+        assert all(isinstance(b, SplitBlock) for b in split)
+        assert [b.in_place for b in split] == [False] + [True] * (len(split) - 1)
+        x = torch.randn(2, 30, 64) * 2
+        if plain is decoder:
+            x = x.transpose(1, 2).contiguous().transpose(1, 2)  # the decoder's blocks get a transposed view
+        before = x.clone()
+        with torch.no_grad():
+            got = _chain(split, x)
+            assert torch.equal(x, before)  # the caller's tensor is untouched
+            z = x
+            for b in split:  # each block against the same split branches with the sums in passes of their own
+                mid = z + b.attn(b.norm1(z))
+                separate = mid + b.mlp(b.norm2(mid))
+                fused = b(z.clone() if b.in_place else z)
+                torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-5)
+                z = separate
+            want = _chain(plain, x)
+        torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+                    reason="needs Triton on a GPU, or TRITON_INTERPRET=1")
+def test_piece_kernel_reads_attention_heads_where_they_lie() -> None:
+    """The projection after attention splits attention's output B x H x N x (halves * d) without
+    a copy of its own: the piece kernel sums the two halves of the fused call's fp16 output (or
+    takes attention_kernel's fp32 output as it is), puts the heads side by side, and writes the
+    bits torch writes from the summed, transposed, reshaped fp32 tensor (on a GPU; Triton's
+    interpreter rounds fp32 to bf16 its own way, so there head + tail is checked to 2^-15 of the
+    value and the other columns bit for bit)."""
+    from matchrt.plugins.roma_plus import piece_kernel
+    from matchrt.plugins.roma_plus.split_products import extra_columns, laid_out, merged_heads
+
+    if piece_kernel.triton is None:
+        pytest.skip("Triton is not installed")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(4)
+    x = torch.randn(2, 37, 4, 32, device=device) * torch.logspace(-2, 2, 32, device=device)
+    cases = ((x.half().transpose(1, 2), 2, "ht", 3),  # B x H x N x 2d, strided like cuDNN's output
+             (x.half().permute(0, 2, 1, 3).contiguous(), 2, "ht", 3),
+             (x.transpose(1, 2).contiguous(), 1, "hth", 0),  # attention_kernel's fp32 B x H x N x d
+             (x.transpose(1, 2), 1, "hht", 3))
+    for o, halves, order, ones in cases:
+        width = len(order) * 4 * (32 // halves)
+        out = torch.empty(2, 37, width + extra_columns(width, ones), dtype=torch.bfloat16, device=device)
+        got = piece_kernel.write_pieces(o.transpose(1, 2), out, order, ones, halves=halves, head_columns=True)
+        merged = merged_heads(o, halves).cpu()
+        want = laid_out(merged, torch.bfloat16, order, ones)
+        got = got.cpu()
+        if device == "cuda":
+            assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (halves, order, ones)
+            continue
+        k = merged.shape[-1]
+        head, tail = order.index("h"), order.index("t")
+        value = got[..., head * k:(head + 1) * k].float() + got[..., tail * k:(tail + 1) * k].float()
+        assert float(((value - merged).abs() / merged.abs().clamp_min(1e-30)).max()) < 2 ** -15
+        assert torch.equal(got[..., len(order) * k:], want[..., len(order) * k:])  # ones, then zeros
+        assert all(torch.equal(got[..., i * k:(i + 1) * k], got[..., head * k:(head + 1) * k])
+                   for i, piece in enumerate(order) if piece == "h")
+
+
 def test_split_bias_rides_in_the_product_to_fp32_precision() -> None:
     """bf16x3 layers add the bias inside the matrix product: its three bf16 pieces sum to the fp32
     bias exactly, and the activations get as many columns of ones, then zeros to 8-aligned rows."""
@@ -694,7 +784,7 @@ def test_split_dinov2_block_folds_its_layer_scales(kind: str, monkeypatch) -> No
     block.float()
     split = split_linears(block, kind)
     assert sorted(map(id, built)) == sorted(map(id, (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2)))
-    assert isinstance(split.ls1, nn.Identity) and isinstance(split.ls2, nn.Identity)
+    assert not hasattr(split, "ls1") and not hasattr(split, "ls2")  # folded into proj and fc2
     # the LayerNorms move into the products after them (applied where those split their input)
     assert isinstance(split.norm1, nn.Identity) and isinstance(split.norm2, nn.Identity)
     assert split.attn.qkv.in_norm is block.norm1 and split.mlp.fc1.in_norm is block.norm2

@@ -33,7 +33,7 @@ if triton is not None:
                        SLOTS: tl.constexpr, TAIL0: tl.constexpr, TAIL1: tl.constexpr, TAIL2: tl.constexpr,
                        ONES: tl.constexpr, EXTRA: tl.constexpr, EXTRA_BLOCK: tl.constexpr,
                        GELU: tl.constexpr, NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                       ROW_ALIGN: tl.constexpr):
+                       ROW_ALIGN: tl.constexpr, HALVES: tl.constexpr, HEAD_COLUMNS: tl.constexpr):
         r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
         c = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         i2 = r % d2
@@ -43,6 +43,16 @@ if triton is not None:
         mask = row_ok[:, None] & (c < k)[None, :]
         src = x_ptr + (i0 * s0 + i1 * s1 + i2 * s2)[:, None] + c[None, :].to(tl.int64) * s3
         x = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+        if HALVES == 2:  # the row is [a | b] (2k wide): the value is a + b in fp32 (attention's two halves)
+            x = x + tl.load(src + k * s3, mask=mask, other=0.0).to(tl.float32)
+        if HEAD_COLUMNS:  # rows (i0, i1, head i2) land side by side in one output row (i0, i1), head-major
+            out_row = r // d2
+            column0 = i2 * k
+            slot = d2 * k
+        else:
+            out_row = r
+            column0 = i2 * 0
+            slot = k
         if NORM:  # LayerNorm over the whole row (BLOCK_K >= k: one program holds it), two passes in fp32
             mean = tl.sum(x, axis=1) / k
             centred = tl.where(mask, x - mean[:, None], 0.0)
@@ -57,19 +67,20 @@ if triton is not None:
         # ROW_ALIGN: what out_width is a multiple of, told to the compiler: Triton only infers
         # multiples of 16 from an integer argument, and rows of 3k + 8m elements (pieces, bias
         # ones, padding) would otherwise be stored one 2-byte element at a time
-        dst = out_ptr + tl.multiple_of(r * out_width, ROW_ALIGN)[:, None] + c[None, :]
+        dst = out_ptr + tl.multiple_of(out_row * out_width, ROW_ALIGN)[:, None] + column0[:, None] + c[None, :]
         tl.store(dst, tail if TAIL0 else head, mask=mask)
         if SLOTS > 1:
-            tl.store(dst + k, tail if TAIL1 else head, mask=mask)
+            tl.store(dst + slot, tail if TAIL1 else head, mask=mask)
         if SLOTS > 2:
-            tl.store(dst + 2 * k, tail if TAIL2 else head, mask=mask)
+            tl.store(dst + 2 * slot, tail if TAIL2 else head, mask=mask)
         if EXTRA > 0:
             if tl.program_id(1) == 0:
                 e = tl.arange(0, EXTRA_BLOCK)
                 ones = tl.where(e < ONES, 1.0, 0.0).to(piece)
                 values = tl.broadcast_to(ones[None, :], (BLOCK_R, EXTRA_BLOCK))
-                tl.store(out_ptr + r[:, None] * out_width + SLOTS * k + e[None, :], values,
-                         mask=row_ok[:, None] & (e < EXTRA)[None, :])
+                first = (i2 == 0) if HEAD_COLUMNS else row_ok  # one writer per output row
+                tl.store(out_ptr + out_row[:, None] * out_width + SLOTS * slot + e[None, :], values,
+                         mask=(row_ok & first)[:, None] & (e < EXTRA)[None, :])
 
 
 # rows of at most this many elements can be layer-normalised in the pass (one program per row block)
@@ -83,17 +94,26 @@ def row_alignment(width: int) -> int:
 
 
 def write_pieces(x: torch.Tensor, out: torch.Tensor, order: str, ones: int, gelu: bool = False,
-                 norm: Optional[tuple[torch.Tensor, torch.Tensor, float]] = None) -> torch.Tensor:
+                 norm: Optional[tuple[torch.Tensor, torch.Tensor, float]] = None, halves: int = 1,
+                 head_columns: bool = False) -> torch.Tensor:
     """Fill ``out`` (contiguous, x's leading shape, last axis len(order) * k + extra) with the
     pieces of ``x`` (of GELU(x) with ``gelu``: the MLP's activation, without a pass of its own; of
     LayerNorm(x) with ``norm`` = (weight, bias, eps), fp32, rows of at most NORM_MAX) in ``order``
-    ("h" head, "t" tail), then ``ones`` columns of 1 and zeros."""
-    k = int(x.shape[-1])
+    ("h" head, "t" tail), then ``ones`` columns of 1 and zeros.
+
+    ``halves=2``: x's rows are [a | b] and the value is a + b in fp32 (k = half the row).
+    ``head_columns``: x is B x N x H x k (attention's output with its heads axis second to last,
+    a strided view) and ``out`` B x N x (slots * H * k + extra): each row's heads side by side,
+    what ``x.reshape(B, N, H * k)`` would give, without that copy."""
+    k = int(x.shape[-1]) // halves
     sizes = [1] * (4 - x.dim()) + list(x.shape)
     strides = [0] * (4 - x.dim()) + list(x.stride())
     rows = sizes[0] * sizes[1] * sizes[2]
     slots = len(order)
-    extra = int(out.shape[-1]) - slots * k
+    row_width = k * (sizes[2] if head_columns else 1)
+    extra = int(out.shape[-1]) - slots * row_width
+    if halves not in (1, 2) or (head_columns and (x.dim() != 4 or norm is not None or gelu)):
+        raise ValueError("write_pieces: halves is 1 or 2; head_columns takes a 4-D x, without norm or gelu")
     tails = [piece == "t" for piece in order] + [False] * (3 - slots)
     if norm is not None and k > NORM_MAX:
         raise ValueError(f"rows of {k} elements: the fused LayerNorm takes at most {NORM_MAX}")
@@ -105,7 +125,7 @@ def write_pieces(x: torch.Tensor, out: torch.Tensor, order: str, ones: int, gelu
                          strides[0], strides[1], strides[2], strides[3], int(out.shape[-1]), SLOTS=slots, TAIL0=tails[0], TAIL1=tails[1], TAIL2=tails[2],
                          ONES=ones, EXTRA=extra, EXTRA_BLOCK=triton.next_power_of_2(max(extra, 1)),
                          GELU=gelu, NORM=norm is not None, BLOCK_R=block_r, BLOCK_K=block_k,
-                         ROW_ALIGN=row_alignment(int(out.shape[-1])),
+                         ROW_ALIGN=row_alignment(int(out.shape[-1])), HALVES=halves, HEAD_COLUMNS=head_columns,
                          num_warps=4 if block_k * block_r <= 4096 else 8)
     return out
 

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from matchrt.fold import shallow_module_copy
+from matchrt.plugins.roma_full.decoder import Block as DecoderBlock
 from matchrt.plugins.roma_full.dinov2 import Attention, Block, Mlp
 from matchrt.tf32 import tf32_switches
 
@@ -51,6 +52,7 @@ from . import attention_kernel, piece_kernel
 KINDS = ("tf32x3", "bf16x3", "bf16x3-flash", "bf16x2", "bf16x2-flash")
 BIAS_PIECES = 3  # bf16 pieces of an fp32 bias (8 + 8 + 8 bits of mantissa: all of fp32's 24)
 OUT_ALIGN = 8  # output rows of bf16 split products: a multiple of 8 fp32 values (32 bytes)
+_BLOCKS = (Block, DecoderBlock)  # the pre-norm transformer blocks split_linears turns into SplitBlocks
 _TF32_MASK = -8192  # 0xFFFFE000 as int32: keeps sign, exponent and the 10 mantissa bits of TF32
 
 
@@ -108,6 +110,29 @@ def laid_out(x: torch.Tensor, dtype: torch.dtype, order: str, ones: int = 0, gel
     return out
 
 
+def merged_heads(o: torch.Tensor, halves: int = 1) -> torch.Tensor:
+    """Attention's output B x H x N x (halves * d) as the fp32 B x N x (H * d) rows the projection
+    reads; with ``halves=2`` each row is [a | b] and the value is a + b (split_attention's halves)."""
+    b, h, n, width = (int(s) for s in o.shape)
+    d = width // halves
+    t = o.float()
+    if halves == 2:
+        t = t[..., :d] + t[..., d:]
+    return t.transpose(1, 2).reshape(b, n, h * d)
+
+
+def laid_out_heads(o: torch.Tensor, halves: int, dtype: torch.dtype, order: str, ones: int = 0) -> torch.Tensor:
+    """``laid_out(merged_heads(o, halves), dtype, order, ones)``, bit for bit; on a GPU in one pass
+    that reads attention's output where it lies (piece_kernel's ``head_columns``): no fp32 copy,
+    no sum of the halves and no transposed copy of its own (three passes per DINOv2 layer)."""
+    if not piece_kernel.usable(o) or o.dim() != 4:
+        return laid_out(merged_heads(o, halves), dtype, order, ones)
+    b, h, n, width = (int(s) for s in o.shape)
+    k = h * (width // halves)
+    out = torch.empty(b, n, len(order) * k + extra_columns(len(order) * k, ones), dtype=dtype, device=o.device)
+    return piece_kernel.write_pieces(o.transpose(1, 2), out, order, ones, halves=halves, head_columns=True)
+
+
 def bias_pieces(bias: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """An fp32 bias as BIAS_PIECES columns of ``dtype`` whose sum is the bias to fp32's precision
     (N x 3: head, middle, tail), so a matrix product against columns of ones adds it exactly."""
@@ -151,6 +176,22 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()  # bf16 -> fp32 is exact, and so are the products of two bf16 values
 
 
+def _addmm_fp32(residual: torch.Tensor, a: torch.Tensor, b: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """residual + a @ b (``_mm_fp32``'s product; residual fp32 M x N), the sum taken in the product's
+    epilogue (cuBLAS's beta = 1), not in a pass of its own; ``in_place`` writes it into residual."""
+    out = {"out": residual} if in_place else {}
+    if a.device.type == "cuda":
+        return torch.addmm(residual, a, b, out_dtype=torch.float32, **out)
+    return torch.addmm(residual, a.float(), b.float(), **out)
+
+
+def _with_residual(out: torch.Tensor, residual: Optional[torch.Tensor], in_place: bool) -> torch.Tensor:
+    """out + residual (out alone without one), into residual with ``in_place``."""
+    if residual is None:
+        return out
+    return residual.add_(out) if in_place else residual + out
+
+
 class SplitLinear(nn.Module):
     """An ``nn.Linear`` computed as one split product (``kind``); shares the layer's weight and bias.
 
@@ -188,23 +229,48 @@ class SplitLinear(nn.Module):
             bias = F.pad(bias.detach(), (0, pad)) if bias is not None else None
         self.register_buffer("weight_split", split_operand(weight, True, self.kind, bias), persistent=False)
 
-    def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
-        """The layer's product of ``x`` (of GELU(x) with ``gelu``: see SplitMlp)."""
+    def forward(self, x: torch.Tensor, gelu: bool = False, residual: Optional[torch.Tensor] = None,
+                in_place: bool = False) -> torch.Tensor:
+        """The layer's product of ``x`` (of GELU(x) with ``gelu``: see SplitMlp), plus ``residual``
+        when given (a block's skip connection; written into it with ``in_place``)."""
         # traced graphs (ONNX, torch.export for AOTInductor) keep the plain layer: they have one
         # TF32 setting for the whole graph, so a split product would run as three IEEE ones
         if torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
             x = x if self.in_norm is None else self.in_norm(x)
             out = self.linear(F.gelu(x) if gelu else x)
-            return out if self.out_scale is None else out * self.out_scale
+            return _with_residual(out if self.out_scale is None else out * self.out_scale, residual, in_place)
         if self.kind == "tf32x3":
             x = x if self.in_norm is None else self.in_norm(x)
             with tf32_switches(True):
                 x = F.gelu(x) if gelu else x
                 bias = self.linear.bias if self.out_scale is None else self.bias_scaled
-                return F.linear(split_operand(x, False, self.kind), self.weight_split, bias)
+                out = F.linear(split_operand(x, False, self.kind), self.weight_split, bias)
+            return _with_residual(out, residual, in_place)
         xs = laid_out(x, torch.bfloat16, piece_orders(self.kind)[0], self.ones, gelu, self.in_norm)
-        out = _mm_fp32(xs.reshape(-1, xs.shape[-1]), self.weight_split.t())[:, :self.out_features]
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return self.product(xs, residual, in_place)
+
+    def from_heads(self, o: torch.Tensor, halves: int, residual: Optional[torch.Tensor] = None,
+                   in_place: bool = False) -> torch.Tensor:
+        """``forward(merged_heads(o, halves), ...)``: the projection after attention, reading the
+        attention's output B x H x N x (halves * d) where it lies (``laid_out_heads``)."""
+        if self.kind == "tf32x3" or self.in_norm is not None:
+            return self.forward(merged_heads(o, halves), residual=residual, in_place=in_place)
+        xs = laid_out_heads(o, halves, torch.bfloat16, piece_orders(self.kind)[0], self.ones)
+        return self.product(xs, residual, in_place)
+
+    def product(self, xs: torch.Tensor, residual: Optional[torch.Tensor] = None, in_place: bool = False
+                ) -> torch.Tensor:
+        """The bf16 split product of activation pieces ``xs`` (... x width, ``laid_out``'s) with
+        the split weights: ... x out_features fp32, plus ``residual`` (see forward)."""
+        lead = xs.shape[:-1]
+        xs = xs.reshape(-1, xs.shape[-1])
+        if residual is not None and self.weight_split.shape[0] == self.out_features:
+            if in_place and not residual.is_contiguous():
+                raise ValueError("an in-place residual must be contiguous")
+            out = _addmm_fp32(residual.reshape(-1, self.out_features), xs, self.weight_split.t(), in_place)
+            return residual if in_place else out.reshape(*lead, self.out_features)
+        out = _mm_fp32(xs, self.weight_split.t())[:, :self.out_features]
+        return _with_residual(out.reshape(*lead, self.out_features), residual, in_place)
 
 
 class SplitMlp(nn.Module):
@@ -217,8 +283,10 @@ class SplitMlp(nn.Module):
         self.fc1 = SplitLinear(mlp.fc1, kind, **_folded_into(mlp.fc1, folded))
         self.fc2 = SplitLinear(mlp.fc2, kind, **_folded_into(mlp.fc2, folded))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.fc1(x), gelu=True)
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, in_place: bool = False
+                ) -> torch.Tensor:
+        """fc2(GELU(fc1(x))), plus ``residual`` when given (see SplitLinear.forward)."""
+        return self.fc2(self.fc1(x), gelu=True, residual=residual, in_place=in_place)
 
 
 def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -229,14 +297,26 @@ def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     overflow (DINOv2's and the decoder's are orders of magnitude below). Heads of 96 to 128 (the
     decoder's) run ``attention_kernel`` instead: the same arithmetic from two pieces per operand.
     """
+    out, halves = split_attention_halves(q, k, v, scale)
+    if halves == 1:
+        return out
+    d = int(v.shape[-1])
+    out = out.float()
+    return out[..., :d] + out[..., d:]
+
+
+def split_attention_halves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+                           ) -> tuple[torch.Tensor, int]:
+    """``split_attention`` before its last step: (out, halves). ``halves`` 2: out is the fused
+    call's fp16 B x H x N x 2d, [with v_hi | with v_lo], whose halves sum to the result; 1: out is
+    the result (attention_kernel's fp32). The projection after it reads either where it lies
+    (``SplitLinear.from_heads``)."""
     half = torch.float16
     if attention_kernel.usable(q):  # heads too wide for the fused kernels (the decoder's 128)
         return attention_kernel.split_attention(laid_out(q, half, "ht"), laid_out(k, half, "ht"),
-                                                laid_out(v, half, "ht"), scale)
-    out = F.scaled_dot_product_attention(laid_out(q, half, "hht"), laid_out(k, half, "hth"),
-                                         laid_out(v, half, "ht"), scale=scale).float()
-    d = int(v.shape[-1])
-    return out[..., :d] + out[..., d:]
+                                                laid_out(v, half, "ht"), scale), 1
+    return F.scaled_dot_product_attention(laid_out(q, half, "hht"), laid_out(k, half, "hth"),
+                                          laid_out(v, half, "ht"), scale=scale), 2
 
 
 class SplitAttention(nn.Module):
@@ -251,13 +331,16 @@ class SplitAttention(nn.Module):
         self.proj = SplitLinear(attention.proj, kind, **_folded_into(attention.proj, folded))
         self.flash = kind.endswith("-flash")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, in_place: bool = False
+                ) -> torch.Tensor:
+        """The attention of ``x``, plus ``residual`` when given (see SplitLinear.forward)."""
         if not self.flash or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
-            return Attention.forward(self, x)  # type: ignore[arg-type]  # same attributes
+            out = Attention.forward(self, x)  # type: ignore[arg-type]  # same attributes
+            return _with_residual(out, residual, in_place)
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        out = split_attention(qkv[0], qkv[1], qkv[2], self.scale)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+        out, halves = split_attention_halves(qkv[0], qkv[1], qkv[2], self.scale)
+        return self.proj.from_heads(out, halves, residual, in_place)
 
 
 def _folded_into(linear: nn.Module, folded: Optional[dict[int, dict[str, Any]]]) -> dict[str, Any]:
@@ -269,9 +352,9 @@ def split_linears(module: nn.Module, kind: str = "tf32x3",
                   folded: Optional[dict[int, dict[str, Any]]] = None) -> nn.Module:
     """A copy of ``module`` sharing its parameters, every ``nn.Linear`` in it a ``SplitLinear``,
     every roma_full ``Mlp`` with an exact GELU a ``SplitMlp`` (and, for the ``-flash`` kinds, every
-    roma_full ``Attention`` a ``SplitAttention``); DINOv2 blocks fold their LayerScales into the
-    products before them. ``folded`` maps ``id(linear)`` to the ``SplitLinear`` arguments that
-    fold a neighbour into that layer (DINOv2 blocks pass their LayerScales and LayerNorms)."""
+    roma_full ``Attention`` a ``SplitAttention``); DINOv2's and the decoder's blocks become
+    ``SplitBlock``s. ``folded`` maps ``id(linear)`` to the ``SplitLinear`` arguments that fold a
+    neighbour into that layer (blocks pass their LayerScales and LayerNorms)."""
     if kind not in KINDS:
         raise ValueError(f"split kind {kind!r}: one of {', '.join(KINDS)}")
     if isinstance(module, nn.Linear):
@@ -280,11 +363,17 @@ def split_linears(module: nn.Module, kind: str = "tf32x3",
         return SplitAttention(module, kind, folded)
     if isinstance(module, Mlp) and isinstance(module.act, nn.GELU) and module.act.approximate == "none":
         return SplitMlp(module, kind, folded)
-    if isinstance(module, Block):  # DINOv2's: LayerScale folded into proj and fc2
-        return _split_block(module, kind)
+    if isinstance(module, _BLOCKS):
+        return _split_block(module, kind, in_place=False)
     out = shallow_module_copy(module)
+    chained = isinstance(module, (nn.ModuleList, nn.Sequential))  # each child takes the one before's output
+    after_block = False
     for name, child in module.named_children():
-        out._modules[name] = split_linears(child, kind, folded)
+        if isinstance(child, _BLOCKS):
+            out._modules[name] = _split_block(child, kind, in_place=chained and after_block)
+        else:
+            out._modules[name] = split_linears(child, kind, folded)
+        after_block = isinstance(child, _BLOCKS)
     return out
 
 
@@ -294,29 +383,58 @@ def _foldable_norm(norm: nn.Module) -> bool:
             and len(norm.normalized_shape) == 1)
 
 
-def _split_block(block: Block, kind: str) -> nn.Module:
-    """DINOv2's block with split products, each LayerScale folded into the product before it
-    (attention's proj, the MLP's fc2: 48 elementwise passes less per DINOv2 call) and each
-    LayerNorm applied where the product after it (qkv, fc1) splits its input (48 passes less).
-    Each product's split weights are built once, with what is folded into them."""
-    folded: dict[int, dict[str, Any]] = {id(block.attn.proj): {"out_scale": block.ls1.gamma},
-                                         id(block.mlp.fc2): {"out_scale": block.ls2.gamma}}
+class SplitBlock(nn.Module):
+    """A pre-norm transformer block (DINOv2's, the decoder's) with split products, whose skip
+    connections are added inside the products after the branches (attention's proj, the MLP's
+    fc2: cuBLAS's beta = 1) instead of in passes of their own (48 a DINOv2 call, 3202 x 1024 fp32
+    each at 560). ``in_place``: the block owns its input (it is the previous block's output, which
+    nothing else reads) and writes the first sum into it; otherwise the first sum is a new tensor.
+    The second sum always goes into the first one. Shares the block's weights."""
+
+    def __init__(self, norm1: nn.Module, attn: nn.Module, norm2: nn.Module, mlp: nn.Module, in_place: bool):
+        super().__init__()
+        self.norm1, self.attn, self.norm2, self.mlp = norm1, attn, norm2, mlp
+        self.in_place = in_place
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _residual_branch(self.attn, self.norm1(x), x, self.in_place)
+        return _residual_branch(self.mlp, self.norm2(x), x, True)
+
+
+def _residual_branch(branch: nn.Module, h: torch.Tensor, x: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """x + branch(h), into x with ``in_place`` (a contiguous x), inside the branch's last product
+    where it takes a residual."""
+    in_place = in_place and x.is_contiguous()
+    if isinstance(branch, (SplitAttention, SplitMlp)):
+        return branch(h, residual=x, in_place=in_place)
+    return _with_residual(branch(h), x, in_place)
+
+
+def _split_block(block: nn.Module, kind: str, in_place: bool) -> SplitBlock:
+    """A DINOv2 or decoder block as a ``SplitBlock``: each LayerScale (DINOv2's) folded into the
+    product before it (attention's proj, the MLP's fc2: 48 elementwise passes less per DINOv2
+    call) and each LayerNorm applied where the product after it (qkv, fc1) splits its input (48
+    passes less). Each product's split weights are built once, with what is folded into them."""
+    folded: dict[int, dict[str, Any]] = {}
+    if isinstance(block, Block):  # DINOv2's LayerScales
+        folded[id(block.attn.proj)] = {"out_scale": block.ls1.gamma}
+        folded[id(block.mlp.fc2)] = {"out_scale": block.ls2.gamma}
     for norm, linear in ((block.norm1, block.attn.qkv), (block.norm2, block.mlp.fc1)):
         if _foldable_norm(norm):
             folded[id(linear)] = {"in_norm": norm}
-    out = shallow_module_copy(block)
     attn = split_linears(block.attn, kind, folded)
     mlp = split_linears(block.mlp, kind, folded)
-    out._modules.update(attn=attn, mlp=mlp)
-    # a neighbour the product took in becomes an Identity (indices and names stay)
-    for name, owner, layer, field, value in (("ls1", attn, "proj", "out_scale", block.ls1.gamma),
-                                             ("ls2", mlp, "fc2", "out_scale", block.ls2.gamma),
-                                             ("norm1", attn, "qkv", "in_norm", block.norm1),
-                                             ("norm2", mlp, "fc1", "in_norm", block.norm2)):
+    parts = {"norm1": block.norm1, "norm2": block.norm2}
+    # a LayerNorm the product after it took in becomes an Identity there
+    for name, owner, layer in (("norm1", attn, "qkv"), ("norm2", mlp, "fc1")):
         product = getattr(owner, layer, None)
-        if isinstance(product, SplitLinear) and getattr(product, field) is value:
-            out._modules[name] = nn.Identity()
-    return out
+        if isinstance(product, SplitLinear) and product.in_norm is parts[name]:
+            parts[name] = nn.Identity()
+    if isinstance(block, Block):
+        scales = ((attn, "proj", block.ls1), (mlp, "fc2", block.ls2))
+        if not all(getattr(getattr(owner, layer, None), "out_scale", None) is ls.gamma for owner, layer, ls in scales):
+            raise ValueError("a DINOv2 block whose LayerScales did not fold into its products")
+    return SplitBlock(parts["norm1"], attn, parts["norm2"], mlp, in_place)
 
 
 _COPY_ATTR = "_matchrt_split_products"  # where split_copy keeps a module's copies (a plain attribute)
@@ -344,5 +462,6 @@ def split_pays(device: torch.device) -> bool:
 
 
 __all__ = ["KINDS", "BIAS_PIECES", "tf32_head", "tf32_pieces", "extra_columns", "laid_out", "bias_pieces",
-           "piece_orders", "split_operand", "SplitLinear", "SplitMlp", "split_attention", "SplitAttention",
+           "piece_orders", "split_operand", "SplitLinear", "SplitMlp", "split_attention", "split_attention_halves",
+           "merged_heads", "laid_out_heads", "SplitAttention", "SplitBlock",
            "split_linears", "split_copy", "split_pays"]
