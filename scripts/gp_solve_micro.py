@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Micro-benchmark of the GP's Cholesky solve on a GPU: cuBLAS's triangular solves against the blocked
 substitutions (both after cuSOLVER's factorisation), at roma_plus's size (M = 1225 support cells at
-560, B = 2 matrices, 512 right-hand sides).
+560, B = 2 matrices, 512 right-hand sides); and the factorisation alone, the two matrices one after
+the other on one stream against side by side (gp.cholesky_factor's side streams).
 
 Times each solve replayed from a CUDA graph (triton.testing.do_bench_cudagraph, as the replayed
 coarse region runs it; median microseconds) and its error against a float64 solve. The system is
@@ -48,8 +49,17 @@ def main() -> None:
         us = do_bench_cudagraph(solve, rep=50) * 1e3
         rows[str(block)] = {"us": us, "max_rel_vs_float64": err}
         print(f"block {block:5d}: {us:8.1f} us  max rel err vs float64 {err:.2e}", flush=True)
+    # the factorisation alone: the batch's matrices one after the other, or side by side (gp.cholesky_factor)
+    factors = {}
+    for name, factor in (("one stream", lambda: torch.stack([torch.linalg.cholesky_ex(m)[0] for m in k_ss])),
+                         ("side streams", lambda: gp.cholesky_factor(k_ss))):
+        factor()
+        us = do_bench_cudagraph(factor, rep=50) * 1e3
+        factors[name] = {"us": us}
+        print(f"factorisation, {name}: {us:8.1f} us", flush=True)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "size": args.size, "batch": 2,
-           "rhs": gp.GP_DIM, "timer": "triton.testing.do_bench_cudagraph", "blocks": rows}
+           "rhs": gp.GP_DIM, "timer": "triton.testing.do_bench_cudagraph", "blocks": rows,
+           "factorisation": factors}
     with open(args.json + ".tmp", "w") as f:
         json.dump(out, f, indent=1)
     os.replace(args.json + ".tmp", args.json)

@@ -411,6 +411,29 @@ def test_split_blocks_add_their_skip_connections_inside_their_products(kind: str
         torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("kind", ["bf16x2-flash", "tf32x3"])
+def test_split_patch_embedding_is_the_convolution_to_fp32_precision(kind: str) -> None:
+    """DINOv2's patch embedding in a split copy is one split product over the patches (bf16x3 for
+    every bf16 kind): the convolution's output, layout included, to about fp32's precision, also
+    where the image's sides are not multiples of the patch (the convolution drops the rest)."""
+    from matchrt.plugins.roma_full.dinov2 import DinoV2ViTL14
+    from matchrt.plugins.roma_plus.split_products import SplitPatchEmbed, split_linears
+
+    torch.manual_seed(5)
+    embed = DinoV2ViTL14().patch_embed
+    copy = split_linears(nn.ModuleList([embed]), kind)[0]
+    assert isinstance(copy, SplitPatchEmbed) and copy.proj is embed.proj
+    assert copy.split.kind == ("tf32x3" if kind == "tf32x3" else "bf16x3")
+    for h, w in ((56, 42), (61, 45)):
+        x = torch.rand(2, 3, h, w)
+        with torch.no_grad():
+            got = copy(x)
+            exact = embed.proj.double()(x.double())
+            embed.proj.float()
+        assert got.shape == exact.shape and got.dtype == torch.float32
+        assert float((got.double() - exact).norm() / exact.norm()) < 2e-5
+
+
 @pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
                     reason="needs Triton on a GPU, or TRITON_INTERPRET=1")
 def test_piece_kernel_reads_attention_heads_where_they_lie() -> None:

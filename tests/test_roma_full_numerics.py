@@ -128,6 +128,26 @@ def test_cuda_factorises_a_batch_matrix_by_matrix_into_the_same_factors(gp_syste
     assert max_rel(captured.cpu(), blocked.cpu()) < 1e-6
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the side streams are the CUDA path")
+def test_cuda_factorises_the_matrices_side_by_side_into_each_matrix_s_own_factor(gp_system) -> None:
+    """The matrices after the first are factorised on side streams: each factor is bit for bit the
+    one a lone factorisation gives, eagerly and from a CUDA graph replayed on new inputs."""
+    k = gp_system["k_ss"].cuda()
+    batch = torch.cat((k, k.transpose(-1, -2), k * 0.5 + 0.05 * torch.eye(k.shape[-1], device="cuda")))
+    alone = [torch.linalg.cholesky_ex(m)[0] for m in batch]
+    got = G.cholesky_factor(batch)
+    assert all(torch.equal(g, w) for g, w in zip(got, alone))
+    static = batch.clone()
+    G.cholesky_factor(static)  # side streams made outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = G.cholesky_factor(static)
+    static.copy_(batch.flip(0))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(g, w) for g, w in zip(captured, alone[::-1]))
+
+
 @pytest.mark.parametrize("method", ["newton_schulz", "cg"])
 def test_iterative_solve_reaches_the_exact_outputs(gp_system, method) -> None:
     exact = _decode(gp_system, G.solve_exact(gp_system["k_ss"], gp_system["basis"], float64=True))

@@ -69,16 +69,48 @@ def solve_exact(k_ss: torch.Tensor, rhs: torch.Tensor, float64: bool = False) ->
     return out.to(k_ss.dtype)
 
 
+_SIDE_STREAMS: dict[int, list[torch.cuda.Stream]] = {}  # per CUDA device, made once
+
+
+def side_streams(device: torch.device, count: int) -> list[torch.cuda.Stream]:
+    """``count`` CUDA streams of ``device`` besides the current one, kept for the process."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    streams = _SIDE_STREAMS.setdefault(index, [])
+    while len(streams) < count:
+        streams.append(torch.cuda.Stream(device=index))
+    return streams[:count]
+
+
 def cholesky_factor(a: torch.Tensor) -> torch.Tensor:
     """Lower Cholesky factor of each SPD matrix of the batch ``a``, the status not read back.
 
     On CUDA one factorisation per matrix: for a batch torch calls cuSOLVER's batched potrf, built
     for small matrices; at roma_plus's 1225 x 1225 (560, B = 2) it took 1.83 ms against 0.92 ms
-    for two single ones (H200, session 13), with the same fp32 error against float64.
+    for two single ones (H200, session 13), with the same fp32 error against float64. A single
+    potrf runs as one kernel that fills a fraction of the GPU (0.53 ms each, session 20's profile),
+    so the matrices after the first are factorised on side streams, side by side with it (also
+    inside a CUDA-graph capture: the streams fork from the current one and join it again). The
+    outputs are allocated on the current stream, and it waits for the side streams before
+    returning, so no tensor is used or freed across streams unordered.
     """
-    if a.is_cuda and a.dim() == 3 and int(a.shape[0]) > 1:
-        return torch.stack([torch.linalg.cholesky_ex(a[i])[0] for i in range(int(a.shape[0]))])
-    return torch.linalg.cholesky_ex(a)[0]
+    n = int(a.shape[0]) if a.dim() == 3 else 1
+    if not (a.is_cuda and n > 1):
+        return torch.linalg.cholesky_ex(a)[0]
+    if torch.compiler.is_compiling():
+        return torch.stack([torch.linalg.cholesky_ex(a[i])[0] for i in range(n)])
+    out = torch.empty_like(a, memory_format=torch.contiguous_format)
+    info = torch.empty(n, dtype=torch.int32, device=a.device)
+    main = torch.cuda.current_stream(a.device)
+    sides = side_streams(a.device, n - 1)
+    for stream in sides:
+        stream.wait_stream(main)
+    torch.linalg.cholesky_ex(a[0], out=(out[0], info[0]))
+    for i, stream in enumerate(sides, start=1):
+        with torch.cuda.stream(stream):
+            torch.linalg.cholesky_ex(a[i], out=(out[i], info[i]))
+    for stream in sides:
+        main.wait_stream(stream)
+    return out
 
 
 def diagonal_block_inverses(chol: torch.Tensor, block: int) -> torch.Tensor:

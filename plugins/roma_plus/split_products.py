@@ -44,7 +44,7 @@ from torch import nn
 
 from matchrt.fold import shallow_module_copy
 from matchrt.plugins.roma_full.decoder import Block as DecoderBlock
-from matchrt.plugins.roma_full.dinov2 import Attention, Block, Mlp
+from matchrt.plugins.roma_full.dinov2 import Attention, Block, Mlp, PatchEmbed
 from matchrt.tf32 import tf32_switches
 
 from . import attention_kernel, piece_kernel
@@ -289,6 +289,47 @@ class SplitMlp(nn.Module):
         return self.fc2(self.fc1(x), gelu=True, residual=residual, in_place=in_place)
 
 
+class SplitPatchEmbed(nn.Module):
+    """DINOv2's patch embedding (a 14 x 14 convolution of stride 14) as one split product over the
+    image's patches (rows of 3 x 14 x 14 = 588), instead of cuDNN's IEEE fp32 convolution (0.25 ms
+    a pair at 560 on an H200, an FFMA kernel). The bf16 kinds take bf16x3 here, whatever the
+    policy's kind: the pieces of both sides, about fp32's precision (bf16x2 would round these
+    weights to bf16, a rounding the precision rule's measurements did not include). Shares the
+    convolution's weights; traced, the plain convolution runs."""
+
+    def __init__(self, embed: PatchEmbed, kind: str):
+        super().__init__()
+        self.proj = embed.proj
+        conv = embed.proj
+        weight = conv.weight.detach()
+        linear = nn.Linear(int(weight[0].numel()), int(weight.shape[0]), bias=conv.bias is not None,
+                           device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():  # the convolution's (out, c, kh, kw) weights are rows in the patches' order
+            linear.weight.copy_(weight.reshape(weight.shape[0], -1))
+            if conv.bias is not None:
+                linear.bias.copy_(conv.bias.detach())
+        linear.requires_grad_(False)
+        self.split = SplitLinear(linear, "tf32x3" if kind == "tf32x3" else "bf16x3")
+
+    @staticmethod
+    def splits(embed: nn.Module) -> bool:
+        """Is ``embed`` a patch embedding this takes (non-overlapping patches, no padding or groups)?"""
+        conv = getattr(embed, "proj", None)
+        return (isinstance(embed, PatchEmbed) and isinstance(conv, nn.Conv2d) and conv.stride == conv.kernel_size
+                and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """B x 3 x H x W -> B x C x H/p x W/p, the convolution's output (a view of B x N x C)."""
+        if torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+            return self.proj(x)
+        kh, kw = self.proj.kernel_size
+        b, c, h, w = (int(s) for s in x.shape)
+        gh, gw = h // kh, w // kw
+        patches = x[:, :, :gh * kh, :gw * kw].reshape(b, c, gh, kh, gw, kw).permute(0, 2, 4, 1, 3, 5)
+        out = self.split(patches.reshape(b, gh * gw, c * kh * kw))  # B x N x C
+        return out.transpose(1, 2).reshape(b, -1, gh, gw)
+
+
 def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """softmax(q k^T * scale) v (fp32 in and out) as one fused fp16 attention call over split operands.
 
@@ -353,7 +394,7 @@ def split_linears(module: nn.Module, kind: str = "tf32x3",
     """A copy of ``module`` sharing its parameters, every ``nn.Linear`` in it a ``SplitLinear``,
     every roma_full ``Mlp`` with an exact GELU a ``SplitMlp`` (and, for the ``-flash`` kinds, every
     roma_full ``Attention`` a ``SplitAttention``); DINOv2's and the decoder's blocks become
-    ``SplitBlock``s. ``folded`` maps ``id(linear)`` to the ``SplitLinear`` arguments that fold a
+    ``SplitBlock``s, DINOv2's patch embedding a ``SplitPatchEmbed``. ``folded`` maps ``id(linear)`` to the ``SplitLinear`` arguments that fold a
     neighbour into that layer (blocks pass their LayerScales and LayerNorms)."""
     if kind not in KINDS:
         raise ValueError(f"split kind {kind!r}: one of {', '.join(KINDS)}")
@@ -365,6 +406,8 @@ def split_linears(module: nn.Module, kind: str = "tf32x3",
         return SplitMlp(module, kind, folded)
     if isinstance(module, _BLOCKS):
         return _split_block(module, kind, in_place=False)
+    if SplitPatchEmbed.splits(module):
+        return SplitPatchEmbed(module, kind)
     out = shallow_module_copy(module)
     chained = isinstance(module, (nn.ModuleList, nn.Sequential))  # each child takes the one before's output
     after_block = False
@@ -463,5 +506,5 @@ def split_pays(device: torch.device) -> bool:
 
 __all__ = ["KINDS", "BIAS_PIECES", "tf32_head", "tf32_pieces", "extra_columns", "laid_out", "bias_pieces",
            "piece_orders", "split_operand", "SplitLinear", "SplitMlp", "split_attention", "split_attention_halves",
-           "merged_heads", "laid_out_heads", "SplitAttention", "SplitBlock",
+           "merged_heads", "laid_out_heads", "SplitAttention", "SplitBlock", "SplitPatchEmbed",
            "split_linears", "split_copy", "split_pays"]
