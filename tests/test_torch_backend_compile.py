@@ -57,3 +57,28 @@ def test_eloftr_asks_for_frozen_weights_and_roma_plus_does_not() -> None:
     assert [g.freeze_weights for g in plan.graphs] == [True]
     plan = roma_plus_export.build_plan(loaded_model(), ExportOptions(height=224, width=224))
     assert plan.graphs and not any(g.freeze_weights for g in plan.graphs)
+
+
+def test_a_frozen_session_compiles_its_weights_in_as_constants(monkeypatch) -> None:
+    """Frozen, the weights are constants of the compiled graph: a later in-place change of a weight
+    does not reach it (sessions run under inference mode, so weights do not change under them);
+    not frozen, the parameters stay graph inputs and the change does reach it. This needs Dynamo
+    to see Inductor's freezing while it traces, not only Inductor's options (session 21: options
+    alone left eloftr unfrozen). Forced on a CPU here: the mechanism is the device's."""
+    monkeypatch.setattr(torch_backend, "compile_options",
+                        lambda device, cuda_graph, freeze=False: {"triton.cudagraphs": False, "freezing": freeze})
+    torch._dynamo.reset()
+    for freeze in (True, False):
+        torch.manual_seed(0)
+        layer = nn.Linear(8, 4)
+        graph = GraphSpec(name="g", module=layer, example_inputs=(torch.ones(2, 8),), input_names=["x"],
+                          output_names=["y"], freeze_weights=freeze)
+        session = torch_backend.TorchSession(graph, {"device": "cpu", "compile": True})
+        x = torch.randn(2, 8)
+        before = session.run({"x": x})["y"]
+        torch.testing.assert_close(before, layer(x).detach())
+        with torch.no_grad():
+            layer.weight.add_(1.0)
+        after = session.run({"x": x})["y"]
+        assert torch.equal(after, before) == freeze, freeze
+    torch._dynamo.reset()

@@ -52,12 +52,24 @@ class TorchSession:
 
             raise MatchrtError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
         module = graph.module.eval().to(self.device)
+        self.freeze = False
         if options.get("compile"):
             # triton.cudagraphs (mode "reduce-overhead") captures CUDA graphs and replays them for fixed shapes
-            module = torch.compile(module, dynamic=False,
-                                   options=compile_options(self.device.type, bool(options.get("cuda_graph")),
-                                                           graph.freeze_weights))
+            settings = compile_options(self.device.type, bool(options.get("cuda_graph")), graph.freeze_weights)
+            module = torch.compile(module, dynamic=False, options=settings)
+            self.freeze = bool(settings["freezing"])
         self.module = module
+
+    def _freezing(self) -> Any:
+        """Inductor's freezing switched on around a frozen session's calls. Dynamo reads it from the
+        global config while it traces (it then keeps the parameters as graph constants instead of
+        inputs); torch.compile's options reach Inductor only, so with them alone nothing was frozen
+        (session 21: eloftr's compiled graph ran unfrozen since session 20)."""
+        if not self.freeze:
+            return nullcontext()
+        import torch._inductor.config as inductor_config
+
+        return inductor_config.patch(freezing=True)
 
     def run(self, inputs: dict[str, Any]) -> dict[str, Any]:
         import torch
@@ -66,7 +78,7 @@ class TorchSession:
         autocast: Any = nullcontext()
         if self.precision in DTYPES:
             autocast = torch.autocast(self.device.type, dtype=getattr(torch, DTYPES[self.precision]))
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), autocast, self._freezing():
             out = self.module(*args)
         if isinstance(out, torch.Tensor):
             out = (out,)
