@@ -394,8 +394,9 @@ def split_linears(module: nn.Module, kind: str = "tf32x3",
     """A copy of ``module`` sharing its parameters, every ``nn.Linear`` in it a ``SplitLinear``,
     every roma_full ``Mlp`` with an exact GELU a ``SplitMlp`` (and, for the ``-flash`` kinds, every
     roma_full ``Attention`` a ``SplitAttention``); DINOv2's and the decoder's blocks become
-    ``SplitBlock``s, DINOv2's patch embedding a ``SplitPatchEmbed``. ``folded`` maps ``id(linear)`` to the ``SplitLinear`` arguments that fold a
-    neighbour into that layer (blocks pass their LayerScales and LayerNorms)."""
+    ``SplitBlock``s, DINOv2's patch embedding a ``SplitPatchEmbed``. ``folded`` maps ``id(linear)``
+    to the ``SplitLinear`` arguments that fold a neighbour into that layer (blocks pass their
+    LayerScales and LayerNorms)."""
     if kind not in KINDS:
         raise ValueError(f"split kind {kind!r}: one of {', '.join(KINDS)}")
     if isinstance(module, nn.Linear):
