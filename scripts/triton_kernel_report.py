@@ -115,21 +115,26 @@ def depthwise_rows() -> list[str]:
 
 def piece_rows() -> list[str]:
     out = []
-    for name, k, ones, gelu, norm in (("qkv / fc1 input, LayerNorm", 1024, BIAS_PIECES, False, True),
-                                      ("proj input", 1024, BIAS_PIECES, False, False),
-                                      ("fc2 input, GELU", 4096, BIAS_PIECES, True, False),
-                                      ("attention operand", 64, 0, False, False)):
-        width = 3 * k
+    # heads: the proj input read from attention's fp16 output (B x N x 16 heads x 2 x 64, two halves summed)
+    for name, k, ones, gelu, norm, heads in (("qkv / fc1 input, LayerNorm", 1024, BIAS_PIECES, False, True, 0),
+                                             ("proj input from attention's halves", 64, BIAS_PIECES, False, False, 16),
+                                             ("fc2 input, GELU", 4096, BIAS_PIECES, True, False, 0),
+                                             ("attention operand", 64, 0, False, False, 0)):
+        width = 3 * k * max(heads, 1)
         out_width = width + extra_columns(width, ones)
         block_k = triton.next_power_of_2(k) if norm else min(triton.next_power_of_2(k), 512)
         block_r = max(1, 4096 // block_k)
         consts = dict(SLOTS=3, TAIL0=False, TAIL1=False, TAIL2=True, ONES=ones, EXTRA=out_width - width,
                       EXTRA_BLOCK=triton.next_power_of_2(max(out_width - width, 1)), GELU=gelu, NORM=norm,
                       BLOCK_R=block_r, BLOCK_K=block_k)
-        if "ROW_ALIGN" in piece_kernel._pieces_kernel.arg_names:
+        names = piece_kernel._pieces_kernel.arg_names
+        if "ROW_ALIGN" in names:
             consts["ROW_ALIGN"] = piece_kernel.row_alignment(out_width)
-        args = dict(x_ptr="*fp32", out_ptr="*bf16", norm_w_ptr="*fp32", norm_b_ptr="*fp32", eps=1e-6, rows=3200,
-                    k=k, d1=1, d2=3200, s0=0, s1=0, s2=k, s3=1, out_width=out_width)
+        if "HEAD_COLUMNS" in names:
+            consts.update(HALVES=2 if heads else 1, HEAD_COLUMNS=bool(heads))
+        args = dict(x_ptr="*fp16" if heads else "*fp32", out_ptr="*bf16", norm_w_ptr="*fp32", norm_b_ptr="*fp32",
+                    eps=1e-6, rows=3200 * max(heads, 1), k=k, d1=3200 if heads else 1, d2=heads or 3200,
+                    s0=0, s1=heads * 2 * k if heads else 0, s2=2 * k if heads else k, s3=1, out_width=out_width)
         warps = 4 if block_k * block_r <= 4096 else 8
         out.append(report(f"pieces {name} (k={k}, row {out_width})", piece_kernel._pieces_kernel, args, consts, warps))
     return out
