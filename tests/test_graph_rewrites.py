@@ -416,11 +416,11 @@ def test_split_patch_embedding_is_the_convolution_to_fp32_precision(kind: str) -
     """DINOv2's patch embedding in a split copy is one split product over the patches (bf16x3 for
     every bf16 kind): the convolution's output, layout included, to about fp32's precision, also
     where the image's sides are not multiples of the patch (the convolution drops the rest)."""
-    from matchrt.plugins.roma_full.dinov2 import DinoV2ViTL14
+    from matchrt.plugins.roma_full.dinov2 import PatchEmbed
     from matchrt.plugins.roma_plus.split_products import SplitPatchEmbed, split_linears
 
     torch.manual_seed(5)
-    embed = DinoV2ViTL14().patch_embed
+    embed = PatchEmbed()
     copy = split_linears(nn.ModuleList([embed]), kind)[0]
     assert isinstance(copy, SplitPatchEmbed) and copy.proj is embed.proj
     assert copy.split.kind == ("tf32x3" if kind == "tf32x3" else "bf16x3")
