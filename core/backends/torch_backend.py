@@ -64,7 +64,8 @@ class TorchSession:
         """Inductor's freezing switched on around a frozen session's calls. Dynamo reads it from the
         global config while it traces (it then keeps the parameters as graph constants instead of
         inputs); torch.compile's options reach Inductor only, so with them alone nothing was frozen
-        (session 21: eloftr's compiled graph ran unfrozen since session 20)."""
+        (session 21: eloftr's compiled graph ran unfrozen since session 20). The setting is the
+        process's: another thread compiling during such a call would freeze too."""
         if not self.freeze:
             return nullcontext()
         import torch._inductor.config as inductor_config
