@@ -20,10 +20,9 @@ def compile_options(device_type: str, cuda_graph: bool, freeze_weights: bool = F
     casts of every layer's weights, transposes, the depth-wise kernels' tap layouts) is folded once
     at compile time instead of run on every call. eloftr 832 compiled fp16 on an H200: 5.5 -> 4.8 ms
     a pair (session 20, with Inductor's global switch); roma_plus's comparison is still open, so the
-    choice is per graph. Sessions run under inference
-    mode, so the weights cannot change under a compiled graph. CPUs never freeze (Inductor's CPU
-    freezing also repacks weights for oneDNN: another set of kernels). ``MATCHRT_FREEZE=1`` or ``0``
-    overrides the graph's choice on CUDA."""
+    choice is per graph. Sessions run under inference mode, so the weights cannot change under a
+    compiled graph. CPUs never freeze (Inductor's CPU freezing also repacks weights for oneDNN:
+    another set of kernels). ``MATCHRT_FREEZE=1`` or ``0`` overrides the graph's choice on CUDA."""
     override = os.environ.get(FREEZE_ENV, "").strip()
     freeze = freeze_weights if override not in ("0", "1") else override == "1"
     return {"triton.cudagraphs": bool(cuda_graph), "freezing": device_type == "cuda" and freeze}

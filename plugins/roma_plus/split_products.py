@@ -110,15 +110,20 @@ def laid_out(x: torch.Tensor, dtype: torch.dtype, order: str, ones: int = 0, gel
     return out
 
 
+def summed_halves(o: torch.Tensor, halves: int = 1) -> torch.Tensor:
+    """``o`` in fp32; with ``halves=2`` each row is [a | b] and the result is a + b (split_attention's halves)."""
+    t = o.float()
+    if halves == 1:
+        return t
+    d = int(o.shape[-1]) // halves
+    return t[..., :d] + t[..., d:]
+
+
 def merged_heads(o: torch.Tensor, halves: int = 1) -> torch.Tensor:
     """Attention's output B x H x N x (halves * d) as the fp32 B x N x (H * d) rows the projection
-    reads; with ``halves=2`` each row is [a | b] and the value is a + b (split_attention's halves)."""
+    reads (the halves summed: ``summed_halves``)."""
     b, h, n, width = (int(s) for s in o.shape)
-    d = width // halves
-    t = o.float()
-    if halves == 2:
-        t = t[..., :d] + t[..., d:]
-    return t.transpose(1, 2).reshape(b, n, h * d)
+    return summed_halves(o, halves).transpose(1, 2).reshape(b, n, h * (width // halves))
 
 
 def laid_out_heads(o: torch.Tensor, halves: int, dtype: torch.dtype, order: str, ones: int = 0) -> torch.Tensor:
@@ -338,12 +343,7 @@ def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     overflow (DINOv2's and the decoder's are orders of magnitude below). Heads of 96 to 128 (the
     decoder's) run ``attention_kernel`` instead: the same arithmetic from two pieces per operand.
     """
-    out, halves = split_attention_halves(q, k, v, scale)
-    if halves == 1:
-        return out
-    d = int(v.shape[-1])
-    out = out.float()
-    return out[..., :d] + out[..., d:]
+    return summed_halves(*split_attention_halves(q, k, v, scale))
 
 
 def split_attention_halves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
@@ -507,5 +507,5 @@ def split_pays(device: torch.device) -> bool:
 
 __all__ = ["KINDS", "BIAS_PIECES", "tf32_head", "tf32_pieces", "extra_columns", "laid_out", "bias_pieces",
            "piece_orders", "split_operand", "SplitLinear", "SplitMlp", "split_attention", "split_attention_halves",
-           "merged_heads", "laid_out_heads", "SplitAttention", "SplitBlock", "SplitPatchEmbed",
+           "summed_halves", "merged_heads", "laid_out_heads", "SplitAttention", "SplitBlock", "SplitPatchEmbed",
            "split_linears", "split_copy", "split_pays"]
