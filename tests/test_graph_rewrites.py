@@ -434,6 +434,36 @@ def test_split_patch_embedding_is_the_convolution_to_fp32_precision(kind: str) -
         assert float((got.double() - exact).norm() / exact.norm()) < 2e-5
 
 
+@pytest.mark.parametrize("kind", ["bf16x2-flash", "tf32x3"])
+def test_split_pointwise_is_proj16_to_fp32_precision(kind: str) -> None:
+    """proj.16 (1 x 1 conv + eval BatchNorm) in a split copy is one split product over the pixels'
+    channels with the BatchNorm folded in (bf16x3 for every bf16 kind): the module's output to
+    about fp32's precision, as an N x C x H x W view of pixel rows; the split policies run it so."""
+    from matchrt.plugins.roma_full.model import make_proj
+    from matchrt.plugins.roma_plus.model import coarse_region_modes
+    from matchrt.plugins.roma_plus.split_products import SplitPointwise, split_linears
+
+    torch.manual_seed(6)
+    proj = make_proj(96, 48).eval()
+    with torch.no_grad():
+        proj[1].running_mean.uniform_(-1, 1)
+        proj[1].running_var.uniform_(0.5, 2)
+        proj[1].weight.uniform_(0.5, 1.5)
+        proj[1].bias.uniform_(-0.5, 0.5)
+    copy = split_linears(proj, kind)
+    assert isinstance(copy, SplitPointwise) and copy.split.kind == ("tf32x3" if kind == "tf32x3" else "bf16x3")
+    assert not SplitPointwise.splits(nn.Sequential(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)))
+    x = torch.randn(2, 96, 7, 9)
+    with torch.no_grad():
+        got = copy(x)
+        exact = proj.double()(x.double())
+        proj.float()
+    assert got.shape == exact.shape and got.dtype == torch.float32
+    assert got.stride()[1] == 1  # channels innermost: pixel rows, as the GP reads them
+    assert float((got.double() - exact).norm() / exact.norm()) < 2e-5
+    assert coarse_region_modes(kind.removesuffix("-flash"))["proj16"] == copy.split.kind
+
+
 @pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
                     reason="needs Triton on a GPU, or TRITON_INTERPRET=1")
 def test_piece_kernel_reads_attention_heads_where_they_lie() -> None:

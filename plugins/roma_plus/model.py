@@ -31,6 +31,8 @@ the H100 they flip 1.03%, 0.09% and 0.03% of the coarse cells, against 1.75% fro
 ``"bf16x2-flash"`` (default since session 17) and ``"bf16x2"`` round those layers' weights to bf16
 and keep the activations' 16 bits (two thirds of the products' depth): on the H200 1.59% and
 1.12% against the same 1.75% (bf16x3-flash 0.22% there), 3.4 ms a pair faster than bf16x3-flash.
+Every split policy also runs proj.16 (the GP's input) as one bf16x3 split product, tf32x3 under "tf32x3"
+(about fp32's precision; wip/s22-proj16-split: flips to be measured on a GPU before it lands).
 Exported graphs and devices without the tensor cores for them run those layers as "fp32" does.
 ``"reduced"`` runs the coarse stage in the run's
 precision as upstream's AMP does; ``"reduced:dinov2"`` (a "+" list of dinov2, proj16, decoder)
@@ -83,8 +85,8 @@ def coarse_region_modes(policy: str) -> dict[str, str]:
     ``coarse_precision`` value; MatchrtError if unknown."""
     if policy in ("fp32", "tf32", "reduced"):
         return dict.fromkeys(COARSE_REGIONS, policy)
-    if policy in split_products.KINDS:  # proj.16 is a 1x1 convolution: IEEE fp32
-        return {"dinov2": policy, "proj16": "fp32", "decoder": policy}
+    if policy in split_products.KINDS:  # proj.16 (the GP's input): a split product of about fp32's precision
+        return {"dinov2": policy, "proj16": "tf32x3" if policy == "tf32x3" else "bf16x3", "decoder": policy}
     if policy.startswith("reduced:"):
         regions = [r.strip() for r in policy[len("reduced:"):].split("+") if r.strip()]
         unknown = [r for r in regions if r not in COARSE_REGIONS]
@@ -433,17 +435,22 @@ class RomaPlus(nn.Module):
     def _coarse_prediction(self, f_q16: torch.Tensor, f_s16: torch.Tensor, modes: dict[str, str],
                            graphs: bool = True) -> dict[str, torch.Tensor]:
         """proj.16, GP, decoder and the anchor soft-argmax; ``graphs``: see ``in_coarse_precision``."""
-        feat_q, feat_s = self.project16(f_q16, f_s16, modes)
+        feat_q, feat_s = self.project16(f_q16, f_s16, modes, graphs)
         with strict_fp32(feat_q.device.type):
             solve = self.in_graph_solve()
             gp_feats = self.coarse.gp(feat_q.float(), feat_s.float(), solve, self.gp_iters, self.gp_block)
         return self.with_flow(self.decode_logits(gp_feats, feat_q, feat_s, modes, graphs))
 
-    def project16(self, f_q16: torch.Tensor, f_s16: torch.Tensor, modes: Optional[dict[str, str]] = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    def project16(self, f_q16: torch.Tensor, f_s16: torch.Tensor, modes: Optional[dict[str, str]] = None,
+                  graphs: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """proj.16 (1x1 conv + BatchNorm) of query and support tokens, in the coarse precision
-        (``modes``: see ``in_coarse_precision``)."""
+        (``modes``, ``graphs``: see ``in_coarse_precision``; a split mode runs the module's split
+        copy, ``SplitPointwise``, on each)."""
         proj = self.coarse.proj16
+        mode = (modes if modes is not None else self.region_modes(f_q16.device.type))["proj16"]
+        if mode in split_products.KINDS:
+            return tuple(self.in_coarse_precision("proj16", proj, f, modes=modes, graphs=graphs)  # type: ignore[return-value]
+                         for f in (f_q16, f_s16))
         return self.in_coarse_precision("proj16", lambda q, s: (proj(q), proj(s)), f_q16, f_s16, modes=modes)
 
     def gp_system(self, f_q16: torch.Tensor, f_s16: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from matchrt.fold import shallow_module_copy
+from matchrt.fold import fold_conv_bn, shallow_module_copy
 from matchrt.plugins.roma_full.decoder import Block as DecoderBlock
 from matchrt.plugins.roma_full.dinov2 import Attention, Block, Mlp, PatchEmbed
 from matchrt.tf32 import tf32_switches
@@ -335,6 +335,50 @@ class SplitPatchEmbed(nn.Module):
         return out.transpose(1, 2).reshape(b, -1, gh, gw)
 
 
+class SplitPointwise(nn.Module):
+    """A 1 x 1 convolution, with the eval-mode BatchNorm after it folded in (roma's proj.16:
+    Conv2d(1024, 512, 1) + BatchNorm2d), as one split product over the pixels' channel rows,
+    bf16x3 for every bf16 kind (about fp32's precision: the GP reads its output), instead of an
+    IEEE fp32 FFMA convolution (0.30 ms a pair at 560 on an H200, session 21's profile). The input
+    is read as tokens where it lies (B x C x H x W as B x HW x C, strided); the output is a
+    B x C' x H x W view of B x HW x C' rows, the layout the GP's kernel products read. Shares
+    nothing with the module at call time (the folded weights are built once, like every split
+    weight); traced, the plain module runs."""
+
+    def __init__(self, module: nn.Module, kind: str):
+        super().__init__()
+        self.module = module
+        conv = module[0] if isinstance(module, nn.Sequential) else module
+        if isinstance(module, nn.Sequential) and len(module) == 2:
+            conv = fold_conv_bn(conv, module[1])
+        weight = conv.weight.detach()
+        linear = nn.Linear(int(weight.shape[1]), int(weight.shape[0]), bias=conv.bias is not None,
+                           device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight.reshape(weight.shape[0], -1))
+            if conv.bias is not None:
+                linear.bias.copy_(conv.bias.detach())
+        linear.requires_grad_(False)
+        self.split = SplitLinear(linear, "tf32x3" if kind == "tf32x3" else "bf16x3")
+
+    @staticmethod
+    def splits(module: nn.Module) -> bool:
+        """Is ``module`` a plain 1 x 1 convolution, alone or followed by a BatchNorm2d in a Sequential?"""
+        layers = list(module) if isinstance(module, nn.Sequential) else [module]
+        conv = layers[0] if layers else None
+        pointwise = (isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+                     and conv.padding == (0, 0) and conv.groups == 1)
+        return pointwise and (len(layers) == 1 or (len(layers) == 2 and isinstance(layers[1], nn.BatchNorm2d)
+                                                    and not layers[1].training))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+            return self.module(x)
+        b, c, h, w = (int(s) for s in x.shape)
+        out = self.split(x.flatten(2).transpose(1, 2))  # B x HW x C'
+        return out.transpose(1, 2).reshape(b, -1, h, w)
+
+
 def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """softmax(q k^T * scale) v (fp32 in and out) as one fused fp16 attention call over split operands.
 
@@ -394,7 +438,8 @@ def split_linears(module: nn.Module, kind: str = "tf32x3",
     """A copy of ``module`` sharing its parameters, every ``nn.Linear`` in it a ``SplitLinear``,
     every roma_full ``Mlp`` with an exact GELU a ``SplitMlp`` (and, for the ``-flash`` kinds, every
     roma_full ``Attention`` a ``SplitAttention``); DINOv2's and the decoder's blocks become
-    ``SplitBlock``s, DINOv2's patch embedding a ``SplitPatchEmbed``. ``folded`` maps ``id(linear)``
+    ``SplitBlock``s, DINOv2's patch embedding a ``SplitPatchEmbed``, a 1 x 1 convolution (with its
+    BatchNorm, as proj.16) a ``SplitPointwise``. ``folded`` maps ``id(linear)``
     to the ``SplitLinear`` arguments that fold a neighbour into that layer (blocks pass their
     LayerScales and LayerNorms)."""
     if kind not in KINDS:
@@ -409,6 +454,8 @@ def split_linears(module: nn.Module, kind: str = "tf32x3",
         return _split_block(module, kind, in_place=False)
     if SplitPatchEmbed.splits(module):
         return SplitPatchEmbed(module, kind)
+    if SplitPointwise.splits(module):
+        return SplitPointwise(module, kind)
     out = shallow_module_copy(module)
     chained = isinstance(module, (nn.ModuleList, nn.Sequential))  # each child takes the one before's output
     after_block = False
@@ -508,4 +555,5 @@ def split_pays(device: torch.device) -> bool:
 __all__ = ["KINDS", "BIAS_PIECES", "tf32_head", "tf32_pieces", "extra_columns", "laid_out", "bias_pieces",
            "piece_orders", "split_operand", "SplitLinear", "SplitMlp", "split_attention", "split_attention_halves",
            "summed_halves", "merged_heads", "laid_out_heads", "SplitAttention", "SplitBlock", "SplitPatchEmbed",
+           "SplitPointwise",
            "split_linears", "split_copy", "split_pays"]
