@@ -294,6 +294,19 @@ class SplitMlp(nn.Module):
         return self.fc2(self.fc1(x), gelu=True, residual=residual, in_place=in_place)
 
 
+def _linear_from_conv(conv: nn.Conv2d) -> nn.Linear:
+    """A frozen ``nn.Linear`` whose rows are ``conv``'s filters flattened (in, kh, kw) and its bias:
+    the convolution as a product over the patches (or pixels) it reads."""
+    weight = conv.weight.detach()
+    linear = nn.Linear(int(weight[0].numel()), int(weight.shape[0]), bias=conv.bias is not None,
+                       device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight.reshape(weight.shape[0], -1))
+        if conv.bias is not None:
+            linear.bias.copy_(conv.bias.detach())
+    return linear.requires_grad_(False)
+
+
 class SplitPatchEmbed(nn.Module):
     """DINOv2's patch embedding (a 14 x 14 convolution of stride 14) as one split product over the
     image's patches (rows of 3 x 14 x 14 = 588), instead of cuDNN's IEEE fp32 convolution (0.25 ms
@@ -305,16 +318,8 @@ class SplitPatchEmbed(nn.Module):
     def __init__(self, embed: PatchEmbed, kind: str):
         super().__init__()
         self.proj = embed.proj
-        conv = embed.proj
-        weight = conv.weight.detach()
-        linear = nn.Linear(int(weight[0].numel()), int(weight.shape[0]), bias=conv.bias is not None,
-                           device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():  # the convolution's (out, c, kh, kw) weights are rows in the patches' order
-            linear.weight.copy_(weight.reshape(weight.shape[0], -1))
-            if conv.bias is not None:
-                linear.bias.copy_(conv.bias.detach())
-        linear.requires_grad_(False)
-        self.split = SplitLinear(linear, "tf32x3" if kind == "tf32x3" else "bf16x3")
+        # the convolution's (out, c, kh, kw) weights are rows in the patches' order
+        self.split = SplitLinear(_linear_from_conv(embed.proj), "tf32x3" if kind == "tf32x3" else "bf16x3")
 
     @staticmethod
     def splits(embed: nn.Module) -> bool:
@@ -351,15 +356,7 @@ class SplitPointwise(nn.Module):
         conv = module[0] if isinstance(module, nn.Sequential) else module
         if isinstance(module, nn.Sequential) and len(module) == 2:
             conv = fold_conv_bn(conv, module[1])
-        weight = conv.weight.detach()
-        linear = nn.Linear(int(weight.shape[1]), int(weight.shape[0]), bias=conv.bias is not None,
-                           device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(weight.reshape(weight.shape[0], -1))
-            if conv.bias is not None:
-                linear.bias.copy_(conv.bias.detach())
-        linear.requires_grad_(False)
-        self.split = SplitLinear(linear, "tf32x3" if kind == "tf32x3" else "bf16x3")
+        self.split = SplitLinear(_linear_from_conv(conv), "tf32x3" if kind == "tf32x3" else "bf16x3")
 
     @staticmethod
     def splits(module: nn.Module) -> bool:
