@@ -103,6 +103,10 @@ def test_roma_plus_plan_folds_its_batchnorms_and_leaves_the_model_alone() -> Non
     assert n_bn > 50 and count(kept) == n_bn
     assert count(folded) <= 1  # proj.16's BatchNorm belongs to the coarse stage and stays unfolded
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == n_bn  # model untouched
+    # each refiner's last 1 x 1 convolution folded into its head (fold_head), only with fuse
+    last = lambda plan: [r.hidden_blocks[-1][3] for r in plan.graphs[0].module.model.conv_refiner.values()]  # noqa: E731
+    assert all(isinstance(m, nn.Identity) for m in last(folded))
+    assert all(isinstance(m, nn.Conv2d) for m in last(kept) + [r.hidden_blocks[-1][3] for r in model.conv_refiner.values()])
     _assert_same_warp(folded, kept)
 
 
@@ -320,6 +324,35 @@ def test_padded_refiner_widths_give_the_unpadded_outputs() -> None:
                 assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-5
     assert refiner.block1[0].in_channels == 22  # the original keeps its shapes
     assert pad_channels(_random_refiner(8, 8, 0), 8) == 0  # 2 x 8 + 8 = 24: aligned already
+
+
+def test_folded_refiner_head_gives_the_unfolded_outputs() -> None:
+    """fold_head: the last block's 1 x 1 convolution and the 3-channel head become one convolution,
+    after the padding; the flow and certainty deltas stay the unfolded refiner's to fp32 rounding,
+    eagerly and compiled (where the head is head_conv's reduction, not a matrix product)."""
+    from matchrt.plugins.roma_plus.refiner import fold_head, head_conv, pad_channels
+
+    refiner = _random_refiner(5, 3, 1)
+    feat_a, feat_b = torch.randn(2, 5, 12, 10), torch.randn(2, 5, 12, 10)
+    flow = torch.rand(2, 2, 12, 10) * 1.6 - 0.8
+    folded = folded_copy(refiner)
+    pad_channels(folded, 8)
+    assert fold_head(folded)
+    assert isinstance(folded.hidden_blocks[-1][3], nn.Identity) and folded.out_conv.in_channels == 24
+    assert isinstance(refiner.hidden_blocks[-1][3], nn.Conv2d)  # the original keeps its layers
+    with torch.no_grad():
+        want = refiner(feat_a, feat_b, flow, 1.5)
+        for got, ref in zip(folded(feat_a, feat_b, flow, 1.5), want):
+            assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-5
+        # the compiled head: the same fp32 arithmetic as the convolution, on half-precision activations
+        x = torch.rand(2, 24, 9, 7).half().to(memory_format=torch.channels_last)
+        torch._dynamo.reset()
+        got = torch.compile(head_conv, dynamic=False)(folded.out_conv, x)
+        ref = folded.out_conv(x.float())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    head = folded.out_conv
+    assert not fold_head(folded) and folded.out_conv is head  # folded already: left as it is
 
 
 def test_roma_plus_plan_pads_its_refiners_without_changing_the_warp() -> None:
@@ -889,9 +922,10 @@ def test_window_correlation_equals_the_sampled_window(radius, size) -> None:
 
 
 def test_compiled_refiner_runs_its_1x1_convolutions_as_matrix_products() -> None:
-    """Under torch.compile the refiner's 1 x 1 convolutions (block outputs and the head) become
-    matrix products over channels-last pixels, with the eager refiner's outputs (fp32 rounding);
-    the depth-wise ones stay convolutions, and ONNX export keeps every Conv (checked elsewhere)."""
+    """Under torch.compile the refiner's 1 x 1 block convolutions become matrix products over
+    channels-last pixels and the 3-channel head a sum of products (head_conv: a reduction, no
+    product), with the eager refiner's outputs (fp32 rounding); the depth-wise ones stay
+    convolutions, and ONNX export keeps every Conv (checked elsewhere)."""
     from matchrt.plugins.roma_plus.refiner import pointwise_conv
 
     refiner = _random_refiner(5, 3, 1)
@@ -910,8 +944,10 @@ def test_compiled_refiner_runs_its_1x1_convolutions_as_matrix_products() -> None
         assert float((g - r).abs().max() / r.abs().max()) <= 1e-5
     calls = [str(n.target) for g in graphs for n in g.graph.nodes if n.op in ("call_function", "call_module")]
     convs = [c for c in calls if "conv" in c]
-    assert sum("linear" in c for c in calls) == 1 + 1 + 8  # block1, eight hidden blocks, the head
+    assert sum("linear" in c for c in calls) == 1 + 8  # block1 and the eight hidden blocks
     assert len(convs) == 9  # the depth-wise convolutions only
+    methods = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_method"]
+    assert methods.count("sum") == 1 + 3  # the window correlation; the head, one per output channel
     assert sum("grid_sample" in c for c in calls) == 1  # B's warped features; the correlation gathers pixels
     conv = nn.Conv2d(6, 4, 1)
     x = torch.randn(1, 6, 3, 5)

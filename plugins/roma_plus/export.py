@@ -23,8 +23,9 @@ from matchrt.plugins.roma_full.encoder import COARSE_SCALE, check_input_size
 from matchrt.plugins.roma_full.gp import CHOLESKY_BLOCK
 from matchrt.types import ExportOptions, ExportPlan, GraphSpec
 
+from . import split_products
 from .model import DEFAULT_UPSAMPLE, RomaPlus, coarse_region_modes
-from .refiner import pad_channels
+from .refiner import fold_head, pad_channels
 
 NAME = "roma_plus"
 # gp_solve ("iterative" | "exact"), gp_method, gp_iters: as roma_full defines and validates them
@@ -68,11 +69,12 @@ def fp32_layers(options: dict[str, Any]) -> list[str]:
 
 
 def graph_tf32(options: dict[str, Any]) -> Optional[bool]:
-    """TF32 of the build: off while a coarse region must be IEEE fp32, on with "tf32", else the default."""
+    """TF32 of the build: off while a coarse region must be IEEE fp32, on with "tf32", else the default.
+    A split mode counts as IEEE fp32: exported graphs run those regions as plain fp32 layers."""
     modes = set(coarse_region_modes(options["coarse_precision"]).values())
     if "tf32" in modes:
         return True
-    return False if "fp32" in modes else None
+    return False if modes & {"fp32", *split_products.KINDS} else None
 
 
 def truthy(value: Any) -> bool:
@@ -127,7 +129,8 @@ def configured(model: RomaPlus, options: dict[str, Any]) -> RomaPlus:
     """A shallow copy of ``model`` (shared weights) with the export options applied.
 
     With ``fuse`` (default) the BatchNorms of the VGG encoder, the projections and the refiners
-    are folded into their convolutions, and with ``pad_channels`` > 1 (default 8) the refiners'
+    are folded into their convolutions and each refiner's last 1 x 1 convolution into its head
+    (``refiner.fold_head``), and with ``pad_channels`` > 1 (default 8) the refiners'
     block widths are padded with zero channels to a multiple of it (``refiner.pad_channels``), in
     copies of those parts (the model keeps its keys and shapes). ``coarse_graphs`` (default on)
     replays the split coarse regions as CUDA graphs (``replay.replayed``); ``refiner_depthwise``
@@ -143,6 +146,8 @@ def configured(model: RomaPlus, options: dict[str, Any]) -> RomaPlus:
         view.conv_refiner = refiners
         for refiner in refiners.values():  # copies: the model's own refiners keep the class default
             refiner.depthwise_rows = options["refiner_depthwise"] == "rows"
+            if options["fuse"]:  # after the padding, which widens the last convolution too
+                fold_head(refiner)
     if options["fuse"]:
         view.proj = folded_copy(model.proj)
         coarse = shallow_module_copy(model.coarse)

@@ -83,7 +83,8 @@ INFO = MatcherInfo(
         "gp_block=128 (default): torch runs on CUDA solve the GP's triangular systems in blocks of 128 rows "
         "(the diagonal blocks inverted in one batched solve, the rest as matrix products); 0: cuBLAS's "
         "triangular solves. Either way one cuSOLVER Cholesky factorisation per matrix",
-        "fuse=true (default): BatchNorms folded into the convolutions before them (fuse=false keeps them)",
+        "fuse=true (default): BatchNorms folded into the convolutions before them, each refiner's last 1x1 "
+        "convolution into its head (fuse=false keeps them)",
         "pad_channels=8 (default): the refiners' odd block widths (1377, 1137, 569) padded with zero "
         "channels to a multiple of 8 for aligned half-precision kernels, same outputs (0 keeps them)",
         "refiner_depthwise=rows (default): compiled GPU refiners run each block's 5 x 5 depth-wise convolution, "

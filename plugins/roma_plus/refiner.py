@@ -248,7 +248,7 @@ class ConvRefiner(nn.Module):
             d = run_block(block, d, self.depthwise_rows)
         # the output head runs in fp32 as upstream (outside its autocast region)
         with torch.autocast(device_type=d.device.type, enabled=False):
-            out = pointwise_conv(self.out_conv, d.float())
+            out = head_conv(self.out_conv, d)
         return out[:, :2], out[:, 2:]
 
 
@@ -290,6 +290,27 @@ def pointwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         return conv(x)
     out = F.linear(x.permute(0, 2, 3, 1), conv.weight[:, :, 0, 0], conv.bias)
     return out.permute(0, 3, 1, 2)
+
+
+def head_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The refiner's 3-channel 1 x 1 head in IEEE fp32 on the (half-precision) activations ``x``.
+    Under torch.compile (not ONNX export) written as one sum of products per output channel over
+    each pixel's channels, which Inductor turns into one reduction kernel over the pixels that reads
+    each pixel's channels once for all three sums.
+
+    Why: as a matrix product, cuBLAS needs ``x`` as an fp32 copy in memory (written, then read) and
+    runs an FFMA kernel whose tiles are mostly empty for 3 output columns; the head reads up to
+    1.5 M pixels x 24 channels (scale 1 at 864, both images) per refiner. The arithmetic is the
+    same IEEE fp32 (products of the exact fp32 values, fp32 sums), in another order.
+    """
+    if torch.onnx.is_in_onnx_export() or not torch.compiler.is_compiling():
+        return conv(x.float())
+    weight = conv.weight[:, :, 0, 0].float()  # O x K
+    rows = x.permute(0, 2, 3, 1).float()  # B x h x w x K
+    out = torch.stack([(rows * weight[o]).sum(dim=-1) for o in range(int(weight.shape[0]))], dim=1)
+    if conv.bias is not None:
+        out = out + conv.bias.float()[None, :, None, None]
+    return out  # B x O x h x w
 
 
 def run_block(block: nn.Sequential, x: torch.Tensor, rows: bool = False) -> torch.Tensor:
@@ -374,6 +395,38 @@ def pad_channels(refiner: ConvRefiner, multiple: int) -> int:
     return extra
 
 
+@torch.no_grad()
+def fold_head(refiner: ConvRefiner) -> bool:
+    """Fold, in place, the last block's 1 x 1 convolution into the head after it: two affine maps
+    in a row, ``W_o (W_l h + b_l) + b_o``, are one, ``(W_o W_l) h + (W_o b_l + b_o)`` (composed in
+    float64, stored in fp32). The last block then ends at its ReLU, and the head reads that.
+
+    Why: the last convolution is a K x K product over every pixel (K up to 1384) whose output only
+    the 3-channel head reads; folded, each refiner skips that product and the K-channel activation
+    it writes. Under fp16/bf16 the head also reads the ReLU's output directly (exact in fp32) where
+    it read the convolution's half-precision rounding: the result is closer to exact, by that
+    rounding. Returns whether it folded (False: the last layer is not a plain 1 x 1 convolution).
+    Call it on a copy, after ``pad_channels`` (the checkpoint keys keep their shapes on the original).
+    """
+    last = refiner.hidden_blocks[-1] if len(refiner.hidden_blocks) else refiner.block1
+    inner, head = last[-1], refiner.out_conv
+    if not (is_pointwise(inner) and is_pointwise(head)):
+        return False
+    w_in, w_head = inner.weight[:, :, 0, 0].double(), head.weight[:, :, 0, 0].double()
+    bias = torch.zeros(w_head.shape[0], dtype=torch.float64, device=w_head.device)
+    if inner.bias is not None:
+        bias += w_head @ inner.bias.double()
+    if head.bias is not None:
+        bias += head.bias.double()
+    folded = nn.Conv2d(inner.in_channels, head.out_channels, 1, 1, 0, bias=True,
+                       device=head.weight.device, dtype=head.weight.dtype)
+    folded.weight.copy_((w_head @ w_in)[:, :, None, None])
+    folded.bias.copy_(bias)
+    last[len(last) - 1] = nn.Identity()
+    refiner.out_conv = folded
+    return True
+
+
 def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear resize with align_corners=False (upstream's flow/certainty upsampling)."""
     if tuple(x.shape[-2:]) == tuple(size):
@@ -381,6 +434,6 @@ def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
-__all__ = ["ConvRefiner", "REFINER_SPECS", "embed_displacement", "local_correlation", "pad_channels",
-           "pointwise_conv", "pixel_grid", "window_correlation", "window_offsets", "upsample"]
+__all__ = ["ConvRefiner", "REFINER_SPECS", "embed_displacement", "fold_head", "head_conv", "local_correlation",
+           "pad_channels", "pointwise_conv", "pixel_grid", "window_correlation", "window_offsets", "upsample"]
 
