@@ -448,8 +448,8 @@ class RomaPlus(nn.Module):
         (``modes``, ``graphs``: see ``in_coarse_precision``; a split mode runs the module's split
         copy, ``SplitPointwise``, on each)."""
         proj = self.coarse.proj16
-        mode = (modes if modes is not None else self.region_modes(f_q16.device.type))["proj16"]
-        if mode in split_products.KINDS:
+        modes = modes if modes is not None else self.region_modes(f_q16.device.type)
+        if modes["proj16"] in split_products.KINDS:
             return tuple(self.in_coarse_precision("proj16", proj, f, modes=modes, graphs=graphs)  # type: ignore[return-value]
                          for f in (f_q16, f_s16))
         return self.in_coarse_precision("proj16", lambda q, s: (proj(q), proj(s)), f_q16, f_s16, modes=modes)

@@ -48,6 +48,7 @@ from matchrt.plugins.roma_full.dinov2 import Attention, Block, Mlp, PatchEmbed
 from matchrt.tf32 import tf32_switches
 
 from . import attention_kernel, piece_kernel
+from .refiner import is_pointwise
 
 KINDS = ("tf32x3", "bf16x3", "bf16x3-flash", "bf16x2", "bf16x2-flash")
 BIAS_PIECES = 3  # bf16 pieces of an fp32 bias (8 + 8 + 8 bits of mantissa: all of fp32's 24)
@@ -362,11 +363,8 @@ class SplitPointwise(nn.Module):
     def splits(module: nn.Module) -> bool:
         """Is ``module`` a plain 1 x 1 convolution, alone or followed by a BatchNorm2d in a Sequential?"""
         layers = list(module) if isinstance(module, nn.Sequential) else [module]
-        conv = layers[0] if layers else None
-        pointwise = (isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
-                     and conv.padding == (0, 0) and conv.groups == 1)
-        return pointwise and (len(layers) == 1 or (len(layers) == 2 and isinstance(layers[1], nn.BatchNorm2d)
-                                                    and not layers[1].training))
+        return bool(layers) and is_pointwise(layers[0]) and (
+            len(layers) == 1 or (len(layers) == 2 and isinstance(layers[1], nn.BatchNorm2d) and not layers[1].training))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
