@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Iterator, List, Optional
 
 import typer
 
@@ -38,6 +39,34 @@ def _console(stderr: bool = False):
     stream = sys.stderr if stderr else sys.stdout
     # tables printed to a file or pipe (CI logs, remote runs) get room instead of 80 columns
     return Console(stderr=stderr, width=None if stream.isatty() else 200)
+
+
+class _ProgressLines:
+    """Where no spinner can be drawn (a log file, CI, a remote run): each step a line on stderr with the
+    seconds since the start, so that a long compile shows where it is and a hang shows where it stopped."""
+
+    def __init__(self, console: Any) -> None:
+        self.console = console
+        self.start = time.perf_counter()
+        self.last = ""
+
+    def update(self, message: str) -> None:
+        if message != self.last:
+            self.last = message
+            self.console.print(f"[{time.perf_counter() - self.start:7.1f} s] {message}", highlight=False,
+                               markup=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def _status(console: Any, message: str) -> Iterator[Any]:
+    """Progress of a long command: rich's spinner on a terminal, else one timestamped line per step."""
+    if console.is_terminal:
+        with console.status(message) as status:
+            yield status
+        return
+    lines = _ProgressLines(console)
+    lines.update(message)
+    yield lines
 
 
 def clean_errors(func: Callable) -> Callable:
@@ -215,7 +244,7 @@ def export(
                    upsample_res=upsample_res)
     output = output or Path(f"{name}.onnx")
     console = _console(stderr=True)
-    with console.status(f"loading {name} weights") as status:
+    with _status(console, f"loading {name} weights") as status:
         paths = resolve_weights(info_, _weights(checkpoint, dinov2, weights), random_weights)
         model, report = load_model(host, name, paths, allow_partial, extra)
         status.update("building the export wrapper")
@@ -388,7 +417,7 @@ def _build_package(matcher: str, weights: dict[str, Path], random_weights: bool,
         precision = "fp16" if cuda else "fp32"
     check_request(precision, device)  # before the weights load
     console = _console(stderr=True)
-    with console.status(f"loading {matcher} weights") as status:
+    with _status(console, f"loading {matcher} weights") as status:
         paths = resolve_weights(info_, weights, random_weights)
         model, _ = load_model(host, matcher, paths, allow_partial, extra)
         status.update("building the export wrapper")
@@ -473,7 +502,7 @@ def match(
     backend = backend or _artifact_backend(engine, onnx) or "torch"
     device = device or ("cuda" if backend == "tensorrt" else "cpu")
     console = _console(stderr=True)
-    with console.status("loading") as status:
+    with _status(console, "loading") as status:
         pipe = open_pipeline(
             matcher, backend, _weights(checkpoint, dinov2, weights), artifact, height, width,
             _extra(option), _backend_options(device, precision), allow_partial, random_weights,
@@ -699,7 +728,7 @@ def bench(
                          time_budget=time_budget, sizes=_bench_sizes(size, matchers),
                          batches=_batches(batch), sweeps=_sweeps(sweep))
     console = _console(stderr=True)
-    with console.status("benchmarking") as status:
+    with _status(console, "benchmarking") as status:
         b = Bench(config, progress=lambda m: status.update(m),
                   on_row=(lambda bench: write_json(bench, json_out)) if json_out else None)
         rows = b.run()
@@ -777,7 +806,7 @@ def profile(
         _weights(checkpoint, dinov2, weights), random_weights, allow_partial, pair, runs, warmup,
         top, trace, workdir)
     console = _console(stderr=True)
-    with console.status("profiling") as status:
+    with _status(console, "profiling") as status:
         report, _ = run_profile(config, progress=lambda m: status.update(m))
     _console().print(render(report))
     if json_out:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import cv2
 import pytest
@@ -31,6 +32,8 @@ def test_bench_toy_side_by_side(toy, tmp_path, image_pair):
         "--workdir", str(tmp_path / "work"), "--size", "64", "--markdown", str(tmp_path / "b.md")])
     assert r.exit_code == 0, r.output
     assert "RANDOM WEIGHTS" in r.output
+    # not a terminal (a log, CI): each step a line with the seconds since the start, not a silent spinner
+    assert re.search(r"^\[ *\d+\.\d s\] toy / torch / fp32: timing", r.output, re.M), r.output
     data = json.loads(out_json.read_text())
     rows = {(x["backend"], x["precision"]): x for x in data["rows"]}
     assert len(rows) == 6  # every combination listed, none dropped
