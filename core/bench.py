@@ -421,7 +421,10 @@ class Bench:
         # by item with the batch-1 reference of the same pair
         errs, rels, agree, corners = [], [], [], []
         rtol = pipe.info.tolerances.get(row.precision, 1e-2)
-        for items in groups:
+        for g, items in enumerate(groups):
+            if len(groups) > 1:  # a call per group: where a slow one (a recompile, a capture) shows in a log
+                self.progress(f"{row.matcher} / {row.backend} / {row.precision}"
+                              + (f" / batch {b}" if b > 1 else "") + f": checking outputs, call {g + 1}/{len(groups)}")
             outs = _to_cpu(pipe.run(_batch([prepared[i][0] for i in items])))
             for j, i in enumerate(items):
                 out, ref, src = _item(outs, j, b), references[i], cfg.inputs[i]

@@ -631,6 +631,64 @@ def test_region_graphs_run_eager_then_capture_once_then_replay(monkeypatch) -> N
     assert replay._GRAPHS_ATTR not in module.__dict__
 
 
+def _tokens_view(x: torch.Tensor) -> torch.Tensor:
+    """As DINOv2's output: the patch tokens of B x (1 + N) x C without the class token, as B x C x h x w
+    (a view that skips elements)."""
+    b, n, c = x.shape
+    side = int((n - 1) ** 0.5)
+    return x[:, 1:].reshape(b, side, side, c).permute(0, 3, 1, 2)
+
+
+def test_replayed_outputs_keep_the_eager_strides_so_compiled_code_after_them_does_not_recompile() -> None:
+    """The first call of a region runs eagerly and may return views that skip elements; the replays
+    copy the graph's outputs out with those same strides (not contiguous clones), or torch.compile's
+    stride guards recompile everything after the region on the second call (105 s on an H200)."""
+    from matchrt.plugins.roma_plus import replay
+
+    x = torch.randn(2, 1 + 16, 8)
+    eager = _tokens_view(x)
+    copied = replay.copy_like(eager)
+    assert copied.shape == eager.shape and copied.stride() == eager.stride() and torch.equal(copied, eager)
+    assert eager.clone().stride() != eager.stride()  # what the replays returned before
+    x.zero_()
+    assert not torch.equal(copied, eager)  # its own memory: the next replay cannot change it
+    # the replay path itself (a graph whose replay does nothing, CPU tensors standing in for its buffers)
+    captured = object.__new__(replay._Captured)
+    captured.inputs, captured.outputs = (torch.zeros(2, 17, 8),), (_tokens_view(torch.randn(2, 17, 8)), 3)
+    captured.graph = type("NoGraph", (), {"replay": lambda self: None})()
+    first = _tokens_view(torch.randn(2, 17, 8))
+    replayed_out, three = captured((torch.randn(2, 17, 8),))
+    assert three == 3 and replayed_out.stride() == first.stride()
+    after = torch.compile(lambda t: t * 2 + 1, backend="eager")
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        after(first)
+        after(replayed_out)  # the same layout: no recompile
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_region_graph_replays_return_the_eager_layout() -> None:
+    """On a GPU: eager, capture + replay, replay of a region returning a view that skips elements, each
+    output with the eager call's strides and values, and compiled code after it compiled once."""
+    from matchrt.plugins.roma_plus import replay
+
+    class Tokens(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return _tokens_view(x * 2)
+
+    module = Tokens()
+    inputs = [torch.randn(2, 1 + 64, 32, device="cuda") for _ in range(3)]
+    after = torch.compile(lambda t: t.sum(dim=1), backend="eager")
+    torch._dynamo.reset()
+    with torch.inference_mode(), torch._dynamo.config.patch(error_on_recompile=True):
+        for x in inputs:
+            got = replay.replayed(module, x)
+            want = module(x)
+            assert got.stride() == want.stride() and torch.equal(got, want)
+            after(got)
+    assert isinstance(list(module.__dict__[replay._GRAPHS_ATTR].values())[0], replay._Captured)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_region_graph_replay_gives_the_eager_bits() -> None:
     """A split DINOv2-like block replayed from its CUDA graph returns the eager bits, for new inputs

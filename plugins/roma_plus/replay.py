@@ -12,8 +12,9 @@ A module's graphs live on the module (its split copy, rebuilt when the weights c
 the inputs' shapes, dtypes and device and the grad / inference mode. The first call of a key runs
 eagerly (it compiles Triton kernels and sets up library handles, which a capture may not do), the
 second captures and replays, later ones replay. Inputs are copied into the graph's own buffers and
-outputs copied out, so callers may keep them. Not for concurrent callers of one model (the buffers
-are shared); a capture that fails leaves that key eager for good (with a warning naming the cause).
+outputs copied out, with the eager call's strides (``copy_like``), so callers may keep them. Not for
+concurrent callers of one model (the buffers are shared); a capture that fails leaves that key eager
+for good (with a warning naming the cause).
 """
 
 from __future__ import annotations
@@ -50,7 +51,21 @@ class _Captured:
             if isinstance(buffer, torch.Tensor):
                 buffer.copy_(a)
         self.graph.replay()
-        return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, self.outputs)
+        return tree_map(lambda t: copy_like(t) if isinstance(t, torch.Tensor) else t, self.outputs)
+
+
+def copy_like(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` in new memory with ``t``'s sizes and strides, also where ``t`` is a view that skips
+    elements (DINOv2's patch tokens without the class token, the decoder's classes without its
+    certainty channel), which ``clone`` would make contiguous.
+
+    Why: the first call of an input kind runs eagerly and returns such views; replays must return
+    tensors of the same layout. torch.compile guards the compiled code after a region on its inputs'
+    strides, so contiguous copies from the second call on recompiled every compiled function downstream
+    of DINOv2 and the decoder once: 105 s of a roma_plus pair's second call on an H200 (session 23).
+    """
+    out = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device)
+    return out.copy_(t)
 
 
 def _key(args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -97,4 +112,4 @@ def drop_graphs(module: torch.nn.Module) -> None:
     module.__dict__.pop(_GRAPHS_ATTR, None)
 
 
-__all__ = ["replayed", "replayable", "drop_graphs"]
+__all__ = ["copy_like", "drop_graphs", "replayed", "replayable"]
