@@ -652,6 +652,8 @@ def test_replayed_outputs_keep_the_eager_strides_so_compiled_code_after_them_doe
     assert eager.clone().stride() != eager.stride()  # what the replays returned before
     x.zero_()
     assert not torch.equal(copied, eager)  # its own memory: the next replay cannot change it
+    expanded = torch.randn(3, 1).expand(3, 4)  # overlapping memory: copied as a clone, the values kept
+    assert torch.equal(replay.copy_like(expanded), expanded)
     # the replay path itself (a graph whose replay does nothing, CPU tensors standing in for its buffers)
     captured = object.__new__(replay._Captured)
     captured.inputs, captured.outputs = (torch.zeros(2, 17, 8),), (_tokens_view(torch.randn(2, 17, 8)), 3)

@@ -64,6 +64,8 @@ def copy_like(t: torch.Tensor) -> torch.Tensor:
     strides, so contiguous copies from the second call on recompiled every compiled function downstream
     of DINOv2 and the decoder once: 105 s of a roma_plus pair's second call on an H200 (session 23).
     """
+    if any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride())):
+        return t.clone()  # an expanded view: elements share memory, nothing can be written in that layout
     out = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device)
     return out.copy_(t)
 
