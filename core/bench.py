@@ -85,6 +85,9 @@ class BenchRow:
     ms_per_mpix: Optional[float] = None  # median ms per pair / megapixels
     # seconds spent building (or finding) an ahead-of-time artifact, kept out of setup_s
     build_s: Optional[float] = None
+    # graphs torch.compile compiled after the first call (recompiles): their time is in neither setup_s nor
+    # the timing's warm-up, and a matcher that recompiles later calls costs its users that time too
+    late_compiles: int = 0
 
 
 @dataclass
@@ -138,6 +141,13 @@ def _stats(samples: list[float]) -> dict[str, float]:
     a = np.asarray(samples) * 1000.0
     return {"median": float(np.median(a)), "p10": float(np.percentile(a, 10)),
             "p90": float(np.percentile(a, 90)), "n": len(a)}
+
+
+def graphs_compiled() -> int:
+    """Graphs torch.compile has compiled in this process so far (Dynamo's count, recompiles included);
+    0 where Dynamo was never loaded."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    return int(utils.counters["stats"]["unique_graphs"]) if utils is not None else 0
 
 
 def count_flops(pipe: Pipeline, inputs: dict[str, Any]) -> Optional[float]:
@@ -415,6 +425,7 @@ class Bench:
         _sync(cfg.device)  # initialisation count as set-up
         # an ahead-of-time artifact's build is reported apart: its setup is loading it
         row.setup_s = time.perf_counter() - start - (row.build_s or 0.0)
+        compiled_by_first_call = graphs_compiled()
         _check_batch(first, b)
         del first
         # fidelity and accuracy on every input, before timing; batched outputs are compared item
@@ -478,6 +489,7 @@ class Bench:
             if k >= cfg.warmup:
                 model_t.append(t2 - t1)
                 e2e_t.append(t3 - t0)
+        row.late_compiles = graphs_compiled() - compiled_by_first_call
         row.model_ms, row.e2e_ms = _stats(model_t), _stats(e2e_t)
         row.pairs_per_s = 1000.0 * b / row.e2e_ms["median"]
         row.ms_per_pair = {k: (v / b if k != "n" else v) for k, v in row.model_ms.items()}
@@ -559,6 +571,11 @@ def render_table(rows: list[BenchRow], random_weights: bool, title: str = "match
             notes.append(Text(f"{r.status}: {_label(r)} / {r.backend} / {r.precision} / "
                               f"{_shape(r)} / batch {r.batch}: {r.reason}", style="yellow"))
             continue
+        if r.late_compiles:
+            notes.append(Text(f"{_label(r)} / {r.backend} / {r.precision} / {_shape(r)} / batch {r.batch}: "
+                              f"torch.compile compiled {r.late_compiles} more graph(s) after the first call "
+                              "(recompiles; TORCH_LOGS=recompiles says why): that time is in no column, and "
+                              "every process running this matcher pays it", style="yellow"))
         if r.build_s is not None:
             notes.append(Text(f"{_label(r)} / {r.backend} / {r.precision}: artifact built (or reused) in "
                               f"{r.build_s:.1f} s, not counted in setup s (the load)"))

@@ -39,6 +39,7 @@ def test_bench_toy_side_by_side(toy, tmp_path, image_pair):
     assert len(rows) == 6  # every combination listed, none dropped
     ok = rows[("torch", "fp32")]
     assert ok["status"] == "ok" and ok["model_ms"]["n"] == 3
+    assert ok["late_compiles"] == 0 and "more graph(s) after the first call" not in r.output
     assert ok["match_agreement"] == 1.0  # sparse: the match set is the fidelity figure
     assert ok["model_ms"]["p10"] <= ok["model_ms"]["median"] <= ok["model_ms"]["p90"]
     assert ok["mean_corner_err"] is not None and set(ok["auc"]) == {"auc@3px", "auc@5px", "auc@10px"}
@@ -206,3 +207,37 @@ def test_builtin_and_example_matchers_run_batches(tmp_path, image_pair, one_thre
     assert all(r.ms_per_pair["median"] > 0 for r in rows)
     # xfeat's real weights match the real pair: each pair of a batch of two equals its batch-1 run
     assert rows[3].match_agreement == 1.0
+
+
+def test_graphs_compiled_counts_recompiles():
+    """The count the bench reads: a first compile and a recompile (a new input layout) are two graphs."""
+    import torch
+
+    from matchrt.bench import graphs_compiled
+
+    fn = torch.compile(lambda t: t * 2 + 1, backend="eager")
+    x = torch.randn(4, 6)
+    before = graphs_compiled()
+    fn(x)
+    fn(x + 1)  # same layout: no new graph
+    assert graphs_compiled() - before == 1
+    fn(x.t())  # other strides: Dynamo's guards fail, it compiles again
+    assert graphs_compiled() - before == 2
+
+
+def test_bench_reports_graphs_compiled_after_the_first_call(toy, tmp_path, image_pair, monkeypatch):
+    """A matcher whose compiled code recompiles after its first call (the fidelity calls, the warm-up)
+    gets the count in its row and a note under the table: that time is in no column."""
+    from matchrt import bench
+
+    compiled = iter([5, 7])  # Dynamo's count after the first call, then at the end of the row
+    monkeypatch.setattr(bench, "graphs_compiled", lambda: next(compiled))
+    out_json = tmp_path / "bench.json"
+    r = CliRunner().invoke(app, [
+        "bench", "--matcher", "toy", "--backend", "torch", "--precision", "fp32", "--synthetic", "2",
+        "--images", str(image_pair[0]), "--images", str(image_pair[1]), "--runs", "1", "--warmup", "0",
+        "--device", "cpu", "--random-weights", "--json", str(out_json), "--size", "64",
+        "--workdir", str(tmp_path / "work")])
+    assert r.exit_code == 0, r.output
+    assert json.loads(out_json.read_text())["rows"][0]["late_compiles"] == 2
+    assert "torch.compile compiled 2 more graph(s) after the first call" in " ".join(r.output.split())
