@@ -85,8 +85,8 @@ class BenchRow:
     ms_per_mpix: Optional[float] = None  # median ms per pair / megapixels
     # seconds spent building (or finding) an ahead-of-time artifact, kept out of setup_s
     build_s: Optional[float] = None
-    # graphs torch.compile compiled after the first call (recompiles): their time is in neither setup_s nor
-    # the timing's warm-up, and a matcher that recompiles later calls costs its users that time too
+    # graphs torch.compile compiled after the first call (recompiles): their time shows in no column, and a
+    # matcher that recompiles on later calls costs its users that time too
     late_compiles: int = 0
 
 
@@ -415,8 +415,8 @@ class Bench:
 
         cfg = self.config
         b, n = row.batch, len(prepared)
-        self.progress(f"{row.matcher} / {row.backend} / {row.precision}"
-                      + (f" / batch {b}" if b > 1 else "") + ": setting up")
+        step = f"{row.matcher} / {row.backend} / {row.precision}" + (f" / batch {b}" if b > 1 else "")
+        self.progress(f"{step}: setting up")
         start = time.perf_counter()
         pipe = self._open(row, model, export)
         # B pairs per call, rotating over the inputs; the first calls together cover every input
@@ -434,8 +434,7 @@ class Bench:
         rtol = pipe.info.tolerances.get(row.precision, 1e-2)
         for g, items in enumerate(groups):
             if len(groups) > 1:  # a call per group: where a slow one (a recompile, a capture) shows in a log
-                self.progress(f"{row.matcher} / {row.backend} / {row.precision}"
-                              + (f" / batch {b}" if b > 1 else "") + f": checking outputs, call {g + 1}/{len(groups)}")
+                self.progress(f"{step}: checking outputs, call {g + 1}/{len(groups)}")
             outs = _to_cpu(pipe.run(_batch([prepared[i][0] for i in items])))
             for j, i in enumerate(items):
                 out, ref, src = _item(outs, j, b), references[i], cfg.inputs[i]
@@ -465,8 +464,7 @@ class Bench:
         if cfg.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         model_t, e2e_t = [], []
-        self.progress(f"{row.matcher} / {row.backend} / {row.precision}"
-                      + (f" / batch {b}" if b > 1 else "") + ": timing")
+        self.progress(f"{step}: timing")
         began = time.perf_counter()
         for k in range(cfg.warmup + cfg.runs):
             if (cfg.time_budget is not None and len(model_t) >= 3
