@@ -675,19 +675,21 @@ def test_region_graph_replays_return_the_eager_layout() -> None:
     from matchrt.plugins.roma_plus import replay
 
     class Tokens(nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return _tokens_view(x * 2)
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return _tokens_view(x * 2), y.transpose(1, 2)  # the second a view of an input that skips elements
 
     module = Tokens()
-    inputs = [torch.randn(2, 1 + 64, 32, device="cuda") for _ in range(3)]
-    after = torch.compile(lambda t: t.sum(dim=1), backend="eager")
+    inputs = [(torch.randn(2, 1 + 64, 32, device="cuda"), torch.randn(2, 9, 8, device="cuda")[:, 1:])
+              for _ in range(3)]
+    after = torch.compile(lambda t, u: t.sum(dim=1) + u.sum(), backend="eager")
     torch._dynamo.reset()
     with torch.inference_mode(), torch._dynamo.config.patch(error_on_recompile=True):
-        for x in inputs:
-            got = replay.replayed(module, x)
-            want = module(x)
-            assert got.stride() == want.stride() and torch.equal(got, want)
-            after(got)
+        for x, y in inputs:
+            got = replay.replayed(module, x, y)
+            want = module(x, y)
+            for g, w in zip(got, want):
+                assert g.stride() == w.stride() and torch.equal(g, w)
+            after(*got)
     assert isinstance(list(module.__dict__[replay._GRAPHS_ATTR].values())[0], replay._Captured)
 
 

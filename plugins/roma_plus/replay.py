@@ -36,7 +36,9 @@ class _Captured:
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         device = next(a.device for a in args if isinstance(a, torch.Tensor))
         with torch.cuda.device(device):
-            self.inputs = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+            # buffers laid out as the eager call's inputs (a view that skips elements stays so), so the
+            # captured run's views and outputs have the eager call's strides
+            self.inputs = tuple(copy_like(a) if isinstance(a, torch.Tensor) else a for a in args)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # one run on a side stream before capturing, as torch advises
