@@ -51,11 +51,15 @@ def non_square_images() -> tuple[torch.Tensor, torch.Tensor]:
 
 @functools.lru_cache(maxsize=None)
 def checkpoint_path() -> Path:
-    """The deterministic checkpoint in the real file's layout (Lightning, `matcher.` keys)."""
+    """The deterministic checkpoint in the real file's layout (Lightning, `matcher.` keys), in a temporary
+    directory removed at exit (62 MB that each test session left behind)."""
+    import atexit
+    import shutil
     import tempfile
 
-    out = Path(tempfile.mkdtemp(prefix="eloftr-test-")) / "matchanything_eloftr_det.ckpt"
-    return write_random_checkpoint(LAYOUT, out, lightning=True)
+    folder = Path(tempfile.mkdtemp(prefix="eloftr-test-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return write_random_checkpoint(LAYOUT, folder / "matchanything_eloftr_det.ckpt", lightning=True)
 
 
 @functools.lru_cache(maxsize=None)
