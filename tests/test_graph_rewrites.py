@@ -668,6 +668,26 @@ def test_replayed_outputs_keep_the_eager_strides_so_compiled_code_after_them_doe
         after(replayed_out)  # the same layout: no recompile
 
 
+def test_replayed_copies_are_inference_tensors_exactly_where_the_eager_outputs_are() -> None:
+    """Under inference mode a region's output that is a view of a normal input is a normal tensor, the
+    others inference tensors; torch.compile guards on that too (dispatch keys: session 24's GPU test
+    recompiled on it), so the copies out of a replay keep it."""
+    from matchrt.plugins.roma_plus import replay
+
+    normal = torch.randn(2, 9, 8)[:, 1:]
+    after = torch.compile(lambda u: u.sum() + 1, backend="eager")
+    torch._dynamo.reset()
+    with torch.inference_mode(), torch._dynamo.config.patch(error_on_recompile=True):
+        view = normal.transpose(1, 2)  # as the region's eager call returns it
+        computed = normal * 2
+        assert not view.is_inference() and computed.is_inference()
+        copies = replay.copy_like(view), replay.copy_like(computed)
+        assert not copies[0].is_inference() and copies[1].is_inference()
+        assert copies[0].stride() == view.stride() and torch.equal(copies[0], view)
+        after(view)
+        after(copies[0])  # no recompile
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_region_graph_replays_return_the_eager_layout() -> None:
     """On a GPU: eager, capture + replay, replay of a region returning a view that skips elements, each

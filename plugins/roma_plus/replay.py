@@ -59,17 +59,20 @@ class _Captured:
 def copy_like(t: torch.Tensor) -> torch.Tensor:
     """A copy of ``t`` in new memory with ``t``'s sizes and strides, also where ``t`` is a view that skips
     elements (DINOv2's patch tokens without the class token, the decoder's classes without its
-    certainty channel), which ``clone`` would make contiguous.
+    certainty channel), which ``clone`` would make contiguous; an inference tensor exactly when ``t`` is one.
 
     Why: the first call of an input kind runs eagerly and returns such views; replays must return
     tensors of the same layout. torch.compile guards the compiled code after a region on its inputs'
     strides, so contiguous copies from the second call on recompiled every compiled function downstream
     of DINOv2 and the decoder once: 105 s of a roma_plus pair's second call on an H200 (session 23).
     """
-    if any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride())):
-        return t.clone()  # an expanded view: elements share memory, nothing can be written in that layout
-    out = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device)
-    return out.copy_(t)
+    # an inference tensor where ``t`` is one, else a normal tensor (also under inference mode): torch.compile
+    # guards on the dispatch keys too, and an eager output that is a view of a normal input is a normal tensor
+    with torch.inference_mode(t.is_inference()):
+        if any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride())):
+            return t.clone()  # an expanded view: elements share memory, nothing can be written in that layout
+        out = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device)
+        return out.copy_(t)
 
 
 def _key(args: tuple[Any, ...]) -> tuple[Any, ...]:
