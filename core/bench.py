@@ -207,6 +207,9 @@ def provenance(config: BenchConfig) -> dict[str, Any]:
     if config.device.startswith("cuda") and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info["gpu"] = props.name
+        # the physical GPU: timings compare only on one (`matchrt bench-report` pairs rows by it)
+        uuid = getattr(props, "uuid", None)
+        info["gpu_uuid"] = str(uuid) if uuid is not None else None
         info["compute_capability"] = f"{props.major}.{props.minor}"
         try:
             import subprocess
@@ -645,13 +648,16 @@ def _fmt(v: Optional[float]) -> str:
     return "-" if v is None else f"{v:.1e}"
 
 
-def plot(rows: list[BenchRow], path: Path, random_weights: bool) -> Path:
-    """A PNG bar chart: median model latency per combination, whiskers p10-p90, one panel a matcher."""
+def plot(rows: list[BenchRow], path: Path, random_weights: bool, device: str = "",
+         suffixes: Optional[list[str]] = None) -> Path:
+    """A PNG bar chart: median model latency per combination, whiskers p10-p90, one panel a matcher; the
+    device (the GPU's name) in the title, and ``suffixes[i]`` (e.g. a speed-up) after row i's time."""
     import cv2
 
     from .viz import save_png
 
     ok = [r for r in rows if r.status == "ok"]
+    suffix_of = {id(r): s for r, s in zip(rows, suffixes or [])}
     matchers = list(dict.fromkeys(r.matcher for r in rows))
     bar_h, gap, left, width = 26, 40, 330, 1100
     if len({(_shape(r), r.batch) for r in ok}) > 1:
@@ -659,6 +665,8 @@ def plot(rows: list[BenchRow], path: Path, random_weights: bool) -> Path:
     height = 70 + sum(gap + bar_h * max(1, sum(r.matcher == m for r in ok)) for m in matchers)
     img = np.full((height, width, 3), 255, np.uint8)
     title = "matchrt bench: model ms per pair, median (bar) and p10-p90 (whisker)"
+    if device:
+        title += f" on {device}"
     if random_weights:
         title += " - random weights"
     cv2.putText(img, title, (10, 28), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
@@ -671,7 +679,7 @@ def plot(rows: list[BenchRow], path: Path, random_weights: bool) -> Path:
         y += gap - 10
         top = max([r.model_ms["p90"] / r.batch for r in sub] or [1.0])
         varied = len({(_shape(r), r.batch) for r in sub}) > 1
-        scale = (width - left - 90) / top
+        scale = (width - left - (150 if suffix_of else 90)) / top
         for k, r in enumerate(sub):
             color = palette[k % len(palette)][::-1]
             x1 = left + int(_per_pair(r) * scale)
@@ -685,7 +693,8 @@ def plot(rows: list[BenchRow], path: Path, random_weights: bool) -> Path:
             text = f"{r.backend} {r.precision}" + (f" {_shape(r)} B{r.batch}" if varied else "")
             cv2.putText(img, text[:48], (10, y + 18), cv2.FONT_HERSHEY_SIMPLEX,
                         0.5, (0, 0, 0), 1, cv2.LINE_AA)
-            cv2.putText(img, f"{_per_pair(r):.1f} ms", (hi + 6, y + 18),
+            suffix = suffix_of.get(id(r), "")
+            cv2.putText(img, f"{_per_pair(r):.1f} ms{suffix}", (hi + 6, y + 18),
                         cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
             y += bar_h
         y += 10

@@ -754,10 +754,67 @@ def bench(
     if json_out:
         typer.echo(f"wrote {write_json(b, json_out)}", err=True)
     if plot_out:
-        typer.echo(f"wrote {plot(rows, plot_out, any_random)}", err=True)
+        import torch
+
+        card = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"
+        typer.echo(f"wrote {plot(rows, plot_out, any_random, device=card)}", err=True)
     if markdown_out:
-        markdown_out.write_text(markdown_table(rows, any_random))
+        _write_text(markdown_out, markdown_table(rows, any_random))
         typer.echo(f"wrote {markdown_out}", err=True)
+
+
+def _write_text(path: Path, text: str) -> Path:
+    """A text output written under a temporary name and renamed into place (readers never see half)."""
+    from .journal import atomic_write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, lambda f: f.write(text.encode()))
+
+
+@app.command(name="bench-report")
+@clean_errors
+def bench_report(
+    files: List[Path] = typer.Argument(..., exists=True, dir_okay=False, help="JSON files written by "
+                                       "`matchrt bench --json`."),
+    one_machine: bool = typer.Option(False, "--one-machine", help="The files come from one GPU: pair rows "
+                                     "across files that record no GPU UUID (written before the bench "
+                                     "recorded it)."),
+    plot_out: Optional[Path] = typer.Option(None, "--plot", help="Write a latency chart as PNG."),
+    markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="Write the table as Markdown."),
+) -> None:
+    """Rows of several bench runs in one table, each beside its speed-up over the eager fp32 row of the
+    same GPU (same matcher, input, options and batch)."""
+    from rich.table import Table
+
+    from .bench import plot
+    from .bench_report import collect, markdown, unmatched
+
+    entries = collect(list(files), one_machine)
+    table = Table(title="matchrt bench-report", title_style="bold")
+    for col in ("matcher", "backend", "prec", "input", "B", "ms/pair p50 (p10-p90)", "x eager fp32", "GPU", "file"):
+        table.add_column(col, justify="right" if col in ("B", "ms/pair p50 (p10-p90)", "x eager fp32") else "left")
+    for e in entries:
+        r = e.row
+        if r.status != "ok":
+            table.add_row(r.matcher, r.backend, r.precision, "x".join(map(str, r.input_size)), str(r.batch),
+                          f"{r.status}: {r.reason}"[:40], "-", e.gpu, e.source.name)
+            continue
+        b = max(1, r.batch)
+        table.add_row(r.matcher, r.backend, r.precision, "x".join(map(str, r.input_size))
+                      + "".join(f" {k}={v}" for k, v in r.sweep.items()), str(r.batch),
+                      f"{r.model_ms['median'] / b:.2f} ({r.model_ms['p10'] / b:.2f}-{r.model_ms['p90'] / b:.2f})",
+                      "-" if e.speedup is None else f"{e.speedup:.2f}", e.gpu, e.source.name)
+    _console().print(table)
+    if unmatched(entries):
+        typer.echo(f"{len(unmatched(entries))} row(s) without an eager fp32 row of their kind from the same GPU "
+                   "(\"-\"); files that record no GPU UUID pair across files only with --one-machine", err=True)
+    any_random = any(e.row.random_weights for e in entries)
+    if plot_out:
+        cards = ", ".join(dict.fromkeys(e.gpu for e in entries))
+        suffixes = ["" if e.speedup is None else f" ({e.speedup:.2f}x)" for e in entries]
+        typer.echo(f"wrote {plot([e.row for e in entries], plot_out, any_random, cards, suffixes)}", err=True)
+    if markdown_out:
+        typer.echo(f"wrote {_write_text(markdown_out, markdown(entries))}", err=True)
 
 
 @app.command()

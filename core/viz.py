@@ -90,11 +90,14 @@ def draw_warp(image0: np.ndarray, image1: np.ndarray, warp: np.ndarray, certaint
 
 
 def save_png(image: np.ndarray, path: Path) -> Path:
-    """Write a BGR picture as PNG."""
+    """Write a BGR picture as PNG, under a temporary name renamed into place (a reader never sees half)."""
     import cv2
+
+    from .journal import atomic_write
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), image):
-        raise OSError(f"could not write {path}")
-    return path
+    ok, data = cv2.imencode(".png", image)
+    if not ok:
+        raise OSError(f"could not encode {path} as PNG")
+    return atomic_write(path, lambda f: f.write(data.tobytes()))
