@@ -90,6 +90,28 @@ def unmatched(entries: list[ReportRow]) -> list[ReportRow]:
     return [e for e in entries if e.row.status == "ok" and e.speedup is None]
 
 
+def _spread(r: BenchRow) -> str:
+    """Median ms per pair with its p10-p90."""
+    b = max(1, r.batch)
+    return f"{_per_pair(r):.2f} ({r.model_ms['p10'] / b:.2f}-{r.model_ms['p90'] / b:.2f})"
+
+
+def render_table(entries: list[ReportRow]) -> Any:
+    """The report as a rich Table for the terminal."""
+    from rich.table import Table
+
+    table = Table(title="matchrt bench-report", title_style="bold")
+    for col in ("matcher", "backend", "prec", "input", "B", "ms/pair p50 (p10-p90)", "x eager fp32", "GPU", "file"):
+        table.add_column(col, justify="right" if col in ("B", "ms/pair p50 (p10-p90)", "x eager fp32") else "left")
+    for e in entries:
+        r = e.row
+        ok = r.status == "ok"
+        table.add_row(r.matcher, r.backend, r.precision, _shape(r), str(r.batch),
+                      _spread(r) if ok else f"{r.status}: {r.reason}"[:40],
+                      "-" if e.speedup is None else f"{e.speedup:.2f}", e.gpu, e.source.name)
+    return table
+
+
 def markdown(entries: list[ReportRow]) -> str:
     """The report as a Markdown table, with the sources and what a missing speed-up means."""
     head = ["matcher", "backend", "precision", "input", "batch", "ms per pair, median (p10-p90)", "ms per MP",
@@ -101,12 +123,9 @@ def markdown(entries: list[ReportRow]) -> str:
             lines.append(f"| {_label(r)} | {r.backend} | {r.precision} | {_shape(r)} | {r.batch} | "
                          f"{r.status}: {r.reason} | - | - | {e.gpu} | {e.source.name} |")
             continue
-        b = max(1, r.batch)
-        m = r.model_ms
-        spread = f"{_per_pair(r):.2f} ({m['p10'] / b:.2f}-{m['p90'] / b:.2f})"
         mpix = "-" if r.ms_per_mpix is None else f"{r.ms_per_mpix:.1f}"
         ratio = "-" if e.speedup is None else f"{e.speedup:.2f}"
-        lines.append(f"| {_label(r)} | {r.backend} | {r.precision} | {_shape(r)} | {r.batch} | {spread} | {mpix} | "
+        lines.append(f"| {_label(r)} | {r.backend} | {r.precision} | {_shape(r)} | {r.batch} | {_spread(r)} | {mpix} | "
                      f"{ratio} | {e.gpu} | {e.source.name} |")
     lines.append("\nx eager fp32: the eager fp32 row's ms per pair (same matcher, input, options and batch, same "
                  "GPU) divided by the row's. A row's reference comes from its own file, or from a file recorded "
@@ -119,4 +138,4 @@ def markdown(entries: list[ReportRow]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["ReportRow", "collect", "markdown", "read_bench_json", "unmatched"]
+__all__ = ["ReportRow", "collect", "markdown", "read_bench_json", "render_table", "unmatched"]

@@ -756,7 +756,7 @@ def bench(
     if plot_out:
         import torch
 
-        card = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"
+        card = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "CPU"
         typer.echo(f"wrote {plot(rows, plot_out, any_random, device=card)}", err=True)
     if markdown_out:
         _write_text(markdown_out, markdown_table(rows, any_random))
@@ -784,27 +784,11 @@ def bench_report(
 ) -> None:
     """Rows of several bench runs in one table, each beside its speed-up over the eager fp32 row of the
     same GPU (same matcher, input, options and batch)."""
-    from rich.table import Table
-
     from .bench import plot
-    from .bench_report import collect, markdown, unmatched
+    from .bench_report import collect, markdown, render_table, unmatched
 
     entries = collect(list(files), one_machine)
-    table = Table(title="matchrt bench-report", title_style="bold")
-    for col in ("matcher", "backend", "prec", "input", "B", "ms/pair p50 (p10-p90)", "x eager fp32", "GPU", "file"):
-        table.add_column(col, justify="right" if col in ("B", "ms/pair p50 (p10-p90)", "x eager fp32") else "left")
-    for e in entries:
-        r = e.row
-        if r.status != "ok":
-            table.add_row(r.matcher, r.backend, r.precision, "x".join(map(str, r.input_size)), str(r.batch),
-                          f"{r.status}: {r.reason}"[:40], "-", e.gpu, e.source.name)
-            continue
-        b = max(1, r.batch)
-        table.add_row(r.matcher, r.backend, r.precision, "x".join(map(str, r.input_size))
-                      + "".join(f" {k}={v}" for k, v in r.sweep.items()), str(r.batch),
-                      f"{r.model_ms['median'] / b:.2f} ({r.model_ms['p10'] / b:.2f}-{r.model_ms['p90'] / b:.2f})",
-                      "-" if e.speedup is None else f"{e.speedup:.2f}", e.gpu, e.source.name)
-    _console().print(table)
+    _console().print(render_table(entries))
     if unmatched(entries):
         typer.echo(f"{len(unmatched(entries))} row(s) without an eager fp32 row of their kind from the same GPU "
                    "(\"-\"); files that record no GPU UUID pair across files only with --one-machine", err=True)
