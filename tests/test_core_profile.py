@@ -320,3 +320,26 @@ def test_trace_regions_charge_kernels_to_the_graph_or_eager_region_that_launched
     notes = _launch_bound([bound, RegionRow("compiled graph fan7", 29.5, 31.6, 772, 0.4),
                            RegionRow("eager", 3.5, 0.0, 4, 0.05)])
     assert len(notes) == 1 and notes[0].startswith("eager in compiled frame 5/0") and "launch-bound" in notes[0]
+
+
+def test_wall_time_without_the_profiler_comes_from_pairs_after_the_warm_up():
+    """The warm-up pairs compile and record CUDA graphs (eloftr compiled: 25.6 ms a warm-up pair against 6.2
+    profiled); the figure "without the profiler" must not be theirs."""
+    import time
+    from types import SimpleNamespace
+
+    from matchrt.profiler import _profile_pipeline
+
+    calls = []
+
+    def run(inputs):
+        calls.append(1)
+        time.sleep(0.2 if len(calls) <= 3 else 0.002)  # the warm-up pairs are slow
+        return {}
+
+    pipe = SimpleNamespace(prepare=lambda a, b: ({}, None), run=run, postprocess=lambda out, ctx: None,
+                           stages=[], backend="torch-compile", options={})
+    config = ProfileConfig("toy", backend="torch-compile", device="cpu", runs=2, warmup=3)
+    report, _ = _profile_pipeline(pipe, config, (None, None), lambda message: None)
+    assert len(calls) == 3 + 2 + 2  # warm-up, unprofiled, profiled
+    assert report.wall_ms["unprofiled"] < 100
