@@ -789,8 +789,9 @@ def bench_report(
 
     entries = collect(list(files), one_machine)
     _console().print(render_table(entries))
-    if unmatched(entries):
-        typer.echo(f"{len(unmatched(entries))} row(s) without an eager fp32 row of their kind from the same GPU "
+    missing = unmatched(entries)
+    if missing:
+        typer.echo(f"{len(missing)} row(s) without an eager fp32 row of their kind from the same GPU "
                    "(\"-\"); files that record no GPU UUID pair across files only with --one-machine", err=True)
     any_random = any(e.row.random_weights for e in entries)
     if plot_out:
