@@ -28,7 +28,7 @@ from .compare import compare_outputs, is_sparse, match_set_agreement
 from .errors import MatchrtError
 from .geometry import auc, corner_error, estimate
 from .host import Host, get_host
-from .journal import atomic_write
+from .atomic import atomic_text
 from .runner import Pipeline, artifact_pipeline, is_random, load_model, resolve_weights, torch_pipeline
 from .transfer import batch_inputs
 from .types import ExportOptions
@@ -703,10 +703,7 @@ def plot(rows: list[BenchRow], path: Path, random_weights: bool, device: str = "
 
 def write_json(bench: Bench, path: Path) -> Path:
     """The bench's rows and provenance as JSON (temporary name, then renamed into place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(bench.to_json(), indent=1, default=str).encode()
-    return atomic_write(path, lambda f: f.write(text))
+    return atomic_text(path, json.dumps(bench.to_json(), indent=1, default=str))
 
 
 def open_backend(host: Host, matcher: str, backend: str, precision: str, model: Any,

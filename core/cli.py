@@ -12,6 +12,8 @@ from typing import Any, Callable, Iterator, List, Optional
 
 import typer
 
+from .atomic import atomic_text
+
 app = typer.Typer(
     help="Turn image matchers into ONNX graphs and TensorRT engines; match, check and benchmark them.",
     no_args_is_help=True,
@@ -759,16 +761,8 @@ def bench(
         card = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "CPU"
         typer.echo(f"wrote {plot(rows, plot_out, any_random, device=card)}", err=True)
     if markdown_out:
-        _write_text(markdown_out, markdown_table(rows, any_random))
+        atomic_text(markdown_out, markdown_table(rows, any_random))
         typer.echo(f"wrote {markdown_out}", err=True)
-
-
-def _write_text(path: Path, text: str) -> Path:
-    """A text output written under a temporary name and renamed into place (readers never see half)."""
-    from .journal import atomic_write
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(path, lambda f: f.write(text.encode()))
 
 
 @app.command(name="bench-report")
@@ -799,7 +793,7 @@ def bench_report(
         suffixes = ["" if e.speedup is None else f" ({e.speedup:.2f}x)" for e in entries]
         typer.echo(f"wrote {plot([e.row for e in entries], plot_out, any_random, cards, suffixes)}", err=True)
     if markdown_out:
-        typer.echo(f"wrote {_write_text(markdown_out, markdown(entries))}", err=True)
+        typer.echo(f"wrote {atomic_text(markdown_out, markdown(entries))}", err=True)
 
 
 @app.command()

@@ -10,13 +10,13 @@ a pair found twice is read once). A lock file keeps two jobs from writing one jo
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 
+from .atomic import atomic_write, fsync_dir
 from .errors import MatchrtError
 from .pairs import Pair
 
@@ -42,27 +42,6 @@ def size_hw(value: Any) -> tuple[int, int]:
     """An image size as (height, width) ints."""
     h, w = (int(v) for v in value)
     return (h, w)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Any) -> Path:
-    """Call `write(file)` on a temporary file beside `path`, fsync it, rename it into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    return path
 
 
 def _save(path: Path, packed: dict[str, np.ndarray]) -> Path:
@@ -207,5 +186,5 @@ class MatchJournal:
         seg = _save(self.segments / f"s-{number:09d}.npz", packed)
         for path in shards:
             path.unlink()
-        _fsync_dir(self.shards)
+        fsync_dir(self.shards)
         return seg

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Optional
 
+from .atomic import atomic_text
 from .cxx_toolchain import choose_compiler
 from .errors import MatchrtError
 from .provenance import _driver_version, _normal, provenance_path, read_provenance, sha256_file
@@ -426,11 +427,7 @@ def _record(graph: "GraphSpec", output: Path, context: PackageContext, precision
 
 def write_json_atomic(path: Path, data: Mapping[str, Any]) -> Path:
     """Write JSON under a temporary name and rename it into place (readers never see half a file)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    tmp.replace(path)
-    return path
+    return atomic_text(path, json.dumps(data, indent=1, default=str) + "\n")
 
 
 def _remove_stale_partials(output: Path) -> None:

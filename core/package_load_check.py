@@ -24,7 +24,7 @@ from typing import Any, Mapping, Optional
 
 from .cxx_toolchain import signal_name
 from .errors import MatchrtError
-from .journal import atomic_write
+from .atomic import atomic_write
 
 ENV = "MATCHRT_INDUCTOR_LOAD_CHECK"
 # what the child runs: load the package as the backend does (argv: path, device index)

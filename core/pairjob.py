@@ -18,7 +18,8 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from .errors import MatchrtError
-from .journal import MatchJournal, PairRecord, atomic_write, size_hw
+from .atomic import atomic_text
+from .journal import MatchJournal, PairRecord, size_hw
 from .pairs import Pair, check_images_exist, unique_pairs, write_pairs
 from .types import InputContract, Matches, PairContext
 
@@ -363,7 +364,7 @@ def run_pair_job(job: PairJob, ray_address: Optional[str] = None, use_ray: bool 
 
             log("incremental mapping (pycolmap)")
             summary["reconstruction"] = reconstruct(Path(job.colmap), job.image_dir, out / "sfm")
-    atomic_write(out / "summary.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
+    atomic_text(out / "summary.json", json.dumps(summary, indent=1))
     return summary
 
 

@@ -7,10 +7,10 @@ inside a name replaced by `-`.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .atomic import atomic_text
 from .errors import MatchrtError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
@@ -56,12 +56,7 @@ def read_pairs(path: Path) -> list[Pair]:
 
 def write_pairs(pairs: Iterable[Pair], path: Path) -> Path:
     """Write an hloc pairs file under a temporary name, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(f"{a} {b}\n" for a, b in pairs))
-    os.replace(tmp, path)
-    return path
+    return atomic_text(path, "".join(f"{a} {b}\n" for a, b in pairs))
 
 
 def exhaustive_pairs(names: Sequence[str]) -> list[Pair]:

@@ -10,7 +10,6 @@ Postprocess is a stage of its own around the plugin's postprocess hook.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from contextlib import nullcontext
@@ -20,6 +19,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 
+from .atomic import atomic_path, atomic_text
 from .errors import MatchrtError
 from .profiling import PREFIX, range_name, recording
 from .trace_regions import RegionRow, innermost, load_events, regions as trace_regions
@@ -440,7 +440,7 @@ def _profile_pipeline(pipe: Any, config: ProfileConfig, images: tuple[Any, Any],
                  "unprofiled": 1000 * statistics.median(steady)},
         stage_markers=roots is not None, notes=notes, options=dict(pipe.options), provenance=prov)
     if config.trace:
-        write_atomic(Path(config.trace), lambda tmp: prof.export_chrome_trace(str(tmp)))
+        atomic_path(Path(config.trace), lambda tmp: prof.export_chrome_trace(str(tmp)))
     if on_gpu and roots is None:  # no stages: charge kernels to compiled graphs and eager regions
         report.regions = _regions(prof, config)
         report.notes.extend(_launch_bound(report.regions))
@@ -466,23 +466,10 @@ def _launch_bound(rows: list[RegionRow]) -> list[str]:
             for r in rows if r.name != "eager" and r.cpu_ms > 1.25 * r.gpu_ms and r.cpu_ms > 1.0]
 
 
-def write_atomic(path: Path, write: Callable[[Path], Any]) -> Path:
-    """Write through `write(tmp)` to a temporary name beside `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
 def write_json(report: ProfileReport, path: Path) -> Path:
     """The report as JSON (stage and kernel tables, totals, provenance), written atomically."""
     text = json.dumps(report.to_json(), indent=1, default=str)
-    return write_atomic(Path(path), lambda tmp: tmp.write_text(text))
+    return atomic_text(path, text)
 
 
 def render(report: ProfileReport):

@@ -93,7 +93,7 @@ def save_png(image: np.ndarray, path: Path) -> Path:
     """Write a BGR picture as PNG, under a temporary name renamed into place (a reader never sees half)."""
     import cv2
 
-    from .journal import atomic_write
+    from .atomic import atomic_write
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

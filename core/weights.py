@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import numpy as np
 
+from .atomic import atomic_path
 from .errors import MatchrtError
 from .types import MappedWeights, MappingReport, WeightReport
 
@@ -191,13 +191,8 @@ def write_random_checkpoint(layout: Union[str, Path], output: Union[str, Path], 
     import torch
 
     sd = deterministic_state_dict(read_layout(layout))
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    # other processes (Ray actors, loader workers) may read it: write aside, rename into place
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    torch.save({"state_dict": sd} if lightning else sd, str(tmp))
-    os.replace(tmp, output)
-    return output
+    # other processes (Ray actors, loader workers) may read it: written aside, renamed into place
+    return atomic_path(output, lambda tmp: torch.save({"state_dict": sd} if lightning else sd, str(tmp)))
 
 
 def sha256_file(path: Union[str, Path], chunk: int = 1 << 22) -> str:
