@@ -116,6 +116,23 @@ def test_padding_never_leaks_into_content(real_pair) -> None:
     assert not conf[~valid0].any() and not conf[:, ~valid1].any()
 
 
+def test_self_layers_batched_over_both_images_equal_one_image_at_a_time(real_pair) -> None:
+    """The deploy path runs each self layer once on both images (their extents stacked): the same
+    features as one image at a time, with different paddings per image."""
+    model = loaded_model()
+    inputs = _prepared(real_pair, GRAPH)
+    padding = content_extents((inputs["image0_mask"], inputs["image1_mask"]))
+    with torch.no_grad():
+        feats, _, _ = model.extract(inputs["image0"], inputs["image1"])
+        for pad in (padding, None):
+            batched = model.transform(feats, (GRAPH, GRAPH), padding=pad)
+            model.loftr_coarse.batch_self_layers = False
+            single = model.transform(feats, (GRAPH, GRAPH), padding=pad)
+            model.loftr_coarse.batch_self_layers = True
+            for a, b in zip(batched, single):
+                assert max_rel(a.numpy(), b.numpy()) <= 1e-5
+
+
 def test_pad_pipeline_maps_keypoints_to_original_pixels(real_pair) -> None:
     """Image 1 at twice the resolution: the same matches at twice the coordinates; per-axis scales."""
     from matchrt.runner import open_pipeline

@@ -362,6 +362,9 @@ class CoarseTransformer(nn.Module):
         self.layers = nn.ModuleList(
             AggregatedAttentionLayer(rope=(k % 2 == 0)) for k in range(2 * n_pairs)
         )
+        # the fused path's self layers take both images as one batch (False: one image at a time,
+        # the same function; kept for comparisons)
+        self.batch_self_layers = True
 
     def forward(
         self, feat0: torch.Tensor, feat1: torch.Tensor, image_size: tuple[int, int],
@@ -369,7 +372,9 @@ class CoarseTransformer(nn.Module):
         fused: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`rope`: precomputed (cos, sin) tables, else built here for the pooled grid.
-        `fused`: attention through the fused kernel (else upstream's arithmetic, see `attention`).
+        `fused`: the deploy form: attention through the fused kernel, and each self layer run once
+        on both images as one batch (half the launches, twice the rows per kernel); else upstream's
+        arithmetic and order (see `attention`), one image at a time.
 
         `padding`: coarse content extents of padded inputs. As upstream (which crops to the
         content's whole pooled cells and pads the result with zeros), the content is transformed
@@ -381,13 +386,20 @@ class CoarseTransformer(nn.Module):
         p0 = p1 = None
         if padding is not None:
             p0, p1 = (pooled_extent(e, POOL) for e in padding)
+        b = int(feat0.shape[0])
         for k, layer in enumerate(self.layers):
-            if k % 2 == 0:
-                feat0 = layer(feat0, feat0, rope, p0, p0, fused)
-                feat1 = layer(feat1, feat1, rope, p1, p1, fused)
-            else:
+            if k % 2 == 1:
                 feat0 = layer(feat0, feat1, None, p0, p1, fused)
                 feat1 = layer(feat1, feat0, None, p1, p0, fused)
+            elif fused and self.batch_self_layers:  # a self layer sees one image: both in one batch
+                both = torch.cat([feat0, feat1], 0)
+                extent = None if p0 is None or p1 is None else Extent(
+                    torch.cat([p0.rows, p1.rows], 0), torch.cat([p0.cols, p1.cols], 0))
+                both = layer(both, both, rope, extent, extent, fused)
+                feat0, feat1 = both[:b], both[b:]
+            else:
+                feat0 = layer(feat0, feat0, rope, p0, p0, fused)
+                feat1 = layer(feat1, feat1, rope, p1, p1, fused)
         if p0 is not None and p1 is not None:
             feat0 = feat0 * grid_mask(unpooled(p0, POOL))
             feat1 = feat1 * grid_mask(unpooled(p1, POOL))
