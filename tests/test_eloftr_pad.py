@@ -10,6 +10,8 @@ under test.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -116,21 +118,22 @@ def test_padding_never_leaks_into_content(real_pair) -> None:
     assert not conf[~valid0].any() and not conf[:, ~valid1].any()
 
 
-def test_self_layers_batched_over_both_images_equal_one_image_at_a_time(real_pair) -> None:
-    """The deploy path runs each self layer once on both images (their extents stacked): the same
-    features as one image at a time, with different paddings per image."""
+def test_layers_batched_over_both_images_equal_one_image_at_a_time(real_pair) -> None:
+    """The deploy path runs what depends on one image only for both images as one batch (their extents
+    stacked): the same features as one image at a time, with different paddings per image."""
     model = loaded_model()
     inputs = _prepared(real_pair, GRAPH)
     padding = content_extents((inputs["image0_mask"], inputs["image1_mask"]))
     with torch.no_grad():
         feats, _, _ = model.extract(inputs["image0"], inputs["image1"])
-        for pad in (padding, None):
-            batched = model.transform(feats, (GRAPH, GRAPH), padding=pad)
-            model.loftr_coarse.batch_self_layers = False
-            single = model.transform(feats, (GRAPH, GRAPH), padding=pad)
-            model.loftr_coarse.batch_self_layers = True
-            for a, b in zip(batched, single):
-                assert max_rel(a.numpy(), b.numpy()) <= 1e-5
+        for form in (model, copy.deepcopy(model).fuse()):  # the checkpoint's layers and the deploy form
+            for pad in (padding, None):
+                batched = form.transform(feats, (GRAPH, GRAPH), padding=pad)
+                form.loftr_coarse.batched = False
+                single = form.transform(feats, (GRAPH, GRAPH), padding=pad)
+                form.loftr_coarse.batched = True
+                for a, b in zip(batched, single):
+                    assert max_rel(a.numpy(), b.numpy()) <= 1e-5
 
 
 def test_pad_pipeline_maps_keypoints_to_original_pixels(real_pair) -> None:

@@ -318,30 +318,56 @@ class AggregatedAttentionLayer(nn.Module):
         fused: bool = True,
     ) -> torch.Tensor:
         """Extents (pooled grid) are given for padded inputs: attention stays inside the content."""
-        c, h, w = int(x.shape[1]), int(x.shape[2]), int(x.shape[3])
-        hq, wq = h // POOL, w // POOL
-        d = c // self.nhead
-        query = self.norm1(self.aggregate(x).permute(0, 2, 3, 1))  # N x h/4 x w/4 x C
-        src = self.norm1(self.max_pool(source).permute(0, 2, 3, 1))
-        q, k, v = self.q_proj(query), self.k_proj(src), self.v_proj(src)
+        k, v = self.keys_values(source, rope)
+        return self.update(x, self.queries(x, rope), k, v, x_extent, source_extent, fused)
+
+    # the layer in parts, so that CoarseTransformer can run what depends on one image only for both at once
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        """N x hq x wq x C -> N x heads x (hq wq) x C/heads (static sizes but the batch: no shape arithmetic)."""
+        hq, wq, c = int(t.shape[1]), int(t.shape[2]), int(t.shape[3])
+        return t.reshape(-1, hq * wq, self.nhead, c // self.nhead).transpose(1, 2)
+
+    def queries(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """The attention queries of x (N x C x h x w): pooled, normalised, projected (N x heads x L x d)."""
+        q = self.q_proj(self.norm1(self.aggregate(x).permute(0, 2, 3, 1)))  # N x h/4 x w/4 x C
         if self.rope:
             assert rope is not None
             q = apply_rope(q, *rope)
+        return self._heads(q)
+
+    def keys_values(self, source: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of `source` (N x C x h x w): max-pooled, normalised, projected."""
+        src = self.norm1(self.max_pool(source).permute(0, 2, 3, 1))
+        k, v = self.k_proj(src), self.v_proj(src)
+        if self.rope:
+            assert rope is not None
             k = apply_rope(k, *rope)
-        # static sizes everywhere but the batch (-1): no shape arithmetic in the graph
-        q = q.reshape(-1, hq * wq, self.nhead, d).transpose(1, 2)  # N x heads x L x d
-        k = k.reshape(-1, hq * wq, self.nhead, d).transpose(1, 2)
-        v = v.reshape(-1, hq * wq, self.nhead, d).transpose(1, 2)
+        return self._heads(k), self._heads(v)
+
+    def x_product(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The deploy form's W_x x (N x h x w x 2C, see `fuse`); None before fusing."""
+        if self.mlp_x_weight is None:
+            return None
+        return F.linear(x.permute(0, 2, 3, 1), self.mlp_x_weight)
+
+    def update(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               x_extent: Optional[Extent] = None, source_extent: Optional[Extent] = None, fused: bool = True,
+               x_product: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x plus the MLP of x and its attention message; `x_product`: `x_product(x)` if computed already."""
+        c, h, w = int(x.shape[1]), int(x.shape[2]), int(x.shape[3])
+        hq, wq = h // POOL, w // POOL
         # keys in the source's padding get no weight (an additive bias of -1e4)
         bias = key_bias(source_extent) if source_extent is not None else None
-        message = attention(q, k, v, 1.0 / math.sqrt(d), bias, fused)
+        message = attention(q, k, v, 1.0 / math.sqrt(c // self.nhead), bias, fused)
         message = message.transpose(1, 2).reshape(-1, hq * wq, c)
         if self.mlp_message_weight is None:  # upstream's order: merge, upsample, concatenate, MLP
             message = self._upsampled(self.merge(message), hq, wq, x_extent)
             hidden = self.mlp[0](torch.cat([x, message], dim=1).permute(0, 2, 3, 1))
         else:  # the deploy form (`fuse`): the same function, the message's product before upsampling
             message = self._upsampled(F.linear(message, self.mlp_message_weight), hq, wq, x_extent)
-            hidden = F.linear(x.permute(0, 2, 3, 1), self.mlp_x_weight) + message.permute(0, 2, 3, 1)
+            mixed = self.x_product(x) if x_product is None else x_product
+            hidden = mixed + message.permute(0, 2, 3, 1)
         message = self.mlp[2](self.mlp[1](hidden))
         return x + self.norm2(message).permute(0, 3, 1, 2)
 
@@ -362,9 +388,9 @@ class CoarseTransformer(nn.Module):
         self.layers = nn.ModuleList(
             AggregatedAttentionLayer(rope=(k % 2 == 0)) for k in range(2 * n_pairs)
         )
-        # the fused path's self layers take both images as one batch (False: one image at a time,
-        # the same function; kept for comparisons)
-        self.batch_self_layers = True
+        # the fused path runs what depends on one image only for both images as one batch (False: one
+        # image at a time, the same function; kept for comparisons)
+        self.batched = True
 
     def forward(
         self, feat0: torch.Tensor, feat1: torch.Tensor, image_size: tuple[int, int],
@@ -372,9 +398,11 @@ class CoarseTransformer(nn.Module):
         fused: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`rope`: precomputed (cos, sin) tables, else built here for the pooled grid.
-        `fused`: the deploy form: attention through the fused kernel, and each self layer run once
-        on both images as one batch (half the launches, twice the rows per kernel); else upstream's
-        arithmetic and order (see `attention`), one image at a time.
+        `fused`: the deploy form: attention through the fused kernel, and what depends on one image
+        only run for both images as one batch (`batched`): every self layer, and in each cross layer
+        the queries and the MLP's product of both images (their keys wait for the other image's
+        update). Fewer launches, twice the rows per kernel. Else upstream's arithmetic and order (see
+        `attention`), one image at a time.
 
         `padding`: coarse content extents of padded inputs. As upstream (which crops to the
         content's whole pooled cells and pads the result with zeros), the content is transformed
@@ -386,24 +414,40 @@ class CoarseTransformer(nn.Module):
         p0 = p1 = None
         if padding is not None:
             p0, p1 = (pooled_extent(e, POOL) for e in padding)
-        b = int(feat0.shape[0])
-        for k, layer in enumerate(self.layers):
-            if k % 2 == 1:
-                feat0 = layer(feat0, feat1, None, p0, p1, fused)
-                feat1 = layer(feat1, feat0, None, p1, p0, fused)
-            elif fused and self.batch_self_layers:  # a self layer sees one image: both in one batch
-                both = torch.cat([feat0, feat1], 0)
-                extent = None if p0 is None or p1 is None else Extent(
-                    torch.cat([p0.rows, p1.rows], 0), torch.cat([p0.cols, p1.cols], 0))
-                both = layer(both, both, rope, extent, extent, fused)
-                feat0, feat1 = both[:b], both[b:]
-            else:
-                feat0 = layer(feat0, feat0, rope, p0, p0, fused)
-                feat1 = layer(feat1, feat1, rope, p1, p1, fused)
+        if fused and self.batched:
+            feat0, feat1 = self._batched(feat0, feat1, rope, p0, p1)
+        else:
+            for k, layer in enumerate(self.layers):
+                if k % 2 == 0:
+                    feat0 = layer(feat0, feat0, rope, p0, p0, fused)
+                    feat1 = layer(feat1, feat1, rope, p1, p1, fused)
+                else:
+                    feat0 = layer(feat0, feat1, None, p0, p1, fused)
+                    feat1 = layer(feat1, feat0, None, p1, p0, fused)
         if p0 is not None and p1 is not None:
             feat0 = feat0 * grid_mask(unpooled(p0, POOL))
             feat1 = feat1 * grid_mask(unpooled(p1, POOL))
         return feat0, feat1
+
+    def _batched(self, feat0: torch.Tensor, feat1: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                 p0: Optional[Extent], p1: Optional[Extent]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layers with both images in one batch wherever one image's work does not wait for the other's."""
+        b = int(feat0.shape[0])
+        extent = None if p0 is None or p1 is None else Extent(
+            torch.cat([p0.rows, p1.rows], 0), torch.cat([p0.cols, p1.cols], 0))
+        both = torch.cat([feat0, feat1], 0)
+        for k in range(0, len(self.layers), 2):
+            own = cast(AggregatedAttentionLayer, self.layers[k])
+            cross = cast(AggregatedAttentionLayer, self.layers[k + 1])
+            both = own(both, both, rope, extent, extent)
+            q, mixed = cross.queries(both), cross.x_product(both)
+            feat0, feat1 = both[:b], both[b:]
+            feat0 = cross.update(feat0, q[:b], *cross.keys_values(feat1), p0, p1, True,
+                                 None if mixed is None else mixed[:b])
+            feat1 = cross.update(feat1, q[b:], *cross.keys_values(feat0), p1, p0, True,
+                                 None if mixed is None else mixed[b:])
+            both = torch.cat([feat0, feat1], 0)
+        return both[:b], both[b:]
 
 
 # --------------------------------------------------------------------------------------------
