@@ -1,10 +1,10 @@
 """Page-locked (pinned) host memory at the two ends of a GPU run: prepared inputs written straight
-into it (`host_buffer`), and large outputs (dense warps, certainty maps) copied back through it
-(`host_array`)."""
+into it (`host_buffer`) and copied to the GPU while the host launches the graph (`to_device`), and
+large outputs (dense warps, certainty maps) copied back through it (`host_array`)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -62,6 +62,29 @@ def host_buffer(shape: tuple[int, ...], dtype: Any = np.float32, pinned: bool = 
     return torch.empty(shape, dtype=dt, pin_memory=True).numpy()
 
 
+def to_device(values: Iterable[Any], device: Any) -> tuple[list[Any], Callable[[], None]]:
+    """``values`` as tensors on ``device``, and a ``wait`` to call before handing control back.
+
+    Copies from page-locked memory to a CUDA device are queued without blocking the host, which
+    meanwhile goes on to launch the graph (a blocking copy held it for the transfer first: eloftr
+    832 compiled fp16 on an H200, 4.51 -> 4.37 ms a pair, session 25). ``wait`` returns once the
+    copies are done, so that after the session's call the caller may reuse or free its host buffers,
+    as after a blocking copy; it is usually done already by then. Elsewhere the copies block and
+    ``wait`` does nothing.
+    """
+    import torch
+
+    tensors = [torch.as_tensor(v) for v in values]
+    device = torch.device(device)
+    queued = [device.type == "cuda" and t.device.type == "cpu" and t.is_pinned() for t in tensors]
+    moved = [t.to(device, non_blocking=q) for t, q in zip(tensors, queued)]
+    if not any(queued):
+        return moved, lambda: None
+    copied = torch.cuda.Event()
+    copied.record(torch.cuda.current_stream(device))
+    return moved, copied.synchronize
+
+
 def batch_inputs(items: list[Any]) -> Any:
     """Equal-shaped prepared inputs (each 1 x ...) as one B x ... tensor, page-locked when they are."""
     import torch
@@ -72,4 +95,4 @@ def batch_inputs(items: list[Any]) -> Any:
     return torch.cat(parts, 0, out=out)
 
 
-__all__ = ["host_array", "host_buffer", "batch_inputs", "pinning_available"]
+__all__ = ["host_array", "host_buffer", "batch_inputs", "pinning_available", "to_device"]

@@ -84,3 +84,43 @@ def test_inputs_for_a_gpu_graph_are_page_locked_and_outlive_their_tensor():
         assert torch.equal(inputs[k], cpu_inputs[k])
     batch = batch_inputs([inputs["image0"], inputs["image0"]])
     assert batch.is_pinned() and torch.equal(batch[1:], inputs["image0"])
+
+
+class _Doubler(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2.0
+
+
+def _session(device: str):
+    from matchrt.backends.torch_backend import TorchSession
+    from matchrt.types import GraphSpec
+
+    graph = GraphSpec(name="double", module=_Doubler(), example_inputs=(torch.zeros(1, 4),), input_names=["x"],
+                      output_names=["y"])
+    return TorchSession(graph, {"device": device})
+
+
+def test_inputs_reach_the_device_and_the_wait_is_a_no_op_off_the_gpu():
+    from matchrt.transfer import to_device
+
+    moved, wait = to_device([np.ones((2, 3), np.float32), torch.arange(4)], "cpu")
+    wait()
+    assert moved[0].dtype == torch.float32 and torch.equal(moved[1], torch.arange(4))
+    out = _session("cpu").run({"x": np.full((1, 4), 3.0, np.float32)})
+    assert torch.equal(out["y"], torch.full((1, 4), 6.0))
+
+
+@gpu
+def test_a_page_locked_input_may_be_overwritten_once_the_session_returns():
+    """The copy to the GPU is queued without blocking the host, but the session returns only once it is
+    done: here the stream is held busy first, so the copy runs late, and the caller then overwrites its
+    buffer at once."""
+    session = _session("cuda")
+    host = torch.full((1, 4), 3.0, pin_memory=True)
+    session.run({"x": host})  # warm
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time ahead of the copy
+    out = session.run({"x": host})
+    host.fill_(-1.0)
+    torch.cuda.synchronize()
+    assert torch.equal(out["y"].cpu(), torch.full((1, 4), 6.0))

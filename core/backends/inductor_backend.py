@@ -38,6 +38,7 @@ from ..package import (
     tf32_allowed,
 )
 from ..provenance import read_provenance
+from ..transfer import to_device
 from ..types import BackendInfo, GraphSpec
 
 NAME = "inductor"
@@ -169,12 +170,13 @@ class InductorSession:
         missing = [n for n in self.input_names if n not in inputs]
         if missing:
             raise MatchrtError(f"{self.path.name} needs inputs {missing}")
-        args = [torch.as_tensor(inputs[n]).to(device=self.device, dtype=self.input_dtypes[n]).contiguous()
-                for n in self.input_names]
         # the package runs on the current stream of the current device: make that its GPU
         device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
         with device, tf32_allowed(self.tf32 or self.device.type != "cuda"), torch.inference_mode():
+            moved, inputs_copied = to_device((inputs[n] for n in self.input_names), self.device)
+            args = [a.to(self.input_dtypes[n]).contiguous() for n, a in zip(self.input_names, moved)]
             outs = self._run_graph(args) if self.cuda_graph else self._call(args)
+            inputs_copied()  # the caller's host buffers are free again
         return {n: (o.float() if o.is_floating_point() else o) for n, o in zip(self.output_names, outs)}
 
     def _run_graph(self, args: list[Any]) -> list[Any]:

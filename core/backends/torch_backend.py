@@ -7,6 +7,7 @@ from contextlib import nullcontext
 from typing import Any, Optional
 
 from ..hookspecs import hookimpl
+from ..transfer import to_device
 from ..types import BackendInfo, GraphSpec
 
 DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
@@ -74,12 +75,13 @@ class TorchSession:
     def run(self, inputs: dict[str, Any]) -> dict[str, Any]:
         import torch
 
-        args = [torch.as_tensor(inputs[n]).to(self.device) for n in self.input_names]
+        args, inputs_copied = to_device((inputs[n] for n in self.input_names), self.device)
         autocast: Any = nullcontext()
         if self.precision in DTYPES:
             autocast = torch.autocast(self.device.type, dtype=getattr(torch, DTYPES[self.precision]))
         with torch.inference_mode(), autocast, self._freezing():
             out = self.module(*args)
+        inputs_copied()  # the caller's host buffers are free again
         if isinstance(out, torch.Tensor):
             out = (out,)
         named = {n: out[n] for n in self.output_names} if isinstance(out, dict) else dict(
