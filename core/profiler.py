@@ -444,6 +444,7 @@ def _profile_pipeline(pipe: Any, config: ProfileConfig, images: tuple[Any, Any],
     if on_gpu and roots is None:  # no stages: charge kernels to compiled graphs and eager regions
         report.regions = _regions(prof, config)
         report.notes.extend(_launch_bound(report.regions))
+        report.notes.extend(_idle_inside(report.regions))
     return report, prof
 
 
@@ -464,6 +465,13 @@ def _launch_bound(rows: list[RegionRow]) -> list[str]:
     return [f"{r.name}: {r.cpu_ms:.1f} ms of CPU for {r.gpu_ms:.1f} ms of GPU work ({r.launches:g} launches): "
             "launch-bound, the GPU waits for Python; fewer launches or a CUDA graph pay here"
             for r in rows if r.name != "eager" and r.cpu_ms > 1.25 * r.gpu_ms and r.cpu_ms > 1.0]
+
+
+def _idle_inside(rows: list[RegionRow]) -> list[str]:
+    """Notes on regions whose GPU idles between their kernels for over 5% of their span (and 0.05 ms)."""
+    return [f"{r.name}: the GPU idles {r.span_ms - r.gpu_ms:.2f} ms of its {r.span_ms:.2f} ms span between its "
+            f"{r.launches:g} kernels and copies (launch latency of each, memsets the most): fewer kernels pay here"
+            for r in rows if r.span_ms is not None and r.span_ms - r.gpu_ms > max(0.05 * r.span_ms, 0.05)]
 
 
 def write_json(report: ProfileReport, path: Path) -> Path:
@@ -502,11 +510,11 @@ def render(report: ProfileReport):
     if report.regions:
         by_region = Table(title="GPU time by compiled graph / eager region (who launched each kernel)",
                           title_style="bold")
-        for col in ("region", "GPU ms", "share", "CPU ms", "launches"):
+        for col in ("region", "GPU ms", "GPU span ms", "share", "CPU ms", "launches"):
             by_region.add_column(col, justify="left" if col == "region" else "right")
         for g in report.regions:
-            by_region.add_row(g.name, f"{g.gpu_ms:.3f}", f"{100 * g.share:.1f}%",
-                              f"{g.cpu_ms:.3f}" if g.cpu_ms else "-", f"{g.launches:g}")
+            by_region.add_row(g.name, f"{g.gpu_ms:.3f}", f"{g.span_ms:.3f}" if g.span_ms is not None else "-",
+                              f"{100 * g.share:.1f}%", f"{g.cpu_ms:.3f}" if g.cpu_ms else "-", f"{g.launches:g}")
         tables.append(by_region)
     wall = report.wall_ms
     lines = [f"wall time per pair: {wall['profiled']:.2f} ms profiled"

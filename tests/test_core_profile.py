@@ -322,6 +322,35 @@ def test_trace_regions_charge_kernels_to_the_graph_or_eager_region_that_launched
     assert len(notes) == 1 and notes[0].startswith("eager in compiled frame 5/0") and "launch-bound" in notes[0]
 
 
+def test_trace_regions_give_the_gpu_span_of_each_call_and_name_the_idle_time():
+    """A CUDA-graph replay launches its kernels under one graph call: the span from its first kernel
+    to its last, summed over calls, shows the GPU idling between them (launch gaps, memset nodes)."""
+    from matchrt.profiler import _idle_inside
+    from matchrt.trace_regions import regions
+
+    events = []
+    for call, t0 in enumerate((0, 10_000)):  # two profiled pairs, one graph replay each
+        events.append(_trace_event("user_annotation", "## Call CompiledFxGraph f0123456789abcdef ##", t0, 50))
+        events.append(_trace_event("cuda_runtime", "cudaGraphLaunch", t0 + 10, 30, corr=10 + call))
+        # 3 kernels and a memset: 1000 us of work in a 1300 us span (gaps 100, 150, 50 us)
+        for begin, dur, cat in ((100, 400, "kernel"), (600, 10, "gpu_memset"), (760, 290, "kernel"),
+                                (1100, 300, "kernel")):
+            events.append(_trace_event(cat, "k", t0 + begin, dur, tid=9, corr=10 + call))
+    events.append(_trace_event("cuda_runtime", "cudaMemcpyAsync", 20_000, 2, corr=99))  # "eager": no span
+    events.append(_trace_event("gpu_memcpy", "Memcpy HtoD", 20_005, 40, tid=9, corr=99))
+    rows = {r.name: r for r in regions(events, runs=2)}
+    graph = rows["compiled graph f0123456789a"]
+    assert graph.gpu_ms == pytest.approx(1.0) and graph.span_ms == pytest.approx(1.3) and graph.launches == 4
+    assert rows["eager"].span_ms is None
+    notes = _idle_inside(list(rows.values()))
+    assert len(notes) == 1 and "idles 0.30 ms of its 1.30 ms span" in notes[0]
+    back_to_back = [_trace_event("user_annotation", "## Call CompiledFxGraph f0123456789abcdef ##", 0, 50),
+                    _trace_event("cuda_runtime", "cudaGraphLaunch", 10, 30, corr=1)]
+    back_to_back += [_trace_event("kernel", "k", begin, 300, tid=9, corr=1) for begin in (100, 400, 700)]
+    (row,) = regions(back_to_back)
+    assert row.span_ms == pytest.approx(row.gpu_ms) and _idle_inside([row]) == []
+
+
 def test_wall_time_without_the_profiler_comes_from_pairs_after_the_warm_up():
     """The warm-up pairs compile and record CUDA graphs (eloftr compiled: 25.6 ms a warm-up pair against 6.2
     profiled); the figure "without the profiler" must not be theirs."""
