@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -68,6 +69,9 @@ def test_a_frozen_session_compiles_its_weights_in_as_constants(monkeypatch) -> N
     monkeypatch.setattr(torch_backend, "compile_options",
                         lambda device, cuda_graph, freeze=False: {"triton.cudagraphs": False, "freezing": freeze})
     torch._dynamo.reset()
+    import torch._inductor.config as inductor_config
+
+    process_setting = inductor_config.freezing
     for freeze in (True, False):
         torch.manual_seed(0)
         layer = nn.Linear(8, 4)
@@ -81,4 +85,8 @@ def test_a_frozen_session_compiles_its_weights_in_as_constants(monkeypatch) -> N
             layer.weight.add_(1.0)
         after = session.run({"x": x})["y"]
         assert torch.equal(after, before) == freeze, freeze
+        assert inductor_config.freezing == process_setting  # switched on only during the calls
+        with pytest.raises(Exception):
+            session.run({"x": torch.randn(2, 3)})  # a failing call restores it too
+        assert inductor_config.freezing == process_setting
     torch._dynamo.reset()
