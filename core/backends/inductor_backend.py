@@ -174,9 +174,11 @@ class InductorSession:
         device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
         with device, tf32_allowed(self.tf32 or self.device.type != "cuda"), torch.inference_mode():
             moved, inputs_copied = to_device((inputs[n] for n in self.input_names), self.device)
-            args = [a.to(self.input_dtypes[n]).contiguous() for n, a in zip(self.input_names, moved)]
-            outs = self._run_graph(args) if self.cuda_graph else self._call(args)
-            inputs_copied()  # the caller's host buffers are free again
+            try:
+                args = [a.to(self.input_dtypes[n]).contiguous() for n, a in zip(self.input_names, moved)]
+                outs = self._run_graph(args) if self.cuda_graph else self._call(args)
+            finally:
+                inputs_copied()  # the caller's host buffers are free again (also after a failed call)
         return {n: (o.float() if o.is_floating_point() else o) for n, o in zip(self.output_names, outs)}
 
     def _run_graph(self, args: list[Any]) -> list[Any]:

@@ -91,9 +91,11 @@ class TorchSession:
         autocast: Any = nullcontext()
         if self.precision in DTYPES:
             autocast = torch.autocast(self.device.type, dtype=getattr(torch, DTYPES[self.precision]))
-        with torch.inference_mode(), autocast, self._freezing():
-            out = self.module(*args)
-        inputs_copied()  # the caller's host buffers are free again
+        try:
+            with torch.inference_mode(), autocast, self._freezing():
+                out = self.module(*args)
+        finally:
+            inputs_copied()  # the caller's host buffers are free again (also after a failed call)
         if isinstance(out, torch.Tensor):
             out = (out,)
         named = {n: out[n] for n in self.output_names} if isinstance(out, dict) else dict(
