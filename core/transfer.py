@@ -68,10 +68,9 @@ def to_device(values: Iterable[Any], device: Any) -> tuple[list[Any], Callable[[
     Copies from page-locked memory to a CUDA device are queued without blocking the host, which
     meanwhile goes on to launch the graph (a blocking copy held it for the transfer first: eloftr
     832 compiled fp16 on an H200, 4.51 -> 4.37 ms a pair without the wait, session 25; the wait
-    comes after the launch). ``wait`` returns once the
-    copies are done, so that after the session's call the caller may reuse or free its host buffers,
-    as after a blocking copy; it is usually done already by then. Elsewhere the copies block and
-    ``wait`` does nothing.
+    comes after the launch). ``wait`` returns once the copies are done, so that after the session's
+    call the caller may reuse or free its host buffers, as after a blocking copy; it is usually done
+    already by then. Elsewhere the copies block and ``wait`` does nothing.
     """
     import torch
 
