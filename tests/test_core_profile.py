@@ -89,6 +89,19 @@ def test_profile_xfeat_small(tmp_path, one_thread):
     _stage_checks(data["stages"], data["total_ms"], {"backbone", "keypoints", "matching", POSTPROCESS})
 
 
+def test_profile_eloftr_names_both_attention_stages(one_thread):
+    """eloftr's deploy path runs each cross layer on both images through a method, not the layer's
+    forward: its time still shows as the cross-attention stage, beside the self layers' stage."""
+    report, _ = run_profile(ProfileConfig("eloftr", height=64, width=64, runs=1, warmup=1, random_weights=True,
+                                          options={"max_matches": 64}))
+    data = report.to_json()
+    rows = _stage_checks(data["stages"], data["total_ms"], {"backbone", "coarse transformer"})
+    attention = {r["name"].rsplit("/", 1)[-1]: r for r in data["stages"] if r["name"].endswith("attention")}
+    assert set(attention) == {"self-attention", "cross-attention"}
+    assert all(r["ms"] > 0 and r["calls"] == 4 and r["depth"] == 1 for r in attention.values())
+    assert sum(r["ms"] for r in attention.values()) <= rows["coarse transformer"]["ms"]
+
+
 class Net(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -208,11 +221,11 @@ def test_builtin_plugins_mark_their_stages():
                 assert len(found["self-attention"]) == len(found["cross-attention"]) == 4
         assert names == expected[plugin.NAME], plugin.NAME
     # the stages that are methods
-    from matchrt.plugins.eloftr.model import ELoFTR
+    from matchrt.plugins.eloftr.model import AggregatedAttentionLayer, ELoFTR
     from matchrt.plugins.roma_plus.model import RomaPlus
 
-    methods = {ELoFTR.confidence: "dual softmax", RomaPlus.after_coarse: "first pass",
-               RomaPlus.upsampling_pass: "upsample pass"}
+    methods = {ELoFTR.confidence: "dual softmax", AggregatedAttentionLayer.both_ways: "cross-attention",
+               RomaPlus.after_coarse: "first pass", RomaPlus.upsampling_pass: "upsample pass"}
     assert {getattr(m, "__matchrt_stage__", None) for m in methods} == set(methods.values())
 
 

@@ -14,13 +14,15 @@ from matchrt.types import (
 from . import export as export_mod
 from . import postprocess as post_mod
 from . import weights as weights_mod
-from .model import DEFAULT_THRESHOLD, SIDE_MULTIPLE, TRAIN_SIZE, ELoFTR
+from .model import DEFAULT_THRESHOLD, SIDE_MULTIPLE, TRAIN_SIZE, AggregatedAttentionLayer, ELoFTR
 
 NAME = "eloftr"
 
 # stage names for `matchrt profile` (no effect outside it; see matchrt.profiling). Stale names
 # never break loading or export (strict=False); tests/test_core_profile.py checks they resolve.
 mark_methods(ELoFTR, {"dual softmax": "confidence"}, strict=False)
+# the batched path runs a cross layer on both images through this method, not the module's forward
+mark_methods(AggregatedAttentionLayer, {"cross-attention": "both_ways"}, strict=False)
 LAYERS = "model.loftr_coarse.layers."
 
 

@@ -371,6 +371,17 @@ class AggregatedAttentionLayer(nn.Module):
         message = self.mlp[2](self.mlp[1](hidden))
         return x + self.norm2(message).permute(0, 3, 1, 2)
 
+    def both_ways(self, both: torch.Tensor, b: int, p0: Optional[Extent] = None, p1: Optional[Extent] = None
+                  ) -> torch.Tensor:
+        """This cross layer on a batch of both images (image 0's B, then image 1's): image 0 attends to
+        image 1, then image 1 to the updated image 0, as `forward` twice; the queries and the MLP's
+        products of both images run as one batch. `p0`, `p1`: their extents (padded inputs)."""
+        q, mixed = self.queries(both), self.x_product(both)
+        feat0, feat1 = both[:b], both[b:]
+        feat0 = self.update(feat0, q[:b], *self.keys_values(feat1), p0, p1, True, None if mixed is None else mixed[:b])
+        feat1 = self.update(feat1, q[b:], *self.keys_values(feat0), p1, p0, True, None if mixed is None else mixed[b:])
+        return torch.cat([feat0, feat1], 0)
+
     @staticmethod
     def _upsampled(message: torch.Tensor, hq: int, wq: int, x_extent: Optional[Extent]) -> torch.Tensor:
         """N x (hq wq) x C' pooled-grid vectors -> N x C' x 4hq x 4wq, bilinearly upsampled."""
@@ -439,14 +450,7 @@ class CoarseTransformer(nn.Module):
         for k in range(0, len(self.layers), 2):
             own = cast(AggregatedAttentionLayer, self.layers[k])
             cross = cast(AggregatedAttentionLayer, self.layers[k + 1])
-            both = own(both, both, rope, extent, extent)
-            q, mixed = cross.queries(both), cross.x_product(both)
-            feat0, feat1 = both[:b], both[b:]
-            feat0 = cross.update(feat0, q[:b], *cross.keys_values(feat1), p0, p1, True,
-                                 None if mixed is None else mixed[:b])
-            feat1 = cross.update(feat1, q[b:], *cross.keys_values(feat0), p1, p0, True,
-                                 None if mixed is None else mixed[b:])
-            both = torch.cat([feat0, feat1], 0)
+            both = cross.both_ways(own(both, both, rope, extent, extent), b, p0, p1)
         return both[:b], both[b:]
 
 
