@@ -72,6 +72,9 @@ class BenchRow:
     max_abs_err: Optional[float] = None
     rel_err: Optional[float] = None
     match_agreement: Optional[float] = None
+    # input pairs whose sparse outputs held no match, in the reference or in this row: the outputs were not
+    # compared there (random weights often let no pair pass a matcher's threshold: eloftr's bench rows)
+    unchecked_pairs: int = 0
     mean_corner_err: Optional[float] = None
     auc: dict[str, float] = field(default_factory=dict)
     tflop_per_pair: Optional[float] = None
@@ -446,7 +449,9 @@ class Bench:
                     # sparse outputs: element-wise errors compare different matches once the
                     # ranking differs anywhere, so the match-set agreement is the fidelity figure
                     agree.append(a)
-                elif not is_sparse(ref):  # a sparse pair without any match says nothing either way
+                elif is_sparse(ref):  # a sparse pair without any match says nothing either way
+                    row.unchecked_pairs += 1
+                else:
                     diffs = [d for d in compare_outputs(ref, out, rtol) if d.mismatched is None]
                     if diffs:
                         errs.append(max(d.max_abs for d in diffs))
@@ -580,6 +585,8 @@ def render_table(rows: list[BenchRow], random_weights: bool, title: str = "match
         if r.build_s is not None:
             notes.append(Text(f"{_label(r)} / {r.backend} / {r.precision}: artifact built (or reused) in "
                               f"{r.build_s:.1f} s, not counted in setup s (the load)"))
+        if r.unchecked_pairs:
+            notes.append(Text(_unchecked_note(r), style="yellow"))
         m = r.model_ms
         table.add_row(
             _label(r), r.backend, r.precision, _shape(r), str(r.batch),
@@ -592,6 +599,12 @@ def render_table(rows: list[BenchRow], random_weights: bool, title: str = "match
             "/".join(f"{v:.2f}" for v in r.auc.values()) or "-",
         )
     return Group(table, *notes)
+
+
+def _unchecked_note(r: BenchRow) -> str:
+    return (f"{_label(r)} / {r.backend} / {r.precision} / {_shape(r)} / batch {r.batch}: outputs unchecked on "
+            f"{r.unchecked_pairs} input pair(s): no match on either side, so nothing to compare (random weights "
+            "rarely pass a matcher's threshold; trained weights, or a lower threshold with -O, give matches)")
 
 
 def _label(r: BenchRow) -> str:
@@ -639,6 +652,10 @@ def markdown_table(rows: list[BenchRow], random_weights: bool) -> str:
         lines.append("")
         lines += [f"- {_label(r)} / {r.backend} / {r.precision}: artifact built (or reused) in {r.build_s:.1f} s, "
                   f"loaded in {r.setup_s:.1f} s" for r in built]
+    unchecked = [r for r in rows if r.status == "ok" and r.unchecked_pairs]
+    if unchecked:
+        lines.append("")
+        lines += [f"- {_unchecked_note(r)}" for r in unchecked]
     if random_weights:
         lines.append("\n**Random weights**: accuracy figures are meaningless; timings are not.")
     return "\n".join(lines) + "\n"

@@ -40,7 +40,8 @@ def test_bench_toy_side_by_side(toy, tmp_path, image_pair):
     ok = rows[("torch", "fp32")]
     assert ok["status"] == "ok" and ok["model_ms"]["n"] == 3
     assert ok["late_compiles"] == 0 and "more graph(s) after the first call" not in r.output
-    assert ok["match_agreement"] == 1.0  # sparse: the match set is the fidelity figure
+    assert ok["match_agreement"] == 1.0 and ok["unchecked_pairs"] == 0  # sparse: the match set is the figure
+    assert "outputs unchecked" not in r.output
     assert ok["model_ms"]["p10"] <= ok["model_ms"]["median"] <= ok["model_ms"]["p90"]
     assert ok["mean_corner_err"] is not None and set(ok["auc"]) == {"auc@3px", "auc@5px", "auc@10px"}
     ort = rows[("onnxruntime", "fp32")]
@@ -241,3 +242,22 @@ def test_bench_reports_graphs_compiled_after_the_first_call(toy, tmp_path, image
     assert r.exit_code == 0, r.output
     assert json.loads(out_json.read_text())["rows"][0]["late_compiles"] == 2
     assert "torch.compile compiled 2 more graph(s) after the first call" in " ".join(r.output.split())
+
+
+def test_bench_says_where_outputs_held_no_match_to_compare(toy, tmp_path, image_pair, monkeypatch):
+    """Sparse outputs without any match (random weights below a matcher's threshold: eloftr) cannot be
+    compared: the row counts those pairs and a note says its fidelity is unchecked there, instead of a
+    bare '-' that reads like a pass."""
+    from matchrt import bench
+
+    monkeypatch.setattr(bench, "match_set_agreement", lambda reference, test: None)
+    out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
+    r = CliRunner().invoke(app, [
+        "bench", "--matcher", "toy", "--backend", "torch", "--precision", "fp32", "--synthetic", "2",
+        "--runs", "1", "--warmup", "0", "--device", "cpu", "--random-weights", "--json", str(out_json),
+        "--markdown", str(out_md), "--size", "64", "--workdir", str(tmp_path / "work")])
+    assert r.exit_code == 0, r.output
+    row = json.loads(out_json.read_text())["rows"][0]
+    assert row["unchecked_pairs"] == 2 and row["match_agreement"] is None
+    assert "outputs unchecked on 2 input pair(s)" in " ".join(r.output.split())
+    assert "outputs unchecked on 2 input pair(s)" in out_md.read_text()
