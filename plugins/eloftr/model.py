@@ -404,11 +404,13 @@ class CoarseTransformer(nn.Module):
         self.batched = True
 
     def forward(
-        self, feat0: torch.Tensor, feat1: torch.Tensor, image_size: tuple[int, int],
+        self, feats: torch.Tensor, image_size: tuple[int, int],
         rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None, padding: Optional[Padding] = None,
         fused: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`rope`: precomputed (cos, sin) tables, else built here for the pooled grid.
+        """The backbone's batch (2B x C x h x w: image 0's B, then image 1's) -> the two images' features.
+
+        `rope`: precomputed (cos, sin) tables, else built here for the pooled grid.
         `fused`: the deploy form: attention through the fused kernel, and what depends on one image
         only run for both images as one batch (`batched`): every self layer, and in each cross layer
         the queries and the MLP's product of both images (their keys wait for the other image's
@@ -420,14 +422,16 @@ class CoarseTransformer(nn.Module):
         as if alone and the output is zero outside it.
         """
         if rope is None:
-            h, w = int(feat0.shape[-2]) // POOL, int(feat0.shape[-1]) // POOL
-            rope = rope_tables(h, w, image_size[0], image_size[1], int(feat0.shape[1]), feat0.device)
+            h, w = int(feats.shape[-2]) // POOL, int(feats.shape[-1]) // POOL
+            rope = rope_tables(h, w, image_size[0], image_size[1], int(feats.shape[1]), feats.device)
         p0 = p1 = None
         if padding is not None:
             p0, p1 = (pooled_extent(e, POOL) for e in padding)
+        b = int(feats.shape[0]) // 2
         if fused and self.batched:
-            feat0, feat1 = self._batched(feat0, feat1, rope, p0, p1)
+            feat0, feat1 = self._batched(feats, b, rope, p0, p1)
         else:
+            feat0, feat1 = feats[:b], feats[b:]
             for k, layer in enumerate(self.layers):
                 if k % 2 == 0:
                     feat0 = layer(feat0, feat0, rope, p0, p0, fused)
@@ -440,13 +444,12 @@ class CoarseTransformer(nn.Module):
             feat1 = feat1 * grid_mask(unpooled(p1, POOL))
         return feat0, feat1
 
-    def _batched(self, feat0: torch.Tensor, feat1: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+    def _batched(self, both: torch.Tensor, b: int, rope: tuple[torch.Tensor, torch.Tensor],
                  p0: Optional[Extent], p1: Optional[Extent]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layers with both images in one batch wherever one image's work does not wait for the other's."""
-        b = int(feat0.shape[0])
+        """The layers on the batch of both images (`b` each) wherever one image's work does not wait for the
+        other's."""
         extent = None if p0 is None or p1 is None else Extent(
             torch.cat([p0.rows, p1.rows], 0), torch.cat([p0.cols, p1.cols], 0))
-        both = torch.cat([feat0, feat1], 0)
         for k in range(0, len(self.layers), 2):
             own = cast(AggregatedAttentionLayer, self.layers[k])
             cross = cast(AggregatedAttentionLayer, self.layers[k + 1])
@@ -667,9 +670,8 @@ class ELoFTR(nn.Module):
         rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None, padding: Optional[Padding] = None,
         fused: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Coarse transformer on the two halves of the backbone batch."""
-        b = int(feat_c.shape[0]) // 2
-        return self.loftr_coarse(feat_c[:b], feat_c[b:], image_size, rope, padding, fused)
+        """Coarse transformer on the backbone batch (image 0's half, then image 1's)."""
+        return self.loftr_coarse(feat_c, image_size, rope, padding, fused)
 
     @staticmethod
     def similarity(feat0: torch.Tensor, feat1: torch.Tensor, padding: Optional[Padding] = None,
