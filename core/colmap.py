@@ -18,6 +18,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
+from .atomic import atomic_path
 from .errors import MatchrtError
 from .pairs import Pair
 
@@ -77,40 +78,40 @@ def write_database(db_path: Path, image_dir: Path, features: Path, matches: Path
     from .features_h5 import read_matches, require_h5py
 
     db_path = Path(db_path)
-    db_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = db_path.with_name(f".{db_path.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
     names = list(dict.fromkeys(n for p in pairs for n in p))
-    with quiet(pycolmap, verbose):
-        pycolmap.Database.open(tmp).close()
-        pycolmap.import_images(tmp, Path(image_dir), getattr(pycolmap.CameraMode, camera_mode.upper()),
-                               image_names=names)
-        h5py = require_h5py()
-        with pycolmap.Database.open(tmp) as db:
-            ids = {im.name: im.image_id for im in db.read_all_images()}
-            missing = [n for n in names if n not in ids]
-            if missing:
-                raise MatchrtError(f"COLMAP could not import {len(missing)} image(s): {missing[:3]}")
-            with h5py.File(features, "r") as f:
-                for name in names:
-                    kp = f[name]["keypoints"][()].astype(np.float64) + 0.5  # COLMAP: corner origin
-                    db.write_keypoints(ids[name], kp.astype(np.float32))
-            for a, b in pairs:
-                rows, _ = read_matches(matches, a, b)
-                db.write_matches(ids[a], ids[b], rows.astype(np.uint32))
-        with tempfile.TemporaryDirectory() as td:
-            pairs_file = Path(td) / "pairs.txt"
-            pairs_file.write_text("".join(f"{a} {b}\n" for a, b in pairs))
-            options = _options(pycolmap.TwoViewGeometryOptions, {**VERIFY_DEFAULTS, **(verify or {})})
-            pycolmap.verify_matches(tmp, pairs_file, options=options)
-        with pycolmap.Database.open(tmp) as db:
-            counts = {"images": db.num_images(), "cameras": db.num_cameras(),
-                      "keypoints": db.num_keypoints(), "matched_pairs": db.num_matched_image_pairs(),
-                      "matches": db.num_matches(), "verified_pairs": db.num_verified_image_pairs(),
-                      "inlier_matches": db.num_inlier_matches()}
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, db_path)
+    counts: dict[str, Any] = {}
+
+    def build(tmp: Path) -> None:
+        tmp.unlink(missing_ok=True)  # a killed run's leftover under the same name: COLMAP would add to it
+        with quiet(pycolmap, verbose):
+            pycolmap.Database.open(tmp).close()
+            pycolmap.import_images(tmp, Path(image_dir), getattr(pycolmap.CameraMode, camera_mode.upper()),
+                                   image_names=names)
+            h5py = require_h5py()
+            with pycolmap.Database.open(tmp) as db:
+                ids = {im.name: im.image_id for im in db.read_all_images()}
+                missing = [n for n in names if n not in ids]
+                if missing:
+                    raise MatchrtError(f"COLMAP could not import {len(missing)} image(s): {missing[:3]}")
+                with h5py.File(features, "r") as f:
+                    for name in names:
+                        kp = f[name]["keypoints"][()].astype(np.float64) + 0.5  # COLMAP: corner origin
+                        db.write_keypoints(ids[name], kp.astype(np.float32))
+                for a, b in pairs:
+                    rows, _ = read_matches(matches, a, b)
+                    db.write_matches(ids[a], ids[b], rows.astype(np.uint32))
+            with tempfile.TemporaryDirectory() as td:
+                pairs_file = Path(td) / "pairs.txt"
+                pairs_file.write_text("".join(f"{a} {b}\n" for a, b in pairs))
+                options = _options(pycolmap.TwoViewGeometryOptions, {**VERIFY_DEFAULTS, **(verify or {})})
+                pycolmap.verify_matches(tmp, pairs_file, options=options)
+            with pycolmap.Database.open(tmp) as db:
+                counts.update({"images": db.num_images(), "cameras": db.num_cameras(),
+                               "keypoints": db.num_keypoints(), "matched_pairs": db.num_matched_image_pairs(),
+                               "matches": db.num_matches(), "verified_pairs": db.num_verified_image_pairs(),
+                               "inlier_matches": db.num_inlier_matches()})
+
+    atomic_path(db_path, build)
     return dict(counts, path=str(db_path))
 
 

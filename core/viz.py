@@ -95,8 +95,6 @@ def save_png(image: np.ndarray, path: Path) -> Path:
 
     from .atomic import atomic_write
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     ok, data = cv2.imencode(".png", image)
     if not ok:
         raise OSError(f"could not encode {path} as PNG")
