@@ -374,13 +374,18 @@ def _wrapper(graph: "GraphSpec", precision: str, device_type: str) -> "torch.nn.
 
 
 def export_program(graph: "GraphSpec", precision: str, device: "torch.device") -> Any:
-    """`torch.export` of the graph's wrapper on `device` (autocast captured in the program)."""
+    """`torch.export` of the graph's wrapper on `device` (autocast captured in the program).
+
+    The wrapper runs once eagerly first: a plugin may build inference state in its first call on a
+    device (roma_plus's split weights, which need the real weights; while torch.export traces, the
+    parameters are fake tensors), and the export then captures that state as constants."""
     import torch
 
     wrapper = _wrapper(graph, precision, device.type).to(device)
     inputs = tuple(torch.as_tensor(t).to(device) for t in graph.example_inputs)
     try:
         with torch.no_grad():
+            wrapper(*inputs)
             return torch.export.export(wrapper, inputs, strict=False)
     except Exception as exc:  # noqa: BLE001 - name the graph and the remedy
         raise MatchrtError(

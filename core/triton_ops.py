@@ -28,4 +28,11 @@ def op_runs_on(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda and not torch.onnx.is_in_onnx_export()
 
 
-__all__ = ["op_runs_on", "tl", "triton"]
+def launch_runs_on(x: torch.Tensor) -> bool:
+    """Can a kernel launched directly (not registered as an op) take ``x``: as ``op_runs_on``, and
+    no trace under way (torch.compile, torch.export: a direct launch on their fake tensors fails, so
+    traced code takes the kernel's torch path)?"""
+    return op_runs_on(x) and not torch.compiler.is_compiling()
+
+
+__all__ = ["launch_runs_on", "op_runs_on", "tl", "triton"]

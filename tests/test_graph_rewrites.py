@@ -157,6 +157,53 @@ def test_split_linears_copies_share_weights_and_export_plain(monkeypatch) -> Non
     assert not any("bitwise" in op or "cat" in op for op in ops), ops
 
 
+def _bf16_values(program) -> bool:
+    """Does an exported program compute bf16 values anywhere (a split product's pieces)?"""
+    return any(getattr(n.meta.get("val"), "dtype", None) == torch.bfloat16 for n in program.graph.nodes)
+
+
+@pytest.mark.parametrize("kind", ["bf16x2-flash", "tf32x3"])
+def test_packages_trace_the_split_copy_their_eager_call_built(monkeypatch, kind: str) -> None:
+    """An AOTInductor package of a bf16 split policy computes the split products torch runs compute
+    (roma_plus's package ran IEEE fp32 DINOv2 and decoder layers before): the package builder calls
+    the graph eagerly first, which builds the split copy from the real weights, and torch.export
+    traces that copy. tf32x3 keeps the plain layers (a package has one TF32 setting, off here), and
+    so does an export without the eager call (no copy to trace; its parameters are fake tensors)."""
+    from matchrt.package import export_program
+    from matchrt.plugins.roma_full.dinov2 import Block
+    from matchrt.plugins.roma_plus import split_products
+    from matchrt.plugins.roma_plus.model import split_eager
+    from matchrt.types import GraphSpec
+
+    monkeypatch.setattr(split_products, "split_pays", lambda device: True)  # this CPU stands in for a GPU
+    torch.manual_seed(5)
+
+    class Region(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.Sequential(Block(64, 4), Block(64, 4)).eval()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return split_eager(self.blocks, kind, x)
+
+    region = Region().eval()
+    x = torch.randn(1, 40, 64) * 2
+    untraced = torch.export.export(Region().eval(), (x,), strict=False)  # no eager call before it
+    assert not _bf16_values(untraced)
+    program = export_program(GraphSpec("main", region, (x,), ["x"], ["y"]), "fp32", torch.device("cpu"))
+    assert _bf16_values(program) == (kind == "bf16x2-flash")
+    with torch.no_grad():
+        packaged = program.module()(x)[0]
+        split = split_products.split_copy(region.blocks, kind)(x)
+        plain = region.blocks(x)
+    if kind == "bf16x2-flash":
+        apart = float((split - plain).abs().max())
+        assert apart > 1e-3  # the weights' bf16 rounding: the two paths are told apart
+        torch.testing.assert_close(packaged, split, rtol=0, atol=apart / 100)
+    else:
+        torch.testing.assert_close(packaged, plain, rtol=1e-6, atol=1e-6)
+
+
 def test_bf16x3_linear_stays_near_fp32_where_bf16_loses_it() -> None:
     """bf16x3: two bf16 pieces per operand, fp32 accumulation: ~1e-5 of the float64 result,
     where a plain bf16 product strays ~1e-2 (the weights are shared, no checkpoint key is added)."""

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from matchrt.triton_ops import op_runs_on, tl, triton  # None without Triton: split_attention keeps its SDPA call
+from matchrt.triton_ops import launch_runs_on, tl, triton  # None without Triton: split_attention keeps its SDPA call
 
 # head widths this kernel takes (a power of two: one tile); below 96 the threefold product fits
 # the fused kernels (3 x 64 = 192 for DINOv2), which are faster there
@@ -32,9 +32,9 @@ MIN_HEAD, MAX_HEAD = 96, 128
 def usable(q: torch.Tensor) -> bool:
     """Should split attention over ``q`` (B x H x N x D, fp32) run here: a CUDA tensor, Triton
     importable, D a power of two in [MIN_HEAD, MAX_HEAD] (a threefold width the fused kernels
-    do not take)?"""
+    do not take), no trace under way?"""
     d = int(q.shape[-1])
-    return op_runs_on(q) and q.dim() == 4 and MIN_HEAD <= d <= MAX_HEAD and d & (d - 1) == 0
+    return launch_runs_on(q) and q.dim() == 4 and MIN_HEAD <= d <= MAX_HEAD and d & (d - 1) == 0
 
 
 if triton is not None:

@@ -127,13 +127,17 @@ def split_eager(module: nn.Module, kind: str, *args: Any, graphs: bool = False) 
     """``module(*args)`` in fp32 through its split copy of ``kind`` (split_products.split_copy), never compiled.
 
     The copy is looked up here, in eager code: found or built inside a compiled (CUDA-graph) region,
-    its split weights would be graph outputs that the next replay overwrites. Traced for ONNX or
-    torch.export, or on a device without TF32 / bf16 tensor cores (CPU, pre-Ampere GPUs), the
-    plain module runs (IEEE fp32 layers). With ``graphs`` the copy's launches are captured and
-    replayed as a CUDA graph (replay.replayed: the same kernels, less CPU time)."""
-    if (torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
-            or not split_products.split_pays(args[0].device)):
+    its split weights would be graph outputs that the next replay overwrites. Traced for ONNX, or on
+    a device without TF32 / bf16 tensor cores (CPU, pre-Ampere GPUs), the plain module runs (IEEE
+    fp32 layers). torch.export (an AOTInductor package) traces the copy an eager call built before
+    it (``split_products.built_copy``; the plain module when there is none). With ``graphs`` the
+    copy's launches are captured and replayed as a CUDA graph (replay.replayed: the same kernels,
+    less CPU time; eager runs only)."""
+    if torch.onnx.is_in_onnx_export() or not split_products.split_pays(args[0].device):
         return strict_eager(module, *args)
+    if torch.compiler.is_compiling():
+        built = split_products.built_copy(module, kind, args[0].device) if torch.compiler.is_exporting() else None
+        return strict_eager(module if built is None else built, *args)
     copy = split_products.split_copy(module, kind)
     return strict_eager(functools.partial(replayed, copy) if graphs else copy, *args)
 
@@ -429,9 +433,10 @@ class RomaPlus(nn.Module):
     def replays_coarse_region(self, modes: dict[str, str]) -> bool:
         """Is proj.16 + GP + decoder replayed as one CUDA graph (``coarse_region``)? With
         ``coarse_graphs``, a split decoder policy and an in-graph GP solve (the exact one reads the
-        factorisation's status on the host, which a capture cannot); CPU inputs stay eager anyway."""
+        factorisation's status on the host, which a capture cannot); CPU inputs stay eager anyway,
+        and torch.export traces the region (a package has no replays)."""
         return (self.coarse_graphs and modes["decoder"] in split_products.KINDS
-                and self.in_graph_solve() != "exact")
+                and self.in_graph_solve() != "exact" and not torch.compiler.is_exporting())
 
     def _coarse_prediction(self, f_q16: torch.Tensor, f_s16: torch.Tensor, modes: dict[str, str],
                            graphs: bool = True) -> dict[str, torch.Tensor]:

@@ -17,13 +17,13 @@ from typing import Any, Optional
 
 import torch
 
-from matchrt.triton_ops import op_runs_on, tl, triton  # None without Triton: laid_out keeps its torch path
+from matchrt.triton_ops import launch_runs_on, tl, triton  # None without Triton: laid_out keeps its torch path
 
 
 def usable(x: torch.Tensor) -> bool:
-    """Can this kernel write x's pieces (a CUDA tensor, Triton importable, not an ONNX export, at
-    most 4 dimensions)?"""
-    return op_runs_on(x) and 1 <= x.dim() <= 4 and x.numel() > 0
+    """Can this kernel write x's pieces (a CUDA tensor, Triton importable, not an export or another
+    trace, at most 4 dimensions)?"""
+    return launch_runs_on(x) and 1 <= x.dim() <= 4 and x.numel() > 0
 
 
 if triton is not None:

@@ -84,10 +84,11 @@ def _key(args: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 def replayable(args: tuple[Any, ...]) -> bool:
-    """Inputs a graph can take: CUDA tensors (at least one, all on one device), no capture under way."""
+    """Inputs a graph can take: CUDA tensors (at least one, all on one device), no capture under way,
+    no trace (torch.export's fake tensors have no memory to capture)."""
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     return (bool(tensors) and all(t.is_cuda for t in tensors) and len({t.device for t in tensors}) == 1
-            and not torch.cuda.is_current_stream_capturing())
+            and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing())
 
 
 def replayed(module: torch.nn.Module, *args: Any) -> Any:

@@ -30,8 +30,9 @@ error 2.2e-4 on an H100 for DINOv2's shapes, against 6.6e-4 for plain fp16 or TF
 
 Used by roma_plus's ``coarse_precision`` policies ``tf32x3``, ``bf16x3``, ``bf16x2`` (linear
 layers of DINOv2 and the decoder) and ``bf16x3-flash``, ``bf16x2-flash`` (those and their
-attention). Torch runs only, on GPUs with the tensor cores for it (``split_pays``): traced for
-ONNX or AOTInductor, or on a CPU, the model keeps the plain fp32 layers.
+attention). On GPUs with the tensor cores for it (``split_pays``): torch runs, and AOTInductor
+packages of the bf16 kinds (``traced_plain``, ``built_copy``); ONNX graphs, tf32x3 packages and CPUs
+keep the plain fp32 layers.
 """
 
 from __future__ import annotations
@@ -186,6 +187,10 @@ def _addmm_fp32(residual: torch.Tensor, a: torch.Tensor, b: torch.Tensor, in_pla
     """residual + a @ b (``_mm_fp32``'s product; residual fp32 M x N), the sum taken in the product's
     epilogue (cuBLAS's beta = 1), not in a pass of its own; ``in_place`` writes it into residual."""
     out = {"out": residual} if in_place else {}
+    if a.device.type == "cuda" and torch.compiler.is_compiling():
+        # traced (a package): AOTInductor has the fp32-output product (mm_dtype) but no addmm of it
+        product = torch.mm(a, b, out_dtype=torch.float32)
+        return residual.add_(product) if in_place else residual + product
     if a.device.type == "cuda":
         return torch.addmm(residual, a, b, out_dtype=torch.float32, **out)
     return torch.addmm(residual, a.float(), b.float(), **out)
@@ -239,9 +244,9 @@ class SplitLinear(nn.Module):
                 in_place: bool = False) -> torch.Tensor:
         """The layer's product of ``x`` (of GELU(x) with ``gelu``: see SplitMlp), plus ``residual``
         when given (a block's skip connection; written into it with ``in_place``)."""
-        # traced graphs (ONNX, torch.export for AOTInductor) keep the plain layer: they have one
-        # TF32 setting for the whole graph, so a split product would run as three IEEE ones
-        if torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+        # traces that keep the plain layer (ONNX; tf32x3 under torch.export: a package has one TF32
+        # setting, so its split products would run as three IEEE ones): see traced_plain
+        if traced_plain(self.kind):
             x = x if self.in_norm is None else self.in_norm(x)
             out = self.linear(F.gelu(x) if gelu else x)
             return _with_residual(out if self.out_scale is None else out * self.out_scale, residual, in_place)
@@ -331,7 +336,7 @@ class SplitPatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """B x 3 x H x W -> B x C x H/p x W/p, the convolution's output (a view of B x N x C)."""
-        if torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+        if traced_plain(self.split.kind):
             return self.proj(x)
         kh, kw = self.proj.kernel_size
         b, c, h, w = (int(s) for s in x.shape)
@@ -367,7 +372,7 @@ class SplitPointwise(nn.Module):
             len(layers) == 1 or (len(layers) == 2 and isinstance(layers[1], nn.BatchNorm2d) and not layers[1].training))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+        if traced_plain(self.split.kind):
             return self.module(x)
         b, c, h, w = (int(s) for s in x.shape)
         out = self.split(x.flatten(2).transpose(1, 2))  # B x HW x C'
@@ -414,7 +419,7 @@ class SplitAttention(nn.Module):
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, in_place: bool = False
                 ) -> torch.Tensor:
         """The attention of ``x``, plus ``residual`` when given (see SplitLinear.forward)."""
-        if not self.flash or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+        if not self.flash or traced_plain(self.qkv.kind):
             out = Attention.forward(self, x)  # type: ignore[arg-type]  # same attributes
             return _with_residual(out, residual, in_place)
         b, n, c = x.shape
@@ -541,6 +546,33 @@ def split_copy(module: nn.Module, kind: str = "tf32x3") -> nn.Module:
     return module.__dict__[_COPY_ATTR][1]
 
 
+def traced_plain(kind: str) -> bool:
+    """Does the trace under way keep the plain fp32 layers instead of ``kind``'s split products? ONNX
+    exports do (their runtimes have no bf16 product with an fp32 result), and so does torch.compile
+    (the split copies run eagerly beside it: model.split_eager). torch.export, which builds
+    AOTInductor packages, keeps the bf16 kinds' split products, ordinary torch ops (casts, bf16
+    products with an fp32 result, SDPA), and the plain layers for tf32x3 only, whose products need
+    TF32 inside a package built with TF32 off."""
+    if torch.onnx.is_in_onnx_export():
+        return True
+    if torch.compiler.is_exporting():
+        return kind.removesuffix("-flash") == "tf32x3"
+    return torch.compiler.is_compiling()
+
+
+def built_copy(module: nn.Module, kind: str, device: torch.device) -> Optional[nn.Module]:
+    """The split copy of ``kind`` on ``device`` that an eager call built (``split_copy``), or None.
+
+    For torch.export, whose parameters are fake tensors while it traces (no storage to build split
+    weights from, or to check the copy's key against): the package builder calls the graph once
+    eagerly first (``matchrt.package.export_program``), which builds the copies, and the export
+    captures their split weights as constants."""
+    cached = module.__dict__.get(_COPY_ATTR)
+    if cached is None or cached[0][0] != kind or cached[0][1] != str(device):
+        return None
+    return cached[1]
+
+
 def split_pays(device: torch.device) -> bool:
     """Does a split product beat an IEEE fp32 one here? Only on a GPU with TF32 and bf16 tensor
     cores (compute capability 8.0 and up); elsewhere the split would only triple the work."""
@@ -551,4 +583,4 @@ __all__ = ["KINDS", "BIAS_PIECES", "tf32_head", "tf32_pieces", "extra_columns", 
            "piece_orders", "split_operand", "SplitLinear", "SplitMlp", "split_attention", "split_attention_halves",
            "summed_halves", "merged_heads", "laid_out_heads", "SplitAttention", "SplitBlock", "SplitPatchEmbed",
            "SplitPointwise",
-           "split_linears", "split_copy", "split_pays"]
+           "split_linears", "split_copy", "built_copy", "split_pays", "traced_plain"]
