@@ -472,7 +472,7 @@ def build_package(
     if not output.name.endswith(SUFFIX):
         raise MatchrtError(f"an AOTInductor package must end in {SUFFIX}, got {output}")
     dev = check_request(precision, device)
-    configs = dict(inductor_configs or {})
+    configs = {**graph.inductor_configs, **(inductor_configs or {})}
     tf32 = tf32_policy(precision, graph.tf32)
     record = _record(graph, output, context, precision, dev, tf32, plan_options or {}, configs)
     # the C++ compiler is part of what a package is: one whose packages cannot load is replaced

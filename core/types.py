@@ -146,6 +146,10 @@ class GraphSpec:
     # compiled torch runs on CUDA: freeze the weights into the compiled graphs (Inductor's freezing,
     # weight-only work folded at compile time). A plugin opts in where it measured that it pays
     freeze_weights: bool = False
+    # Inductor settings an AOTInductor package of this graph needs to compute its function (the
+    # builder's --inductor-config values win over them); e.g. roma_plus's split products, whose
+    # pieces must be rounded where the graph casts them: {"emulate_precision_casts": True}
+    inductor_configs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -13,7 +14,11 @@ from matchrt.plugins.eloftr.model import ELoFTR
 from matchrt.plugins.eloftr.weights import LAYOUT
 from matchrt.weights import enforce, load_checkpoint, write_random_checkpoint
 
+if TYPE_CHECKING:
+    from matchrt.runner import Pipeline
+
 DATA = Path(__file__).parent / "data" / "eloftr"
+MEGADEPTH_IMAGES = ("02928139_3448003521.jpg", "17295357_9106075285.jpg")
 REFERENCE = DATA / "megadepth_320x320_ref.npz"
 NON_SQUARE_REFERENCE = DATA / "megadepth_320x448_ref.npz"
 
@@ -172,3 +177,62 @@ def assert_same_matches(ours: dict[str, np.ndarray], runtime: dict[str, np.ndarr
     log_ours = np.log(ours["confidence"][0, valid].astype(np.float64))
     log_runtime = np.log(runtime["confidence"][0, valid][nearest].astype(np.float64))
     assert float((np.abs(log_runtime - log_ours) / np.abs(log_ours)).max()) <= 1e-4
+
+
+def pipeline_at(size: int, threshold: float, options: dict) -> "Pipeline":
+    """eloftr with the deterministic weights at size x size, ``threshold``, 2048 slots, on the torch
+    backend with ``options`` (device, precision, compile, cuda_graph)."""
+    from matchrt.runner import open_pipeline
+
+    return open_pipeline("eloftr", "torch", {"checkpoint": checkpoint_path()}, height=size, width=size,
+                         extra={"threshold": threshold, "max_matches": 2048}, backend_options=options)
+
+
+@functools.lru_cache(maxsize=None)
+def megadepth_pair(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MegaDepth pair as 1 x 1 x size x size grayscale in [0, 1] (INTER_AREA, as the reference)."""
+    import cv2
+
+    folder = Path(__file__).parent / "data" / "images"
+    out = []
+    for name in MEGADEPTH_IMAGES:
+        gray = cv2.imread(str(folder / name), cv2.IMREAD_GRAYSCALE)
+        resized = cv2.resize(gray, (size, size), interpolation=cv2.INTER_AREA)
+        out.append(torch.from_numpy(resized.astype(np.float32) / 255.0)[None, None])
+    return out[0], out[1]
+
+
+def noisy(image: torch.Tensor, seed: int) -> torch.Tensor:
+    """``image`` plus uniform noise of +-0.5/255 (its 8-bit quantisation), clipped to [0, 1]."""
+    noise = torch.rand(image.shape, generator=torch.Generator().manual_seed(seed)) - 0.5
+    return (image + noise / 255.0).clamp(0.0, 1.0)
+
+
+def valid_matches(pipe: "Pipeline", image0: torch.Tensor, image1: torch.Tensor, calls: int = 1) -> dict[str, np.ndarray]:
+    """Valid matches of the last of ``calls`` calls (a CUDA-graph session replays from its later calls)."""
+    for _ in range(calls):
+        out = pipe.run({"image0": image0.clone(), "image1": image1.clone()})
+    valid = out["valid"][0].cpu().numpy().astype(bool)
+    return {"kp0": out["keypoints0"][0].cpu().numpy()[valid], "kp1": out["keypoints1"][0].cpu().numpy()[valid],
+            "conf": out["confidence"][0].cpu().numpy()[valid]}
+
+
+def agreement(ref: dict[str, np.ndarray], test: dict[str, np.ndarray], pixels: float = 0.5) -> dict[str, float]:
+    """How ``test`` matches ``ref``: each reference match paired with its nearest test match (largest
+    coordinate difference over both keypoints) when that lies within ``pixels``."""
+    a = np.concatenate([ref["kp0"], ref["kp1"]], 1).astype(np.float64)
+    b = np.concatenate([test["kp0"], test["kp1"]], 1).astype(np.float64)
+    if not len(a) or not len(b):
+        return {"reference": len(a), "test": len(b), "paired": 0, "one_to_one": True, "max_px": 0.0,
+                "log_conf_rel": 0.0}
+    dist = np.abs(a[:, None, :] - b[None, :, :]).max(-1)
+    nearest, gap = dist.argmin(1), dist.min(1)
+    paired = gap <= pixels
+    log_ref = np.log(ref["conf"][paired].astype(np.float64))
+    log_test = np.log(test["conf"][nearest[paired]].astype(np.float64))
+    return {
+        "reference": len(a), "test": len(b), "paired": int(paired.sum()),
+        "one_to_one": len(set(nearest[paired].tolist())) == int(paired.sum()),
+        "max_px": float(gap[paired].max()) if paired.any() else 0.0,
+        "log_conf_rel": float((np.abs(log_test - log_ref) / np.abs(log_ref)).max()) if paired.any() else 0.0,
+    }

@@ -168,6 +168,34 @@ def test_second_build_is_a_no_op_and_force_rebuilds(built, monkeypatch):
     assert not stale.exists() and not list(built.dir.glob(".*partial*"))
 
 
+def test_a_graph_s_inductor_settings_reach_the_compiler_and_the_record(built, tmp_path, monkeypatch):
+    """A plugin's GraphSpec names the Inductor settings its graph needs (roma_plus's split products:
+    emulate_precision_casts); the builder passes them on, records them (so the rebuild command and
+    the package's identity carry them), and a setting the user gives wins over the graph's."""
+    import torch._inductor
+
+    from matchrt.package import build_package, package_context
+
+    calls = []
+
+    def fake_compile(program, package_path, inductor_configs):
+        calls.append(dict(inductor_configs))
+        Path(package_path).write_bytes(b"package")
+        return package_path
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", fake_compile)
+    module = torch.nn.Linear(4, 2).eval()
+    graph = GraphSpec("main", module, (torch.rand(3, 4),), ["x"], ["y"],
+                      inductor_configs={"emulate_precision_casts": True, "max_autotune": False})
+    out = tmp_path / "linear.pt2"
+    context = package_context(get_host(), "toy", {"checkpoint": built.ckpt}, [module], {}, 64, 96, out)
+    build_package(graph, out, context, device="cpu", inductor_configs={"max_autotune": True})
+    assert calls[0]["emulate_precision_casts"] is True and calls[0]["max_autotune"] is True
+    record = read_provenance(out)
+    assert record["build"]["inductor_configs"] == {"emulate_precision_casts": True, "max_autotune": True}
+    assert "--inductor-config emulate_precision_casts=" in record["rebuild"]
+
+
 def test_package_from_another_torch_or_device_is_refused_before_loading(built, tmp_path, monkeypatch):
     import shutil
 
