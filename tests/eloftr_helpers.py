@@ -167,16 +167,20 @@ def assert_same_matches(ours: dict[str, np.ndarray], runtime: dict[str, np.ndarr
     1.6e-5 in log-confidence.)
     """
     assert np.array_equal(ours["valid"], runtime["valid"])
-    valid = ours["valid"][0]
-    a = np.concatenate([ours["keypoints0"][0, valid], ours["keypoints1"][0, valid]], 1)
-    b = np.concatenate([runtime["keypoints0"][0, valid], runtime["keypoints1"][0, valid]], 1)
-    dist = np.abs(a[:, None, :] - b[None, :, :]).max(-1)
-    nearest = dist.argmin(1)
-    assert len(set(nearest.tolist())) == len(a), "not a one-to-one correspondence"
-    assert float(dist.min(1).max()) <= 1e-3
-    log_ours = np.log(ours["confidence"][0, valid].astype(np.float64))
-    log_runtime = np.log(runtime["confidence"][0, valid][nearest].astype(np.float64))
-    assert float((np.abs(log_runtime - log_ours) / np.abs(log_ours)).max()) <= 1e-4
+    stats = agreement(match_set(ours), match_set(runtime), pixels=1e-3)
+    assert stats["paired"] == stats["reference"] > 0 and stats["one_to_one"], f"not one to one: {stats}"
+    assert stats["log_conf_rel"] <= 1e-4, stats
+
+
+def match_set(out: dict) -> dict[str, np.ndarray]:
+    """The first pair's valid matches of a graph's outputs (numpy arrays or torch tensors on any
+    device): keypoints ``kp0``, ``kp1`` and confidences ``conf``, in slot order."""
+    def array(x) -> np.ndarray:
+        return x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+    valid = array(out["valid"])[0].astype(bool)
+    return {"kp0": array(out["keypoints0"])[0][valid], "kp1": array(out["keypoints1"])[0][valid],
+            "conf": array(out["confidence"])[0][valid]}
 
 
 def pipeline_at(size: int, threshold: float, options: dict) -> "Pipeline":
@@ -212,9 +216,7 @@ def valid_matches(pipe: "Pipeline", image0: torch.Tensor, image1: torch.Tensor, 
     """Valid matches of the last of ``calls`` calls (a CUDA-graph session replays from its later calls)."""
     for _ in range(calls):
         out = pipe.run({"image0": image0.clone(), "image1": image1.clone()})
-    valid = out["valid"][0].cpu().numpy().astype(bool)
-    return {"kp0": out["keypoints0"][0].cpu().numpy()[valid], "kp1": out["keypoints1"][0].cpu().numpy()[valid],
-            "conf": out["confidence"][0].cpu().numpy()[valid]}
+    return match_set(out)
 
 
 def agreement(ref: dict[str, np.ndarray], test: dict[str, np.ndarray], pixels: float = 0.5) -> dict[str, float]:

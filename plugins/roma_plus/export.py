@@ -70,7 +70,8 @@ def fp32_layers(options: dict[str, Any]) -> list[str]:
 
 def graph_tf32(options: dict[str, Any]) -> Optional[bool]:
     """TF32 of the build: off while a coarse region must be IEEE fp32, on with "tf32", else the default.
-    A split mode counts as IEEE fp32: exported graphs run those regions as plain fp32 layers."""
+    A split mode counts as IEEE fp32: ONNX graphs (and tf32x3 packages) run those regions as plain fp32
+    layers, and the bf16 kinds' packages run their split products, which need no TF32, beside fp32 ones."""
     modes = set(coarse_region_modes(options["coarse_precision"]).values())
     if "tf32" in modes:
         return True
@@ -86,8 +87,7 @@ def package_configs(options: dict[str, Any]) -> dict[str, Any]:
     560/864): without the setting 22.5% of the package's warp moved by more than 1e-2 from strict
     fp32; with it 2.9%, against 4.1% for torch's fp16 run and 4.3% for +-0.5/255 input noise."""
     modes = set(coarse_region_modes(options["coarse_precision"]).values())
-    splits = modes & {kind for kind in split_products.KINDS if kind != "tf32x3"}
-    return {"emulate_precision_casts": True} if splits else {}
+    return {"emulate_precision_casts": True} if modes & set(split_products.PACKAGED_KINDS) else {}
 
 
 def truthy(value: Any) -> bool:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from matchrt.triton_ops import op_runs_on, tl, triton  # None without Triton: sampling.kde keeps its torch path
+from matchrt.triton_ops import launch_runs_on, tl, triton  # None without Triton: sampling.kde keeps its torch path
 
 # points of at most this many coordinates (RoMa's matches have 4: x_A, y_A, x_B, y_B)
 MAX_DIM = 8
@@ -26,7 +26,7 @@ MAX_DIM = 8
 
 def usable(x: torch.Tensor) -> bool:
     """Can this kernel take x (a CUDA N x D tensor, D <= MAX_DIM, Triton importable)?"""
-    return op_runs_on(x) and x.dim() == 2 and 1 <= x.shape[1] <= MAX_DIM and x.shape[0] > 0
+    return launch_runs_on(x) and x.dim() == 2 and 1 <= x.shape[1] <= MAX_DIM and x.shape[0] > 0
 
 
 if triton is not None:

@@ -52,6 +52,9 @@ from . import attention_kernel, piece_kernel
 from .refiner import is_pointwise
 
 KINDS = ("tf32x3", "bf16x3", "bf16x3-flash", "bf16x2", "bf16x2-flash")
+# the kinds an AOTInductor package keeps as split products (traced_plain): the bf16 ones. tf32x3's products
+# need TF32, and a package has one TF32 setting, off where a coarse region must be IEEE fp32
+PACKAGED_KINDS = tuple(kind for kind in KINDS if kind != "tf32x3")
 BIAS_PIECES = 3  # bf16 pieces of an fp32 bias (8 + 8 + 8 bits of mantissa: all of fp32's 24)
 OUT_ALIGN = 8  # output rows of bf16 split products: a multiple of 8 fp32 values (32 bytes)
 _BLOCKS = (Block, DecoderBlock)  # the pre-norm transformer blocks split_linears turns into SplitBlocks
@@ -556,7 +559,7 @@ def traced_plain(kind: str) -> bool:
     if torch.onnx.is_in_onnx_export():
         return True
     if torch.compiler.is_exporting():
-        return kind.removesuffix("-flash") == "tf32x3"
+        return kind not in PACKAGED_KINDS
     return torch.compiler.is_compiling()
 
 
@@ -579,7 +582,7 @@ def split_pays(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
-__all__ = ["KINDS", "BIAS_PIECES", "tf32_head", "tf32_pieces", "extra_columns", "laid_out", "bias_pieces",
+__all__ = ["KINDS", "PACKAGED_KINDS", "BIAS_PIECES", "tf32_head", "tf32_pieces", "extra_columns", "laid_out", "bias_pieces",
            "piece_orders", "split_operand", "SplitLinear", "SplitMlp", "split_attention", "split_attention_halves",
            "summed_halves", "merged_heads", "laid_out_heads", "SplitAttention", "SplitBlock", "SplitPatchEmbed",
            "SplitPointwise",
