@@ -725,10 +725,14 @@ def write_json(bench: Bench, path: Path) -> Path:
 
 def open_backend(host: Host, matcher: str, backend: str, precision: str, model: Any,
                  export: ExportOptions, device: str, workdir: Path,
-                 progress: Optional[Callable[[str], None]] = None) -> Pipeline:
+                 progress: Optional[Callable[[str], None]] = None,
+                 weights: Optional[dict[str, Optional[Path]]] = None, random_weights: bool = False) -> Pipeline:
     """One `--backend` variant opened exactly as the bench opens it (ONNX export and engine
-    build included, files under `workdir`), or a MatchrtError saying why it cannot run here."""
-    bench = Bench(BenchConfig([matcher], [backend], [precision], [], device=device, workdir=workdir),
+    build included, files under `workdir`), or a MatchrtError saying why it cannot run here.
+    ``weights`` / ``random_weights``: where ``model``'s weights came from, which an AOTInductor
+    package records (its provenance and rebuild command)."""
+    bench = Bench(BenchConfig([matcher], [backend], [precision], [], device=device, workdir=workdir,
+                              weights={matcher: dict(weights or {})}, random_weights=random_weights),
                   host, progress)
     reason = bench._unsupported(backend, precision)
     if reason:

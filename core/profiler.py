@@ -365,7 +365,7 @@ def run_profile(config: ProfileConfig, host: Any = None,
     images = config.images or _default_images()
     with tempfile.TemporaryDirectory(prefix="matchrt-profile-") as tmp:
         pipe = open_backend(host, config.matcher, config.backend, config.precision, model, export,
-                            config.device, config.workdir or Path(tmp), say)
+                            config.device, config.workdir or Path(tmp), say, config.weights, config.random_weights)
         report, prof = _profile_pipeline(pipe, config, images, say)
     report.input_size = [h, w]
     report.provenance["random_weights"] = any(is_random(p) for p in paths.values())

@@ -77,6 +77,26 @@ def test_profile_refuses_what_the_bench_refuses(toy):
     assert r.exit_code == 2 and "use --device cuda" in r.output
 
 
+def test_profile_builds_packages_from_the_weights_it_loaded(toy, tmp_path, monkeypatch):
+    """`profile --backend inductor` builds the package the bench builds, from the weights profile
+    loaded: random weights, or the checkpoint given, reach the package's record (it asked for a
+    --checkpoint that --random-weights had replaced before)."""
+    import matchrt.package
+    from matchrt.errors import MatchrtError
+
+    seen = []
+
+    def stop(host, plan, out, context, settings):
+        seen.append(context)
+        raise MatchrtError("stopped before compiling")
+
+    monkeypatch.setattr(matchrt.package, "build_packages", stop)
+    with pytest.raises(MatchrtError, match="stopped before compiling"):
+        run_profile(ProfileConfig("toy", backend="inductor", random_weights=True, runs=1, warmup=0,
+                                  workdir=tmp_path))
+    assert seen[0].random_weights and set(seen[0].weights) == {"checkpoint"}
+
+
 def test_profile_xfeat_small(tmp_path, one_thread):
     pytest.importorskip("matchrt_xfeat")
     with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
