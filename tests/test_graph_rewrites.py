@@ -314,6 +314,41 @@ def test_split_attention_kernel_computes_the_fused_call_s_attention(n: int) -> N
     assert not attention_kernel.usable(q[..., :64])  # DINOv2's 64: the fused kernels take 192
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_packages_keep_the_split_attention_kernel_for_wide_heads() -> None:
+    """The decoder's 128-wide heads: a package of the default policy runs attention_kernel (a
+    registered Triton op, which torch.export keeps) rather than torch's memory-efficient kernel over
+    the threefold operands, and computes what the eager split copy computes."""
+    from matchrt.package import export_program
+    from matchrt.plugins.roma_full.dinov2 import Block
+    from matchrt.plugins.roma_plus import attention_kernel, split_products
+    from matchrt.plugins.roma_plus.model import split_eager
+    from matchrt.types import GraphSpec
+
+    if attention_kernel.triton is None:
+        pytest.skip("Triton is not installed")
+    torch.manual_seed(6)
+
+    class Region(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = Block(256, 2).eval()  # heads of 128, as the decoder's
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return split_eager(self.block, "bf16x2-flash", x)
+
+    region = Region().cuda().eval()
+    x = torch.randn(2, 300, 256, device="cuda")
+    program = export_program(GraphSpec("main", region, (x,), ["x"], ["y"]), "fp32", torch.device("cuda"))
+    targets = " ".join(str(n.target) for gm in program.graph_module.modules() if isinstance(gm, torch.fx.GraphModule)
+                       for n in gm.graph.nodes if n.op == "call_function")  # autocast regions are submodules
+    assert "split_attention" in targets and "scaled_dot_product" not in targets, targets
+    with torch.no_grad():
+        packaged = program.module()(x)[0]
+        split = split_products.split_copy(region.block, "bf16x2-flash")(x)
+    torch.testing.assert_close(packaged, split, rtol=1e-5, atol=1e-5 * float(split.abs().max()))
+
+
 def test_split_linears_kinds_replace_what_each_kind_splits() -> None:
     from matchrt.plugins.roma_full.dinov2 import Attention
     from matchrt.plugins.roma_plus.split_products import SplitAttention, SplitLinear, split_linears

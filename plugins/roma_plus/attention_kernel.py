@@ -13,6 +13,12 @@ softmax runs online in fp32, the weights are rounded to fp16 before the value pr
 fused kernels do), and the products with v_hi and v_lo are summed into one fp32 output. No
 duplicated pieces are written (two per operand, not three). CUDA with Triton only; elsewhere, and
 for head widths torch's kernels take, ``split_attention`` keeps its SDPA call.
+
+Registered as a ``torch.library.triton_op``, so torch.export keeps the kernel inside AOTInductor
+packages too (before, a package traced the SDPA call, which ran torch's memory-efficient kernel).
+Eager calls time the block shapes at the first call per (n, D); a trace launches the shape the
+last eager call of that size chose (the package builder calls the graph eagerly before exporting
+it), or the first shape when none ran.
 """
 
 from __future__ import annotations
@@ -22,8 +28,9 @@ from typing import Any
 
 import torch
 
-from matchrt.triton_ops import launch_runs_on, tl, triton  # None without Triton: split_attention keeps its SDPA call
+from matchrt.triton_ops import op_runs_on, tl, triton  # None without Triton or triton_op: split_attention keeps SDPA
 
+OP_NAME = "matchrt_roma::split_attention"
 # head widths this kernel takes (a power of two: one tile); below 96 the threefold product fits
 # the fused kernels (3 x 64 = 192 for DINOv2), which are faster there
 MIN_HEAD, MAX_HEAD = 96, 128
@@ -32,9 +39,9 @@ MIN_HEAD, MAX_HEAD = 96, 128
 def usable(q: torch.Tensor) -> bool:
     """Should split attention over ``q`` (B x H x N x D, fp32) run here: a CUDA tensor, Triton
     importable, D a power of two in [MIN_HEAD, MAX_HEAD] (a threefold width the fused kernels
-    do not take), no trace under way?"""
+    do not take), no ONNX export?"""
     d = int(q.shape[-1])
-    return launch_runs_on(q) and q.dim() == 4 and MIN_HEAD <= d <= MAX_HEAD and d & (d - 1) == 0
+    return op_runs_on(q) and q.dim() == 4 and MIN_HEAD <= d <= MAX_HEAD and d & (d - 1) == 0
 
 
 if triton is not None:
@@ -42,7 +49,9 @@ if triton is not None:
     @triton.jit
     def _split_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, n, scale_log2e,
                                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        # q, k, v: (B*H) x n x 2D fp16, [hi | lo] per row; o: (B*H) x n x D fp32
+        # q, k, v: (B*H) x n x 2D fp16, [hi | lo] per row; o: (B*H) x n x D fp32. Inductor passes a
+        # Python float as fp64 (a package's launch), which would turn the softmax fp64: cast it
+        scale_log2e = tl.cast(scale_log2e, tl.float32)
         bh = tl.program_id(1).to(tl.int64)
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < n
@@ -84,24 +93,41 @@ if triton is not None:
     CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                for m, n, w, s in ((64, 64, 4, 2), (64, 64, 8, 2), (64, 128, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3))]
     _tuned_kernel = triton.autotune(configs=CONFIGS, key=["n", "D"])(_split_attention_kernel)
+    _chosen: dict[tuple[int, int], Any] = {}  # (n, D) -> the config the last eager call of that size ran
+
+    def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, launcher: Any) -> torch.Tensor:
+        b, h, n, width = (int(s) for s in q.shape)
+        d = width // 2
+        out = torch.empty(b, h, n, d, dtype=torch.float32, device=q.device)
+        scale_log2e = float(scale) * 1.4426950408889634
+        tracing = torch.compiler.is_compiling()
+        if os.environ.get("TRITON_INTERPRET") == "1" or tracing:
+            config = CONFIGS[0] if not tracing else _chosen.get((n, d), CONFIGS[0])
+            grid = (triton.cdiv(n, config.kwargs["BLOCK_M"]), b * h)
+            launcher(_split_attention_kernel)[grid](q, k, v, out, n, scale_log2e, D=d, num_warps=config.num_warps,
+                                                    num_stages=config.num_stages, **config.kwargs)
+            return out
+        tuned: Any = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h)  # noqa: E731
+        launcher(_tuned_kernel)[tuned](q, k, v, out, n, scale_log2e, D=d)
+        if getattr(_tuned_kernel, "best_config", None) is not None:
+            _chosen[(n, d)] = _tuned_kernel.best_config
+        return out
+
+    @torch.library.triton_op(OP_NAME, mutates_args=())
+    def split_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """softmax(q k^T * scale) v from contiguous fp16 pieces B x H x N x 2D -> B x H x N x D fp32."""
+        return _launch(q, k, v, scale, torch.library.wrap_triton)
 
 
 def split_attention(q_pieces: torch.Tensor, k_pieces: torch.Tensor, v_pieces: torch.Tensor,
                     scale: float) -> torch.Tensor:
     """softmax(q k^T * scale) v from fp16 pieces B x H x N x 2D (``[x_hi | x_lo]`` per row, as
-    ``split_products.laid_out(x, float16, "ht")`` writes them) -> B x H x N x D fp32."""
-    b, h, n, width = (int(s) for s in q_pieces.shape)
-    d = width // 2
-    out = torch.empty(b, h, n, d, dtype=torch.float32, device=q_pieces.device)
+    ``split_products.laid_out(x, float16, "ht")`` writes them) -> B x H x N x D fp32. Eager calls,
+    torch.compile and torch.export all run the registered op."""
     q, k, v = (t.contiguous() for t in (q_pieces, k_pieces, v_pieces))
-    grid: Any = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h)  # noqa: E731
-    scale_log2e = float(scale) * 1.4426950408889634
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        first = CONFIGS[0]
-        _split_attention_kernel[grid(first.kwargs)](q, k, v, out, n, scale_log2e, D=d, **first.kwargs)
-    else:
-        _tuned_kernel[grid](q, k, v, out, n, scale_log2e, D=d)
-    return out
+    return torch.ops.matchrt_roma.split_attention(q, k, v, float(scale))
 
 
-__all__ = ["MAX_HEAD", "MIN_HEAD", "split_attention", "usable"]
+__all__ = ["MAX_HEAD", "MIN_HEAD", "OP_NAME", "split_attention", "usable"]
+
+
