@@ -7,6 +7,8 @@ Region: i/j`` (a dynamo frame, whose eager parts run between its graphs) or a ``
 Each kernel is charged to the innermost such range around its launch:
 
 - ``compiled graph <hash>``: an Inductor graph;
+- ``package <file>``: a call of an AOTInductor package (``## Call AOTInductor package <file> ##``,
+  the range matchrt's inductor backend opens around it, CUDA-graph replays included);
 - ``eager in compiled frame i/j``: eager code inside a compiled call (compiler-disabled regions);
 - ``stage <name>``: a matchrt stage (postprocess, or stages of eager plugins);
 - ``eager``: none of these (e.g. copying the inputs to the GPU).
@@ -33,6 +35,7 @@ from typing import Any, Iterable, Optional
 from .profiling import PREFIX
 
 GRAPH_CALL = "## Call CompiledFxGraph"
+PACKAGE_CALL = "## Call AOTInductor package"
 COMPILED_FRAME = "Torch-Compiled Region"
 DEVICE_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
 LAUNCHES = ("cuda_runtime", "cuda_driver")
@@ -55,6 +58,8 @@ class RegionRow:
 def _label(name: str) -> Optional[str]:
     if name.startswith(GRAPH_CALL):
         return "compiled graph " + name[len(GRAPH_CALL):].strip(" #")[:12]
+    if name.startswith(PACKAGE_CALL):
+        return "package " + name[len(PACKAGE_CALL):].strip(" #")
     if name.startswith(COMPILED_FRAME):
         return "eager in compiled frame " + name.split(":", 1)[-1].strip()
     if name.startswith(PREFIX):

@@ -315,7 +315,8 @@ def _trace_event(cat, name, ts, dur, tid=1, corr=None):
 
 def test_trace_regions_charge_kernels_to_the_graph_or_eager_region_that_launched_them():
     """Without stage markers (compiled runs) the chrome trace still says who launched each kernel:
-    an Inductor graph call, eager code inside a compiled frame, a matchrt stage, or nothing; a
+    an Inductor graph call, an AOTInductor package's call, eager code inside a compiled frame, a
+    matchrt stage, or nothing; a
     region whose launching ranges hold the CPU longer than its kernels run is called launch-bound."""
     from matchrt.profiler import RegionRow, _launch_bound
     from matchrt.trace_regions import regions
@@ -323,6 +324,9 @@ def test_trace_regions_charge_kernels_to_the_graph_or_eager_region_that_launched
     events = [
         _trace_event("user_annotation", "Torch-Compiled Region: 0/0", 0, 1000),
         _trace_event("user_annotation", "## Call CompiledFxGraph fabcdef0123456789 ##", 10, 100),
+        _trace_event("user_annotation", "## Call AOTInductor package m-64x96-fp16-cuda.pt2 ##", 1200, 300),
+        _trace_event("cuda_runtime", "cudaGraphLaunch", 1210, 5, corr=6),
+        _trace_event("kernel", "triton_per_fused", 1220, 200, tid=9, corr=6),
         _trace_event("user_annotation", "Torch-Compiled Region: 5/0", 200, 600),  # eager split region
         _trace_event("user_annotation", PREFIX + POSTPROCESS, 1100, 50),
         _trace_event("cuda_driver", "cuLaunchKernel", 20, 2, corr=1),
@@ -339,7 +343,9 @@ def test_trace_regions_charge_kernels_to_the_graph_or_eager_region_that_launched
     ]
     rows = {r.name: r for r in regions(events, runs=2)}
     assert set(rows) == {"compiled graph fabcdef01234", "eager in compiled frame 5/0",
-                         "stage " + POSTPROCESS, "eager"}
+                         "stage " + POSTPROCESS, "eager", "package m-64x96-fp16-cuda.pt2"}
+    package = rows["package m-64x96-fp16-cuda.pt2"]  # an AOTInductor package's call (a CUDA-graph replay)
+    assert package.gpu_ms == pytest.approx(200 / 2000) and package.span_ms == pytest.approx(200 / 2000)
     frame = rows["eager in compiled frame 5/0"]
     assert frame.gpu_ms == pytest.approx(120 / 2000) and frame.launches == 1.0
     assert frame.cpu_ms == pytest.approx(600 / 2000)  # one range, counted once for both launches

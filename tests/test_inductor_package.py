@@ -105,6 +105,20 @@ def test_package_runs_in_a_new_process_like_eager_fp32(built, tmp_path):
           f"load in a new process {child['load_s'] * 1000:.0f} ms, run {child['run_ms']:.2f} ms")
 
 
+def test_profiles_charge_the_package_s_kernels_to_its_call(built):
+    """A package's call is a named profiler range, so `matchrt profile` charges its kernels to the
+    package (trace_regions: ``package <file>``) instead of to eager code."""
+    from matchrt.backends.inductor_backend import InductorSession
+    from matchrt.trace_regions import _label
+
+    session = InductorSession(built.path, {"device": "cpu"})
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        session.run(_inputs())
+    names = {e.name for e in prof.events()}
+    ranges = [n for n in names if _label(n) == f"package {built.path.name}"]
+    assert ranges, sorted(names)[:20]
+
+
 def test_loading_skips_torchs_cpu_isa_probe(built, monkeypatch):
     """Loading a package does not run torch's CPU vector-ISA probe (child Python processes that
     each import torch: 47 s before the first load in a process on the lent H100)."""
