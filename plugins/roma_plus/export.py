@@ -248,6 +248,7 @@ def build_plan(model: RomaPlus, options: ExportOptions) -> ExportPlan:
     pinned = fp32_layers(opts)
     # strict coarse stage: IEEE fp32 in TensorRT; "tf32": fp32 layers with TF32 allowed
     tf32 = graph_tf32(opts)
+    configs = package_configs(opts)  # read, never changed, by the package builder
     images = [torch.rand(b, 3, h, w), torch.rand(b, 3, h, w)]
     r = opts["upsample_res"]
     upsampled = [torch.rand(b, 3, r, r), torch.rand(b, 3, r, r)] if r else []
@@ -256,7 +257,7 @@ def build_plan(model: RomaPlus, options: ExportOptions) -> ExportPlan:
         graph = GraphSpec(
             name="main", module=SingleGraph(view).eval(), example_inputs=tuple(images + upsampled),
             input_names=["image0", "image1", *up_names], output_names=["warp", "certainty"],
-            fp32_layers=pinned, tf32=tf32, inductor_configs=package_configs(opts),
+            fp32_layers=pinned, tf32=tf32, inductor_configs=configs,
         )
         return ExportPlan(matcher=NAME, graphs=[graph], options=opts, input_size=(h, w))
     encode = EncodeGraph(view).eval()
@@ -267,10 +268,10 @@ def build_plan(model: RomaPlus, options: ExportOptions) -> ExportPlan:
     graphs = [
         GraphSpec(name="encode", module=encode, example_inputs=tuple(images), input_names=["image0", "image1"],
                   output_names=list(ENCODE_OUTPUTS), fp32_layers=pinned, tf32=tf32,
-                  inductor_configs=package_configs(opts)),
+                  inductor_configs=configs),
         GraphSpec(name="refine", module=RefineGraph(view).eval(),
                   example_inputs=tuple([mid[n] for n in REFINE_INPUTS] + upsampled),
                   input_names=[*REFINE_INPUTS, *up_names], output_names=["warp", "certainty"],
-                  fp32_layers=pinned, tf32=tf32, inductor_configs=package_configs(opts)),
+                  fp32_layers=pinned, tf32=tf32, inductor_configs=configs),
     ]
     return ExportPlan(matcher=NAME, graphs=graphs, options=opts, input_size=(h, w))
