@@ -343,6 +343,7 @@ def test_packages_keep_the_split_attention_kernel_for_wide_heads() -> None:
     targets = " ".join(str(n.target) for gm in program.graph_module.modules() if isinstance(gm, torch.fx.GraphModule)
                        for n in gm.graph.nodes if n.op == "call_function")  # autocast regions are submodules
     assert "split_attention" in targets and "scaled_dot_product" not in targets, targets
+    assert "matchrt_roma.pieces" in targets, targets  # the pieces too: one pass each, not Inductor's copies
     with torch.no_grad():
         packaged = program.module()(x)[0]
         split = split_products.split_copy(region.block, "bf16x2-flash")(x)
@@ -617,6 +618,35 @@ def test_piece_kernel_reads_attention_heads_where_they_lie() -> None:
         assert torch.equal(got[..., len(order) * k:], want[..., len(order) * k:])  # ones, then zeros
         assert all(torch.equal(got[..., i * k:(i + 1) * k], got[..., head * k:(head + 1) * k])
                    for i, piece in enumerate(order) if piece == "h")
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+                    reason="needs Triton on a GPU, or TRITON_INTERPRET=1")
+def test_piece_op_writes_what_the_direct_launch_writes() -> None:
+    """laid_out runs the piece kernel as a registered op (so packages keep it): the op's buffer holds
+    the bits the kernel launched directly writes, for strided inputs, GELU, LayerNorm (its eps a
+    Python float, which the kernel reads in fp32) and attention heads read where they lie."""
+    from matchrt.plugins.roma_plus import piece_kernel
+    from matchrt.plugins.roma_plus.split_products import extra_columns
+
+    if piece_kernel.triton is None:
+        pytest.skip("Triton is not installed")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(7)
+    x = torch.randn(2, 40, 3, 4, 32, device=device)
+    q = x[:, :, 0].permute(0, 2, 1, 3)  # B x H x N x d, strided
+    flat = x.reshape(2, 40, 384)
+    norm = (torch.rand(384, device=device) + 0.5, torch.randn(384, device=device), 1e-6)
+    cases = (((q, "hht", 0), {}), ((flat, "hth", 3), {"gelu": True}), ((flat, "hth", 3), {"norm": norm}),
+             ((q.transpose(1, 2), "ht", 0), {"head_columns": True}))
+    for (t, order, ones), extra in cases:
+        k = int(t.shape[-1]) * (int(t.shape[2]) if extra.get("head_columns") else 1)
+        width = len(order) * k + extra_columns(len(order) * k, ones)
+        lead = t.shape[:2] if extra.get("head_columns") else t.shape[:-1]
+        got = piece_kernel.pieces(t, width, torch.bfloat16, order, ones, **extra)
+        want = piece_kernel.write_pieces(t, torch.empty(*lead, width, dtype=torch.bfloat16, device=device), order,
+                                         ones, **extra)
+        assert got.shape == want.shape and torch.equal(got.view(torch.int16), want.view(torch.int16)), (order, extra)
 
 
 def test_split_bias_rides_in_the_product_to_fp32_precision() -> None:

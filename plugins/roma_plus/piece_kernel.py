@@ -9,6 +9,11 @@ columns of ones and zeros that follow (10 bytes per element for three bf16 slots
 Bit for bit what the torch version writes: both round to nearest even on the store, and
 ``x - head`` is exact in fp32. Used only on CUDA tensors, and only where Triton imports (torch's
 CUDA wheels ship it); anywhere else ``laid_out`` writes the pieces with torch.
+
+Registered as a ``torch.library.triton_op`` (``pieces``), so torch.compile and torch.export keep it
+inside their graphs: an AOTInductor package traced ``laid_out``'s torch ops instead, which
+Inductor fused into kernels that took 7.3 ms where this pass takes 2.6 (roma_plus, H200, session
+27). ``write_pieces`` launches the kernel directly into a given buffer (tests, reports).
 """
 
 from __future__ import annotations
@@ -17,13 +22,15 @@ from typing import Any, Optional
 
 import torch
 
-from matchrt.triton_ops import launch_runs_on, tl, triton  # None without Triton: laid_out keeps its torch path
+from matchrt.triton_ops import op_runs_on, tl, triton  # None without Triton or triton_op: laid_out keeps torch
+
+OP_NAME = "matchrt_roma::pieces"
 
 
 def usable(x: torch.Tensor) -> bool:
-    """Can this kernel write x's pieces (a CUDA tensor, Triton importable, not an export or another
-    trace, at most 4 dimensions)?"""
-    return launch_runs_on(x) and 1 <= x.dim() <= 4 and x.numel() > 0
+    """Can this kernel write x's pieces (a CUDA tensor, Triton importable, not an ONNX export, at
+    most 4 dimensions)?"""
+    return op_runs_on(x) and 1 <= x.dim() <= 4 and x.numel() > 0
 
 
 if triton is not None:
@@ -56,7 +63,8 @@ if triton is not None:
         if NORM:  # LayerNorm over the whole row (BLOCK_K >= k: one program holds it), two passes in fp32
             mean = tl.sum(x, axis=1) / k
             centred = tl.where(mask, x - mean[:, None], 0.0)
-            inv = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / k + eps)
+            # eps in fp32: Inductor passes a Python float to a user kernel as fp64 (a package's launch)
+            inv = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / k + tl.cast(eps, tl.float32))
             x = centred * inv[:, None] * tl.load(norm_w_ptr + c, mask=c < k, other=0.0)[None, :] \
                 + tl.load(norm_b_ptr + c, mask=c < k, other=0.0)[None, :]
         if GELU:  # torch's exact GELU as its CUDA kernel computes it in fp32: 0.5 x (1 + erf(x / sqrt 2))
@@ -93,18 +101,9 @@ def row_alignment(width: int) -> int:
     return width & -width if width % 16 else 16
 
 
-def write_pieces(x: torch.Tensor, out: torch.Tensor, order: str, ones: int, gelu: bool = False,
-                 norm: Optional[tuple[torch.Tensor, torch.Tensor, float]] = None, halves: int = 1,
-                 head_columns: bool = False) -> torch.Tensor:
-    """Fill ``out`` (contiguous, x's leading shape, last axis len(order) * k + extra) with the
-    pieces of ``x`` (of GELU(x) with ``gelu``: the MLP's activation, without a pass of its own; of
-    LayerNorm(x) with ``norm`` = (weight, bias, eps), fp32, rows of at most NORM_MAX) in ``order``
-    ("h" head, "t" tail), then ``ones`` columns of 1 and zeros.
-
-    ``halves=2``: x's rows are [a | b] and the value is a + b in fp32 (k = half the row).
-    ``head_columns``: x is B x N x H x k (attention's output with its heads axis second to last,
-    a strided view) and ``out`` B x N x (slots * H * k + extra): each row's heads side by side,
-    what ``x.reshape(B, N, H * k)`` would give, without that copy."""
+def _launch(x: torch.Tensor, out: torch.Tensor, order: str, ones: int, gelu: bool,
+            norm: Optional[tuple[torch.Tensor, torch.Tensor, float]], halves: int, head_columns: bool,
+            launcher: Any) -> torch.Tensor:
     k = int(x.shape[-1]) // halves
     sizes = [1] * (4 - x.dim()) + list(x.shape)
     strides = [0] * (4 - x.dim()) + list(x.stride())
@@ -121,13 +120,52 @@ def write_pieces(x: torch.Tensor, out: torch.Tensor, order: str, ones: int, gelu
     block_r = max(1, 4096 // block_k)
     norm_w, norm_b, eps = norm if norm is not None else (x, x, 0.0)
     grid: Any = (triton.cdiv(rows, block_r), triton.cdiv(k, block_k))
-    _pieces_kernel[grid](x, out, norm_w, norm_b, float(eps), rows, k, sizes[1], sizes[2],
-                         strides[0], strides[1], strides[2], strides[3], int(out.shape[-1]), SLOTS=slots, TAIL0=tails[0], TAIL1=tails[1], TAIL2=tails[2],
-                         ONES=ones, EXTRA=extra, EXTRA_BLOCK=triton.next_power_of_2(max(extra, 1)),
-                         GELU=gelu, NORM=norm is not None, BLOCK_R=block_r, BLOCK_K=block_k,
-                         ROW_ALIGN=row_alignment(int(out.shape[-1])), HALVES=halves, HEAD_COLUMNS=head_columns,
-                         num_warps=4 if block_k * block_r <= 4096 else 8)
+    launcher(_pieces_kernel)[grid](
+        x, out, norm_w, norm_b, float(eps), rows, k, sizes[1], sizes[2], strides[0], strides[1], strides[2],
+        strides[3], int(out.shape[-1]), SLOTS=slots, TAIL0=tails[0], TAIL1=tails[1], TAIL2=tails[2], ONES=ones,
+        EXTRA=extra, EXTRA_BLOCK=triton.next_power_of_2(max(extra, 1)), GELU=gelu, NORM=norm is not None,
+        BLOCK_R=block_r, BLOCK_K=block_k, ROW_ALIGN=row_alignment(int(out.shape[-1])), HALVES=halves,
+        HEAD_COLUMNS=head_columns, num_warps=4 if block_k * block_r <= 4096 else 8)
     return out
 
 
-__all__ = ["NORM_MAX", "row_alignment", "usable", "write_pieces"]
+def write_pieces(x: torch.Tensor, out: torch.Tensor, order: str, ones: int, gelu: bool = False,
+                 norm: Optional[tuple[torch.Tensor, torch.Tensor, float]] = None, halves: int = 1,
+                 head_columns: bool = False) -> torch.Tensor:
+    """Fill ``out`` (contiguous, x's leading shape, last axis len(order) * k + extra) with the
+    pieces of ``x`` (of GELU(x) with ``gelu``: the MLP's activation, without a pass of its own; of
+    LayerNorm(x) with ``norm`` = (weight, bias, eps), fp32, rows of at most NORM_MAX) in ``order``
+    ("h" head, "t" tail), then ``ones`` columns of 1 and zeros.
+
+    ``halves=2``: x's rows are [a | b] and the value is a + b in fp32 (k = half the row).
+    ``head_columns``: x is B x N x H x k (attention's output with its heads axis second to last,
+    a strided view) and ``out`` B x N x (slots * H * k + extra): each row's heads side by side,
+    what ``x.reshape(B, N, H * k)`` would give, without that copy."""
+    return _launch(x, out, order, ones, gelu, norm, halves, head_columns, lambda kernel: kernel)
+
+
+def pieces(x: torch.Tensor, width: int, dtype: torch.dtype, order: str, ones: int, gelu: bool = False,
+           norm: Optional[tuple[torch.Tensor, torch.Tensor, float]] = None, halves: int = 1,
+           head_columns: bool = False) -> torch.Tensor:
+    """``write_pieces`` into a new ``dtype`` buffer whose rows are ``width`` wide (x's leading shape;
+    B x N with ``head_columns``), through the registered op: eager, torch.compile and torch.export
+    run the same kernel."""
+    weight, bias, eps = norm if norm is not None else (None, None, 0.0)
+    return torch.ops.matchrt_roma.pieces(x, int(width), dtype, order, int(ones), bool(gelu), weight, bias,
+                                         float(eps), int(halves), bool(head_columns))
+
+
+if triton is not None:
+
+    @torch.library.triton_op(OP_NAME, mutates_args=())
+    def _pieces_op(x: torch.Tensor, width: int, dtype: torch.dtype, order: str, ones: int, gelu: bool,
+                   norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor], eps: float, halves: int,
+                   head_columns: bool) -> torch.Tensor:
+        """The pieces of x in a new buffer (see ``pieces``)."""
+        lead = list(x.shape[:2]) if head_columns else list(x.shape[:-1])
+        out = torch.empty(*lead, width, dtype=dtype, device=x.device)
+        norm = None if norm_weight is None or norm_bias is None else (norm_weight, norm_bias, eps)
+        return _launch(x, out, order, ones, gelu, norm, halves, head_columns, torch.library.wrap_triton)
+
+
+__all__ = ["NORM_MAX", "OP_NAME", "pieces", "row_alignment", "usable", "write_pieces"]

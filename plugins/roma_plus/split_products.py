@@ -94,10 +94,10 @@ def laid_out(x: torch.Tensor, dtype: torch.dtype, order: str, ones: int = 0, gel
     """
     k = int(x.shape[-1])
     width = len(order) * k
-    out = torch.empty(*x.shape[:-1], width + extra_columns(width, ones), dtype=dtype, device=x.device)
     if piece_kernel.usable(x) and (norm is None or k <= piece_kernel.NORM_MAX):
         params = None if norm is None else (norm.weight, norm.bias, float(norm.eps))
-        return piece_kernel.write_pieces(x, out, order, ones, gelu, params)
+        return piece_kernel.pieces(x, width + extra_columns(width, ones), dtype, order, ones, gelu, params)
+    out = torch.empty(*x.shape[:-1], width + extra_columns(width, ones), dtype=dtype, device=x.device)
     x = x.float() if norm is None else F.layer_norm(x.float(), (k,), norm.weight, norm.bias, norm.eps)
     x = F.gelu(x) if gelu else x
     slots = {"h": [], "t": []}  # type: dict[str, list[torch.Tensor]]
@@ -139,8 +139,8 @@ def laid_out_heads(o: torch.Tensor, halves: int, dtype: torch.dtype, order: str,
         return laid_out(merged_heads(o, halves), dtype, order, ones)
     b, h, n, width = (int(s) for s in o.shape)
     k = h * (width // halves)
-    out = torch.empty(b, n, len(order) * k + extra_columns(len(order) * k, ones), dtype=dtype, device=o.device)
-    return piece_kernel.write_pieces(o.transpose(1, 2), out, order, ones, halves=halves, head_columns=True)
+    return piece_kernel.pieces(o.transpose(1, 2), len(order) * k + extra_columns(len(order) * k, ones), dtype,
+                               order, ones, halves=halves, head_columns=True)
 
 
 def bias_pieces(bias: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
