@@ -623,8 +623,8 @@ def test_piece_kernel_reads_attention_heads_where_they_lie() -> None:
 @pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
                     reason="needs Triton on a GPU, or TRITON_INTERPRET=1")
 def test_piece_op_writes_what_the_direct_launch_writes() -> None:
-    """laid_out runs the piece kernel as a registered op (so packages keep it): the op's buffer holds
-    the bits the kernel launched directly writes, for strided inputs, GELU, LayerNorm (its eps a
+    """Traced, laid_out runs the piece kernel as a registered op (so packages keep it): the op's
+    buffer holds the bits the kernel launched directly writes, for strided inputs, GELU, LayerNorm (its eps a
     Python float, which the kernel reads in fp32) and attention heads read where they lie."""
     from matchrt.plugins.roma_plus import piece_kernel
     from matchrt.plugins.roma_plus.split_products import extra_columns
@@ -643,7 +643,9 @@ def test_piece_op_writes_what_the_direct_launch_writes() -> None:
         k = int(t.shape[-1]) * (int(t.shape[2]) if extra.get("head_columns") else 1)
         width = len(order) * k + extra_columns(len(order) * k, ones)
         lead = t.shape[:2] if extra.get("head_columns") else t.shape[:-1]
-        got = piece_kernel.pieces(t, width, torch.bfloat16, order, ones, **extra)
+        w, b, eps = extra.get("norm", (None, None, 0.0))
+        got = torch.ops.matchrt_roma.pieces(t, width, torch.bfloat16, order, ones, extra.get("gelu", False), w, b,
+                                            eps, 1, extra.get("head_columns", False))
         want = piece_kernel.write_pieces(t, torch.empty(*lead, width, dtype=torch.bfloat16, device=device), order,
                                          ones, **extra)
         assert got.shape == want.shape and torch.equal(got.view(torch.int16), want.view(torch.int16)), (order, extra)

@@ -10,10 +10,10 @@ Bit for bit what the torch version writes: both round to nearest even on the sto
 ``x - head`` is exact in fp32. Used only on CUDA tensors, and only where Triton imports (torch's
 CUDA wheels ship it); anywhere else ``laid_out`` writes the pieces with torch.
 
-Registered as a ``torch.library.triton_op`` (``pieces``), so torch.compile and torch.export keep it
-inside their graphs: an AOTInductor package traced ``laid_out``'s torch ops instead, which
-Inductor fused into kernels that took 7.3 ms where this pass takes 2.6 (roma_plus, H200, session
-27). ``write_pieces`` launches the kernel directly into a given buffer (tests, reports).
+Registered as a ``torch.library.triton_op`` (``pieces`` uses it when traced), so torch.export keeps
+it inside AOTInductor packages: they traced ``laid_out``'s torch ops instead, which Inductor fused
+into kernels that took 7.3 ms where this pass takes 2.6 (roma_plus, H200, session 27). Eager calls
+launch the kernel directly (``write_pieces``).
 """
 
 from __future__ import annotations
@@ -148,11 +148,20 @@ def pieces(x: torch.Tensor, width: int, dtype: torch.dtype, order: str, ones: in
            norm: Optional[tuple[torch.Tensor, torch.Tensor, float]] = None, halves: int = 1,
            head_columns: bool = False) -> torch.Tensor:
     """``write_pieces`` into a new ``dtype`` buffer whose rows are ``width`` wide (x's leading shape;
-    B x N with ``head_columns``), through the registered op: eager, torch.compile and torch.export
-    run the same kernel."""
+    B x N with ``head_columns``). Traced (torch.export, torch.compile): the registered op, which the
+    graph keeps; eager: the same kernel launched directly, without the dispatcher's few microseconds
+    per call (roma_plus's split copies write pieces ~200 times a pair)."""
+    if not torch.compiler.is_compiling():
+        out = torch.empty(*_leading(x, head_columns), width, dtype=dtype, device=x.device)
+        return write_pieces(x, out, order, ones, gelu, norm, halves, head_columns)
     weight, bias, eps = norm if norm is not None else (None, None, 0.0)
     return torch.ops.matchrt_roma.pieces(x, int(width), dtype, order, int(ones), bool(gelu), weight, bias,
                                          float(eps), int(halves), bool(head_columns))
+
+
+def _leading(x: torch.Tensor, head_columns: bool) -> list[int]:
+    """The leading shape of x's pieces: x's but the last axis (B x N with ``head_columns``)."""
+    return [int(n) for n in (x.shape[:2] if head_columns else x.shape[:-1])]
 
 
 if triton is not None:
@@ -162,8 +171,7 @@ if triton is not None:
                    norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor], eps: float, halves: int,
                    head_columns: bool) -> torch.Tensor:
         """The pieces of x in a new buffer (see ``pieces``)."""
-        lead = list(x.shape[:2]) if head_columns else list(x.shape[:-1])
-        out = torch.empty(*lead, width, dtype=dtype, device=x.device)
+        out = torch.empty(*_leading(x, head_columns), width, dtype=dtype, device=x.device)
         norm = None if norm_weight is None or norm_bias is None else (norm_weight, norm_bias, eps)
         return _launch(x, out, order, ones, gelu, norm, halves, head_columns, torch.library.wrap_triton)
 
