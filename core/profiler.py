@@ -22,7 +22,7 @@ import numpy as np
 from .atomic import atomic_path, atomic_text
 from .errors import MatchrtError
 from .profiling import PREFIX, range_name, recording
-from .trace_regions import RegionRow, innermost, load_events, regions as trace_regions
+from .trace_regions import GRAPH_CALL, PACKAGE_CALL, RegionRow, innermost, load_events, regions as trace_regions
 
 ROOT = "matchrt.pair"  # profiler range around one pair (graph run + postprocess)
 POSTPROCESS = "postprocess"
@@ -120,11 +120,17 @@ def _within_root(event: Any) -> bool:
 def _device_items(events: list[Any]) -> list[tuple[str, float, Any, Any]]:
     """(kernel name, microseconds, launching CPU event or None, the kernel's event) per device activity."""
     launchers = {e.id: e for e in events if _is_cpu(e) and not getattr(e, "linked_correlation_id", 0)}
+    # the GPU copy of a CPU range (an AOTInductor package's call, a compiled graph's) carries the
+    # range's name; torch builds without `activity_type` on their events would count it as a kernel
+    # spanning all the work it holds (the package's 40 ms counted twice, H200, session 28)
+    ranges = {e.name for e in events if _is_cpu(e) and getattr(e, "is_user_annotation", False)}
     items = []
     for e in events:
         if _is_cpu(e) or _is_marker(e) or e.name == "Context Sync":
             continue
-        if getattr(e, "activity_type", None) in NOT_DEVICE_WORK:
+        if getattr(e, "activity_type", None) in NOT_DEVICE_WORK or getattr(e, "is_user_annotation", False):
+            continue
+        if e.name in ranges or e.name.startswith((PACKAGE_CALL, GRAPH_CALL)):
             continue
         duration = e.time_range.end - e.time_range.start
         items.append((e.name, float(duration), launchers.get(getattr(e, "linked_correlation_id", 0)), e))

@@ -214,6 +214,29 @@ def test_gpu_kernels_are_charged_to_the_stages_that_launched_them():
     assert kernels[0].share == pytest.approx(11 / 18)
 
 
+def test_the_gpu_copy_of_a_package_call_range_is_not_counted_as_a_kernel():
+    """torch 2.11's events carry no activity type: the GPU copy of the inductor backend's range
+    around a package call looked like one kernel as long as the call, and doubled the total."""
+    from matchrt.trace_regions import PACKAGE_CALL
+
+    name = f"{PACKAGE_CALL} m.pt2 ##"
+    root = _event(ROOT, 0, 100, id_=1)
+    call = _event(name, 0, 50, id_=2, parent=root)
+    call.is_user_annotation = True
+    launch = _event("cudaGraphLaunch", 1, 2, id_=3, parent=call)
+    device = [
+        _event(name, 5, 45, cpu=False, id_=10),  # the range's copy on the GPU timeline
+        _event("gemm", 5, 25, cpu=False, id_=11, linked=3),
+        _event("triton_poi_fused_add_0", 25, 45, cpu=False, id_=12, linked=3),
+    ]
+    total, _, kernels = analyse([root, call, launch, *device], runs=1, on_gpu=True)
+    assert total == pytest.approx(40 / 1000)
+    assert [k.name for k in kernels] == ["gemm", "triton_poi_fused_add_0"]
+    # also when the CPU side does not say it is an annotation: the name gives the range away
+    call.is_user_annotation = False
+    assert analyse([root, call, launch, *device], runs=1, on_gpu=True)[0] == pytest.approx(40 / 1000)
+
+
 def test_builtin_plugins_mark_their_stages():
     """Every stage path resolves on the current models (a renamed module fails here, by name)."""
     from matchrt.plugins.eloftr import hooks as eloftr
