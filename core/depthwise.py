@@ -66,16 +66,19 @@ def tiles(channels: int, width: int) -> tuple[int, int, int]:
     return block_c, max(1, pixels // block_w), block_w
 
 
-def row_tiles(channels: int, width: int) -> tuple[int, int, int, int]:
+def row_tiles(channels: int, width: int, half_sums: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_C, BLOCK_W, BAND, warps) of the 5 x 5 row kernel: 32 channels (fewer, a power of two, for
     narrower inputs; 16 where that divides the channels and 32 does not, as roma_plus's 144), columns
     for the rest of ROW_ELEMENTS (at least 16, at most the width's power of two), bands of 32 output
     rows, 4 warps (2 for 16-channel blocks): the blocks measured fastest at roma_plus's nine refiner
-    shapes (session 19, one H200)."""
+    shapes (session 19, one H200). With ``half_sums`` (packed fp16 arithmetic, half the registers) the
+    same blocks on 4 warps, and 2 for inputs of at most 32 channels (session 28's sweep, one H200)."""
     block_c = min(32, 1 << (max(channels, 1) - 1).bit_length())
     warps = 4
     if channels % 32 and channels % 16 == 0:
         block_c, warps = 16, 2
+    if half_sums:
+        warps = 2 if channels <= 32 else 4
     block_w = max(16, ROW_ELEMENTS // block_c)
     block_w = min(block_w, max(16, 1 << (max(width, 1) - 1).bit_length()))
     return block_c, block_w, 32, warps
@@ -105,16 +108,16 @@ if triton is not None:
 
     @triton.jit
     def _quad_column(a0, a1, a2, a3, n4, n5, n6, n7, x0, x1, x2, x3, w_ptr, kx: tl.constexpr, c,
-                     C_PAD: tl.constexpr, dtype: tl.constexpr, ROUND_X: tl.constexpr):
+                     C_PAD: tl.constexpr, dtype: tl.constexpr, ROUND_X: tl.constexpr, ACC: tl.constexpr):
         # kernel column kx against four input rows ih .. ih+3 (shifted by kx - 2): row ih+r adds into
         # the outputs ih+r-2 .. ih+r+2, held as a0..a3 (ih-2 .. ih+1) and n4..n7 (ih+2 .. ih+5); each
         # tap is loaded once for the four rows
         if ROUND_X:  # autocast's cast of the input, done in registers
             x0, x1, x2, x3 = x0.to(dtype), x1.to(dtype), x2.to(dtype), x3.to(dtype)
-        x0 = x0.to(tl.float32)
-        x1 = x1.to(tl.float32)
-        x2 = x2.to(tl.float32)
-        x3 = x3.to(tl.float32)
+        x0 = x0.to(ACC)
+        x1 = x1.to(ACC)
+        x2 = x2.to(ACC)
+        x3 = x3.to(ACC)
         w = tl.load(w_ptr + (20 + kx) * C_PAD + c)[None, :]  # kernel row 4
         a0 += x0 * w
         a1 += x1 * w
@@ -160,7 +163,7 @@ if triton is not None:
     def _depthwise5_rows_kernel(x_ptr, w_ptr, b_ptr, y_ptr, H, W, bands, C: tl.constexpr, C_PAD: tl.constexpr,
                                 HAS_BIAS: tl.constexpr, RELU: tl.constexpr, ROUND_X: tl.constexpr,
                                 BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, BAND: tl.constexpr,
-                                EVEN_C: tl.constexpr):
+                                EVEN_C: tl.constexpr, HALF_SUMS: tl.constexpr):
         # A 5 x 5, stride-1, zero-padding-2 depth-wise convolution walking down a band of BAND output
         # rows (a multiple of 4), four input rows a step. Each input row is loaded once at each of the
         # five column shifts (mostly L1 hits) and added into the five output rows it touches, held as
@@ -177,18 +180,19 @@ if triton is not None:
         x_img = x_ptr + b * H * W * C
         y_img = y_ptr + b * H * W * C
         dtype = y_ptr.dtype.element_ty
+        ACC: tl.constexpr = tl.float16 if HALF_SUMS else tl.float32  # products and sums: fp16 pairs or fp32
         row0 = band * BAND
         shift = tl.load(b_ptr + c)  # (the taps when there is no bias: not used)
-        a0 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-        a1 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-        a2 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-        a3 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+        a0 = tl.zeros((BLOCK_W, BLOCK_C), dtype=ACC)
+        a1 = tl.zeros((BLOCK_W, BLOCK_C), dtype=ACC)
+        a2 = tl.zeros((BLOCK_W, BLOCK_C), dtype=ACC)
+        a3 = tl.zeros((BLOCK_W, BLOCK_C), dtype=ACC)
         for i in range(0, BAND + 4, 4):
             ih = row0 - 2 + i
-            n4 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-            n5 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-            n6 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-            n7 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+            n4 = tl.zeros((BLOCK_W, BLOCK_C), dtype=ACC)
+            n5 = tl.zeros((BLOCK_W, BLOCK_C), dtype=ACC)
+            n6 = tl.zeros((BLOCK_W, BLOCK_C), dtype=ACC)
+            n7 = tl.zeros((BLOCK_W, BLOCK_C), dtype=ACC)
             for kx in tl.static_range(5):
                 iw = ow + (kx - 2)
                 x0 = _input_at(x_img, ih, H, W, iw, c, c_ok, C, EVEN_C)
@@ -196,7 +200,7 @@ if triton is not None:
                 x2 = _input_at(x_img, ih + 2, H, W, iw, c, c_ok, C, EVEN_C)
                 x3 = _input_at(x_img, ih + 3, H, W, iw, c, c_ok, C, EVEN_C)
                 a0, a1, a2, a3, n4, n5, n6, n7 = _quad_column(a0, a1, a2, a3, n4, n5, n6, n7, x0, x1, x2, x3,
-                                                              w_ptr, kx, c, C_PAD, dtype, ROUND_X)
+                                                              w_ptr, kx, c, C_PAD, dtype, ROUND_X, ACC)
             # rows ih - 2 .. ih + 1 are complete: stored where they are the band's rows
             _store_row(y_img, ih - 2, i >= 4, H, W, ow, c, c_ok, a0, shift, C, HAS_BIAS, RELU, EVEN_C)
             _store_row(y_img, ih - 1, i >= 4, H, W, ow, c, c_ok, a1, shift, C, HAS_BIAS, RELU, EVEN_C)
@@ -206,13 +210,16 @@ if triton is not None:
 
     def _launch_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], relu: bool,
                      dtype: torch.dtype, launcher: Any, block: Optional[tuple[int, int, int]] = None,
-                     warps: Optional[int] = None, maxnreg: Optional[int] = None) -> torch.Tensor:
+                     warps: Optional[int] = None, maxnreg: Optional[int] = None,
+                     half_sums: bool = False) -> torch.Tensor:
         """The row kernel over x; ``block`` (BLOCK_C, BLOCK_W, BAND), ``warps`` and ``maxnreg`` (a register
-        cap per thread) override ``row_tiles``'s choice, for the micro-benchmark's sweeps."""
+        cap per thread) override ``row_tiles``'s choice, for the micro-benchmark's sweeps. ``half_sums``
+        with ``dtype`` fp16: products and sums in fp16 (see ``depthwise_conv2d``)."""
+        half_sums = half_sums and dtype == torch.float16
         n, c, h, w = (int(v) for v in x.shape)
         x = x.contiguous(memory_format=torch.channels_last)
         y = torch.empty_strided((n, c, h, w), (c * h * w, 1, w * c, c), dtype=dtype, device=x.device)
-        block_c, block_w, band, default_warps = row_tiles(c, w)
+        block_c, block_w, band, default_warps = row_tiles(c, w, half_sums)
         if block is not None:
             block_c, block_w, band = block
         if band % ROW_STEP:
@@ -221,13 +228,15 @@ if triton is not None:
         # conversion: converting fp16 taps took as many instructions as the multiply-adds), and
         # padded with zeros to whole channel blocks, so that the kernel loads them without masks
         c_pad = triton.cdiv(c, block_c) * block_c
-        taps = F.pad(weight.reshape(c, 25).to(dtype).float(), (0, 0, 0, c_pad - c)).t().contiguous()
-        shift = F.pad(bias.to(dtype).float(), (0, c_pad - c)) if bias is not None else taps
+        acc = dtype if half_sums else torch.float32
+        taps = F.pad(weight.reshape(c, 25).to(dtype).to(acc), (0, 0, 0, c_pad - c)).t().contiguous()
+        shift = F.pad(bias.to(dtype).to(acc), (0, c_pad - c)) if bias is not None else taps
         bands = triton.cdiv(h, band)
         grid = (bands * triton.cdiv(w, block_w), triton.cdiv(c, block_c), n)
         launcher(_depthwise5_rows_kernel)[grid](
             x, taps, shift, y, h, w, bands, C=c, C_PAD=c_pad, HAS_BIAS=bias is not None, RELU=relu,
             ROUND_X=x.dtype != dtype, BLOCK_C=block_c, BLOCK_W=block_w, BAND=band, EVEN_C=c % block_c == 0,
+            HALF_SUMS=half_sums,
             num_warps=warps or default_warps, **({"maxnreg": maxnreg} if maxnreg else {}))
         return y
 
@@ -298,31 +307,35 @@ if triton is not None:
         return y
 
     def _launch_for(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int, padding: int,
-                    relu: bool, dtype: torch.dtype, launcher: Any) -> torch.Tensor:
-        """The row kernel for 5 x 5 stride-1 padding-2 convolutions, the tile kernel for the others."""
+                    relu: bool, dtype: torch.dtype, launcher: Any, half_sums: bool = False) -> torch.Tensor:
+        """The row kernel for 5 x 5 stride-1 padding-2 convolutions, the tile kernel for the others
+        (``half_sums`` only acts on the row kernel)."""
         if takes_rows(int(weight.shape[-1]), stride, padding):
-            return _launch_rows(x, weight, bias, relu, dtype, launcher)
+            return _launch_rows(x, weight, bias, relu, dtype, launcher, half_sums=half_sums)
         return _launch(x, weight, bias, stride, padding, relu, dtype, launcher)
 
     @torch.library.triton_op(OP_NAME, mutates_args=())
     def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int,
-                         padding: int, relu: bool, dtype: torch.dtype) -> torch.Tensor:
+                         padding: int, relu: bool, dtype: torch.dtype, half_sums: bool = False) -> torch.Tensor:
         """Depth-wise convolution of x (N x C x H x W) by weight (C x 1 x K x K), square kernel and
         stride, zero padding, + bias, then ReLU when `relu`; computed from operands rounded to
         `dtype`, accumulated in fp32, returned in `dtype`, channels-last. 5 x 5 stride-1 padding-2
-        convolutions run the row kernel."""
-        return _launch_for(x, weight, bias, stride, padding, relu, dtype, torch.library.wrap_triton)
+        convolutions run the row kernel; with `half_sums` and `dtype` fp16 it multiplies and sums in
+        fp16 (packed pairs, no conversions: 5.9 against 7.9 ms over roma_plus's 81 calls a pair in
+        session 28's micro-benchmark on an H200; errors about 4x fp32 sums', 3e-3 of the largest
+        output there)."""
+        return _launch_for(x, weight, bias, stride, padding, relu, dtype, torch.library.wrap_triton, half_sums)
 
 
 def _kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int, padding: int,
-            relu: bool, dtype: torch.dtype) -> torch.Tensor:
+            relu: bool, dtype: torch.dtype, half_sums: bool = False) -> torch.Tensor:
     """The registered op on a channels-last copy of x (no copy when x is channels-last already):
     channels-last in and out, the channel-contiguous reads the kernel is fast on."""
     x = x.contiguous(memory_format=torch.channels_last)
-    return torch.ops.matchrt.depthwise_conv2d(x, weight, bias, stride, padding, relu, dtype)
+    return torch.ops.matchrt.depthwise_conv2d(x, weight, bias, stride, padding, relu, dtype, half_sums)
 
 
-def _forward(conv: nn.Conv2d, x: torch.Tensor, relu: bool) -> torch.Tensor:
+def _forward(conv: nn.Conv2d, x: torch.Tensor, relu: bool, half_sums: bool = False) -> torch.Tensor:
     """``conv(x)`` (then ReLU) for a depth-wise convolution: the Triton kernel on CUDA where no
     gradient is wanted (it has no backward), else the convolution itself. Under autocast the kernel
     computes as autocast's convolution does (operands rounded to the autocast dtype, output in it)."""
@@ -333,7 +346,7 @@ def _forward(conv: nn.Conv2d, x: torch.Tensor, relu: bool) -> torch.Tensor:
     dtype = x.dtype
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
-    return _kernel(x, conv.weight, conv.bias, int(conv.stride[0]), int(conv.padding[0]), relu, dtype)
+    return _kernel(x, conv.weight, conv.bias, int(conv.stride[0]), int(conv.padding[0]), relu, dtype, half_sums)
 
 
 def _checked(conv: nn.Conv2d) -> None:
@@ -376,20 +389,21 @@ class DepthwiseConv2d(nn.Conv2d):
         return super().extra_repr() + (", relu=True" if self.relu else "")
 
 
-def conv_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+def conv_relu(conv: nn.Conv2d, x: torch.Tensor, half_sums: bool = False) -> torch.Tensor:
     """``relu(conv(x))`` for a depth-wise ``conv`` in inference: the Triton kernel (convolution, bias
     and ReLU in one pass) where it runs, else the convolution and ReLU. Under autocast it computes
-    as autocast's convolution does (operands rounded to the autocast dtype, output in that dtype)."""
+    as autocast's convolution does (operands rounded to the autocast dtype, output in that dtype);
+    ``half_sums``: in fp16 runs, the row kernel's products and sums in fp16."""
     _checked(conv)
-    return _forward(conv, x, True)
+    return _forward(conv, x, True, half_sums)
 
 
 def interpreted(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int, padding: int,
-                relu: bool = False, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                relu: bool = False, dtype: Optional[torch.dtype] = None, half_sums: bool = False) -> torch.Tensor:
     """The kernel launched directly (Triton's CPU interpreter in tests: TRITON_INTERPRET=1)."""
     if triton is None:
         raise RuntimeError("Triton (with torch >= 2.6) is not installed")
-    return _launch_for(x, weight, bias, stride, padding, relu, dtype or x.dtype, lambda kernel: kernel)
+    return _launch_for(x, weight, bias, stride, padding, relu, dtype or x.dtype, lambda kernel: kernel, half_sums)
 
 
 __all__ = ["DepthwiseConv2d", "OP_NAME", "conv_relu", "interpreted", "output_size", "row_tiles", "takes_rows", "tiles",

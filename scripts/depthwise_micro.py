@@ -44,14 +44,15 @@ SHAPES: dict[str, tuple[int, int, int, int, int, bool, bool, int]] = {
 }
 
 
-def parse_tile(text: str) -> tuple[tuple[int, int, int], int, int]:
-    """'32x16x32w4r128' -> ((32, 16, 32), 4, 128): channels, columns, band rows (a multiple of 4); warps;
-    registers a thread at most (0, the compiler's choice, without rN)."""
-    m = re.fullmatch(r"(\d+)x(\d+)x(\d+)w(\d+)(?:r(\d+))?", text)
+def parse_tile(text: str) -> tuple[tuple[int, int, int], int, int, bool]:
+    """'32x16x32w4r128h' -> ((32, 16, 32), 4, 128, True): channels, columns, band rows (a multiple of 4);
+    warps; registers a thread at most (0, the compiler's choice, without rN); h: multiply and accumulate
+    in fp16 (packed) instead of fp32."""
+    m = re.fullmatch(r"(\d+)x(\d+)x(\d+)w(\d+)(?:r(\d+))?(h)?", text)
     if not m:
-        raise SystemExit(f"depthwise_micro: tile {text!r} is not CxWxBANDwWARPS[rMAXNREG]")
+        raise SystemExit(f"depthwise_micro: tile {text!r} is not CxWxBANDwWARPS[rMAXNREG][h]")
     c, w, band, warps = (int(v) for v in m.groups()[:4])
-    return (c, w, band), warps, int(m.group(5) or 0)
+    return (c, w, band), warps, int(m.group(5) or 0), m.group(6) == "h"
 
 
 def main() -> None:
@@ -106,10 +107,10 @@ def main() -> None:
         best = row["matchrt_us"]
         if depthwise.takes_rows(k, s, p):
             row["default_block"] = depthwise.row_tiles(c, side)
-            for text, (tile, warps, maxnreg) in zip(args.tiles.split(","), tiles):
-                def run(tile=tile, warps=warps, maxnreg=maxnreg) -> torch.Tensor:
+            for text, (tile, warps, maxnreg, half) in zip(args.tiles.split(","), tiles):
+                def run(tile=tile, warps=warps, maxnreg=maxnreg, half=half) -> torch.Tensor:
                     return depthwise._launch_rows(x, w, b, relu, torch.float16, torch.library.wrap_triton, tile,
-                                                  warps, maxnreg or None)
+                                                  warps, maxnreg or None, half_sums=half)
                 try:
                     err = float((run().float() - want).abs().max())
                     t = bench(run)

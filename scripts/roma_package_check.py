@@ -8,12 +8,14 @@ entries that moved by more than 1e-2 (normalised units, ~4 px at 864), their mea
 same on the pixels the reference is certain of (certainty > 0.05), for
 
     package      the fp16 package (--package, built with `matchrt build --backend inductor`)
+    compiled ..  torch.compile + CUDA graphs fp16 with the given options (--compiled, repeatable)
     torch-fp16   torch eager fp16 with the same policy (what the compiled torch path computes)
     fp32-noise   strict fp32 on the images plus uniform noise of +-0.5/255 (their 8-bit rounding)
 
-and the package against torch-fp16 directly.
+and the package (or each compiled run) against torch-fp16 directly.
 
-Usage (GPU): python scripts/roma_package_check.py --package roma_plus.pt2 [--json out.json]
+Usage (GPU): python scripts/roma_package_check.py [--package roma_plus.pt2]
+             [--compiled refiner_depthwise=rows-half ...] [--json out.json]
 """
 
 from __future__ import annotations
@@ -49,9 +51,13 @@ def deviation(run: dict[str, Any], ref: dict[str, Any]) -> dict[str, float]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--package", required=True, help="the fp16 roma_plus package (.pt2)")
+    p.add_argument("--package", help="the fp16 roma_plus package (.pt2)")
+    p.add_argument("--compiled", action="append", default=[],
+                   help="KEY=V[,KEY=V]: options of a torch.compile + CUDA graphs fp16 run to check (repeatable)")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args()
+    if not args.package and not args.compiled:
+        p.error("nothing to check: give --package and/or --compiled")
     cuda = {"device": "cuda"}
     reference = open_pipeline("roma_plus", "torch", random_weights=True, backend_options=cuda)
     inputs, _ = reference.prepare(*(read_image(IMAGES / name) for name in PAIR))
@@ -62,21 +68,36 @@ def main() -> int:
         ref = reference.run(inputs)
         runs = {"fp32-noise": reference.run(noisy)}
     half = open_pipeline("roma_plus", "torch", random_weights=True, backend_options={**cuda, "precision": "fp16"})
-    package = open_pipeline(None, "inductor", artifact=Path(args.package), backend_options=cuda)
     with torch.inference_mode():
         runs["torch-fp16"] = half.run(inputs)
-        runs["package"] = package.run(inputs)
+    checked = []
+    if args.package:
+        package = open_pipeline(None, "inductor", artifact=Path(args.package), backend_options=cuda)
+        with torch.inference_mode():
+            runs["package"] = package.run(inputs)
+        checked.append("package")
+    for text in args.compiled:
+        extra = dict(item.split("=", 1) for item in text.split(",") if item)
+        compiled = open_pipeline("roma_plus", "torch-compile-cudagraph", random_weights=True, extra=extra,
+                                 backend_options={**cuda, "precision": "fp16"})
+        name = f"compiled {text}"
+        with torch.inference_mode():
+            for _ in range(3):  # compile, record the CUDA graphs, replay
+                runs[name] = compiled.run(inputs)
+        checked.append(name)
     figures = {name: deviation(run, ref) for name, run in runs.items()}
-    figures["package vs torch-fp16"] = deviation(runs["package"], runs["torch-fp16"])
-    print(f"{'run vs strict fp32':<24} {'moved >1e-2':>11} {'mean':>9} {'max':>7} {'certain moved':>13} "
+    for name in checked:
+        figures[f"{name} vs torch-fp16"] = deviation(runs[name], runs["torch-fp16"])
+    print(f"{'run vs strict fp32':<44} {'moved >1e-2':>11} {'mean':>9} {'max':>7} {'certain moved':>13} "
           f"{'certainty mean':>14}")
     for name, f in figures.items():
-        print(f"{name:<24} {f['warp_moved']:>11.2%} {f['warp_mean']:>9.2e} {f['warp_max']:>7.3f} "
+        print(f"{name:<44} {f['warp_moved']:>11.2%} {f['warp_mean']:>9.2e} {f['warp_max']:>7.3f} "
               f"{f['certain_moved']:>13.2%} {f['certainty_mean']:>14.2e}")
     if args.json:
         from matchrt.atomic import atomic_text
 
-        atomic_text(Path(args.json), json.dumps({"package": args.package, "gpu": torch.cuda.get_device_name(),
+        atomic_text(Path(args.json), json.dumps({"package": args.package, "compiled": args.compiled,
+                                                 "gpu": torch.cuda.get_device_name(),
                                                  "moved_threshold": MOVED, "figures": figures}, indent=2))
     return 0
 

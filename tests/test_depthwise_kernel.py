@@ -168,6 +168,30 @@ def test_the_row_kernel_covers_bands_column_tiles_and_channel_blocks(channels, b
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@needs_kernel
+@pytest.mark.parametrize("channels", [24, 48, 70])
+def test_half_sums_stay_within_fp16_tolerance_of_the_fp32_sums(channels) -> None:
+    """``half_sums`` (refiner_depthwise=rows-half): products and sums in fp16 give the fp32-sum kernel's
+    outputs to 1e-2 of the largest, but not its bits (the packed path runs: a no-op flag would match
+    exactly); fp32 and bf16 runs ignore the flag (bf16 sums would lose too much)."""
+    conv = _conv(channels, 5, 1, 2, True, seed=4)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(2, channels, 37, 21, device=device).half().contiguous(memory_format=torch.channels_last)
+    conv = conv.to(device)
+    launcher = (lambda kernel: kernel) if INTERPRETER else torch.library.wrap_triton
+    with torch.no_grad():
+        full = depthwise._launch_rows(x, conv.weight, conv.bias, True, torch.float16, launcher)
+        half = depthwise._launch_rows(x, conv.weight, conv.bias, True, torch.float16, launcher, half_sums=True)
+        assert half.dtype == torch.float16
+        scale = float(full.float().abs().max())
+        deviation = float((half.float() - full.float()).abs().max())
+        assert 0 < deviation <= 1e-2 * scale
+        for dtype in (torch.float32, torch.bfloat16):
+            y = x.to(dtype)
+            assert torch.equal(depthwise._launch_rows(y, conv.weight, conv.bias, True, dtype, launcher, half_sums=True),
+                               depthwise._launch_rows(y, conv.weight, conv.bias, True, dtype, launcher))
+
+
 def test_row_tiles_fill_the_accumulators_with_whole_steps() -> None:
     for channels in (24, 70, 144, 576, 1144, 1384, 8, 1, 16, 48):
         for side in (35, 140, 864):
@@ -183,6 +207,10 @@ def test_row_tiles_fill_the_accumulators_with_whole_steps() -> None:
     # the blocks measured at the refiner shapes
     assert depthwise.row_tiles(576, 216) == (32, 16, 32, 4)
     assert depthwise.row_tiles(144, 432) == (16, 32, 32, 2)
+    # packed fp16 sums: the same blocks, 4 warps but for narrow inputs (session 28's sweep)
+    assert depthwise.row_tiles(144, 432, half_sums=True) == (16, 32, 32, 4)
+    assert depthwise.row_tiles(24, 864, half_sums=True) == (32, 16, 32, 2)
+    assert depthwise.row_tiles(1144, 108, half_sums=True) == (32, 16, 32, 4)
     assert depthwise.takes_rows(5, 1, 2) and not depthwise.takes_rows(4, 4, 0) and not depthwise.takes_rows(5, 2, 2)
     if depthwise.triton is not None:  # a band is a whole number of four-row steps
         with pytest.raises(ValueError, match="multiple of its 4 rows"):

@@ -1152,15 +1152,17 @@ def test_compiled_refiner_runs_its_1x1_convolutions_as_matrix_products() -> None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (Triton's row kernel under torch.compile)")
-@pytest.mark.parametrize("rows", [True, False])
-def test_compiled_folded_refiner_runs_its_depthwise_blocks_through_the_row_kernel(rows: bool, monkeypatch) -> None:
+@pytest.mark.parametrize("rows,half", [(True, False), (False, False), (True, True)])
+def test_compiled_folded_refiner_runs_its_depthwise_blocks_through_the_row_kernel(rows: bool, half: bool,
+                                                                                 monkeypatch) -> None:
     """Compiled on a GPU with its BatchNorms folded, the refiner's nine 5 x 5 depth-wise convolution +
     ReLU pairs are matchrt's depth-wise op (unless depthwise_rows is off), with the eager refiner's
-    outputs: fp32 to 1e-4 relative, fp16 autocast to 1e-2. The eager reference runs its 1 x 1
-    convolutions without TF32 (cuDNN's default allows it: 1.5e-3 relative after nine blocks)."""
+    outputs: fp32 to 1e-4 relative, fp16 autocast to 1e-2 (also with the kernel's fp16 sums,
+    depthwise_half). The eager reference runs its 1 x 1 convolutions without TF32 (cuDNN's default
+    allows it: 1.5e-3 relative after nine blocks)."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     refiner = folded_copy(_random_refiner(21, 3, 1)).cuda().eval()  # 2 x 21 + 3 + 9 = 54 channels: a masked block
-    refiner.depthwise_rows = rows
+    refiner.depthwise_rows, refiner.depthwise_half = rows, half
     feat_a, feat_b = torch.randn(2, 21, 30, 26, device="cuda"), torch.randn(2, 21, 30, 26, device="cuda")
     flow = torch.rand(2, 2, 30, 26, device="cuda") * 1.6 - 0.8
     graphs = []
@@ -1184,20 +1186,20 @@ def test_compiled_folded_refiner_runs_its_depthwise_blocks_through_the_row_kerne
 
 
 def test_refiner_depthwise_option_picks_the_kernel_and_refuses_other_values() -> None:
-    """-O refiner_depthwise: 'rows' (default) and 'cudnn' set the configured refiners' kernel, the
-    model's own refiners keep the class default; another value is an error naming the choices."""
+    """-O refiner_depthwise: 'rows' (default), 'rows-half' and 'cudnn' set the configured refiners' kernel,
+    the model's own refiners keep the class default; another value is an error naming the choices."""
     from roma_plus_helpers import loaded_model
 
     from matchrt.errors import MatchrtError
     from matchrt.plugins.roma_plus import export as export_mod
 
     model = loaded_model()
-    for value, rows in (("cudnn", False), ("ROWS", True)):
+    for value, rows, half in (("cudnn", False, False), ("ROWS", True, False), ("rows-half", True, True)):
         view = export_mod.configured(model, export_mod.resolve_options({"refiner_depthwise": value}))
-        assert {r.depthwise_rows for r in view.conv_refiner.values()} == {rows}
-    assert not any(r.depthwise_rows for r in model.conv_refiner.values())
+        assert {(r.depthwise_rows, r.depthwise_half) for r in view.conv_refiner.values()} == {(rows, half)}
+    assert not any(r.depthwise_rows or r.depthwise_half for r in model.conv_refiner.values())
     assert export_mod.resolve_options({})["refiner_depthwise"] == "rows"
-    with pytest.raises(MatchrtError, match="rows, cudnn"):
+    with pytest.raises(MatchrtError, match="rows, rows-half, cudnn"):
         export_mod.resolve_options({"refiner_depthwise": "triton"})
 
 

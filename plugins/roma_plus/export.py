@@ -41,7 +41,7 @@ DEFAULTS: dict[str, Any] = {
     **coarse_export.DEFAULTS,
 }
 
-REFINER_DEPTHWISE = ("rows", "cudnn")
+REFINER_DEPTHWISE = ("rows", "rows-half", "cudnn")
 
 # ONNX node-name globs TensorRT keeps in fp32 in fp16/bf16 engines (module scopes of the graph;
 # the coordinate paths and the reductions that lose precision or overflow in half precision)
@@ -129,7 +129,8 @@ def resolve_options(extra: dict[str, Any]) -> dict[str, Any]:
     if opts["refiner_depthwise"] not in REFINER_DEPTHWISE:
         raise MatchrtError(f"roma_plus: refiner_depthwise={extra.get('refiner_depthwise')!r} must be one of "
                            f"{', '.join(REFINER_DEPTHWISE)}: 'rows' runs the compiled refiners' 5 x 5 depth-wise "
-                           "convolution, bias and ReLU as one Triton pass, 'cudnn' as cuDNN's convolution and a ReLU")
+                           "convolution, bias and ReLU as one Triton pass, 'rows-half' the same pass with fp16 "
+                           "products and sums in fp16 runs, 'cudnn' as cuDNN's convolution and a ReLU")
     opts["gp_block"] = whole_number(opts["gp_block"], "gp_block", extra, 4096,
                                     f"the rows per block of the GP's triangular solves on CUDA ({CHOLESKY_BLOCK}, "
                                     "the default; 0 runs cuBLAS's triangular solves)")
@@ -158,7 +159,8 @@ def configured(model: RomaPlus, options: dict[str, Any]) -> RomaPlus:
     if refiners is not None:
         view.conv_refiner = refiners
         for refiner in refiners.values():  # copies: the model's own refiners keep the class default
-            refiner.depthwise_rows = options["refiner_depthwise"] == "rows"
+            refiner.depthwise_rows = options["refiner_depthwise"] in ("rows", "rows-half")
+            refiner.depthwise_half = options["refiner_depthwise"] == "rows-half"
             if options["fuse"]:  # after the padding, which widens the last convolution too
                 fold_head(refiner)
     if options["fuse"]:

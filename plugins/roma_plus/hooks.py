@@ -89,8 +89,9 @@ INFO = MatcherInfo(
         "channels to a multiple of 8 for aligned half-precision kernels, same outputs (0 keeps them)",
         "refiner_depthwise=rows (default): compiled GPU refiners run each block's 5 x 5 depth-wise convolution, "
         "bias and ReLU as one Triton pass that reads each input row once ('cudnn': cuDNN's convolution and an "
-        "Inductor bias + ReLU pass: 45.8 against 43.7 ms a pair on an H200, session 19); exported graphs hold "
-        "Conv + Relu either way",
+        "Inductor bias + ReLU pass: 45.8 against 43.7 ms a pair on an H200, session 19; 'rows-half': the same "
+        "pass with fp16 products and sums in fp16 runs, 5.9 against 7.9 ms over a pair's 81 calls in a "
+        "micro-benchmark on an H200, session 28); exported graphs hold Conv + Relu either way",
         "coarse_graphs=true (default): torch runs on a GPU replay the split coarse regions (DINOv2; proj.16 + GP + decoder + anchor soft-argmax) "
         "as CUDA graphs after two calls of one input shape (same kernels, less CPU time); false keeps them eager",
         "outputs warp (B x H x 2W x 4) and certainty (B x H x 2W) as upstream's symmetric match; "

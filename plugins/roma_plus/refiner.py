@@ -214,6 +214,7 @@ class ConvRefiner(nn.Module):
     """One scale's refiner: (A features, B features, flow) -> (flow delta in pixels/4, certainty delta)."""
 
     depthwise_rows = False  # True: compiled on a GPU with BatchNorms folded, blocks through the 5 x 5 row kernel
+    depthwise_half = False  # True: that kernel's products and sums in fp16 (fp16 runs)
 
     def __init__(self, feat_dim: int, emb_dim: int, radius: int):
         super().__init__()
@@ -245,7 +246,7 @@ class ConvRefiner(nn.Module):
             parts.append(feat_a.new_zeros(b, extra, h, w))
         d = torch.cat(parts, dim=1)
         for block in (self.block1, *self.hidden_blocks):
-            d = run_block(block, d, self.depthwise_rows)
+            d = run_block(block, d, self.depthwise_rows, self.depthwise_half)
         # the output head runs in fp32 as upstream (outside its autocast region)
         with torch.autocast(device_type=d.device.type, enabled=False):
             out = head_conv(self.out_conv, d)
@@ -313,19 +314,20 @@ def head_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return out  # B x O x h x w
 
 
-def run_block(block: nn.Sequential, x: torch.Tensor, rows: bool = False) -> torch.Tensor:
+def run_block(block: nn.Sequential, x: torch.Tensor, rows: bool = False, half_sums: bool = False) -> torch.Tensor:
     """One refiner block (depth-wise conv, BatchNorm or its folded Identity, ReLU, 1 x 1 conv),
     its 1 x 1 convolution through ``pointwise_conv``.
 
     With ``rows``, compiled on a GPU with the BatchNorm folded, the depth-wise convolution, its bias and the ReLU
     run as one pass of ``matchrt.depthwise``'s 5 x 5 row kernel (each input row read once), where
-    cuDNN's depth-wise kernel and Inductor's ReLU pass read and wrote the activation twice.
+    cuDNN's depth-wise kernel and Inductor's ReLU pass read and wrote the activation twice;
+    ``half_sums``: its products and sums in fp16 in fp16 runs (``refiner_depthwise=rows-half``).
     """
     conv = block[0]
     if (rows and torch.compiler.is_compiling() and isinstance(block[1], nn.Identity) and isinstance(block[2], nn.ReLU)
             and depthwise.takes_rows(conv.kernel_size[0], conv.stride[0], conv.padding[0])
             and conv.groups == conv.in_channels == conv.out_channels):
-        x = depthwise.conv_relu(conv, x)  # the convolution and ReLU where the kernel cannot run
+        x = depthwise.conv_relu(conv, x, half_sums)  # the convolution and ReLU where the kernel cannot run
         layers = list(block)[3:]
     else:
         layers = list(block)
