@@ -78,8 +78,8 @@ def main() -> int:
         checked.append("package")
     for text in args.compiled:
         extra = dict(item.split("=", 1) for item in text.split(",") if item)
-        compiled = open_pipeline("roma_plus", "torch-compile-cudagraph", random_weights=True, extra=extra,
-                                 backend_options={**cuda, "precision": "fp16"})
+        compiled = open_pipeline("roma_plus", "torch", random_weights=True, extra=extra,
+                                 backend_options={**cuda, "precision": "fp16", "compile": True, "cuda_graph": True})
         name = f"compiled {text}"
         with torch.inference_mode():
             for _ in range(3):  # compile, record the CUDA graphs, replay
