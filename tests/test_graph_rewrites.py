@@ -1186,7 +1186,7 @@ def test_compiled_folded_refiner_runs_its_depthwise_blocks_through_the_row_kerne
 
 
 def test_refiner_depthwise_option_picks_the_kernel_and_refuses_other_values() -> None:
-    """-O refiner_depthwise: 'rows' (default), 'rows-half' and 'cudnn' set the configured refiners' kernel,
+    """-O refiner_depthwise: 'rows', 'rows-half' (default) and 'cudnn' set the configured refiners' kernel,
     the model's own refiners keep the class default; another value is an error naming the choices."""
     from roma_plus_helpers import loaded_model
 
@@ -1198,7 +1198,7 @@ def test_refiner_depthwise_option_picks_the_kernel_and_refuses_other_values() ->
         view = export_mod.configured(model, export_mod.resolve_options({"refiner_depthwise": value}))
         assert {(r.depthwise_rows, r.depthwise_half) for r in view.conv_refiner.values()} == {(rows, half)}
     assert not any(r.depthwise_rows or r.depthwise_half for r in model.conv_refiner.values())
-    assert export_mod.resolve_options({})["refiner_depthwise"] == "rows"
+    assert export_mod.resolve_options({})["refiner_depthwise"] == "rows-half"
     with pytest.raises(MatchrtError, match="rows, rows-half, cudnn"):
         export_mod.resolve_options({"refiner_depthwise": "triton"})
 

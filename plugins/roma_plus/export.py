@@ -36,7 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "fuse": True,
     "pad_channels": 8,
     "coarse_graphs": True,
-    "refiner_depthwise": "rows",
+    "refiner_depthwise": "rows-half",
     "gp_block": CHOLESKY_BLOCK,
     **coarse_export.DEFAULTS,
 }

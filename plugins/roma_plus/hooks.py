@@ -87,11 +87,12 @@ INFO = MatcherInfo(
         "convolution into its head (fuse=false keeps them)",
         "pad_channels=8 (default): the refiners' odd block widths (1377, 1137, 569) padded with zero "
         "channels to a multiple of 8 for aligned half-precision kernels, same outputs (0 keeps them)",
-        "refiner_depthwise=rows (default): compiled GPU refiners run each block's 5 x 5 depth-wise convolution, "
-        "bias and ReLU as one Triton pass that reads each input row once ('cudnn': cuDNN's convolution and an "
-        "Inductor bias + ReLU pass: 45.8 against 43.7 ms a pair on an H200, session 19; 'rows-half': the same "
-        "pass with fp16 products and sums in fp16 runs, 5.9 against 7.9 ms over a pair's 81 calls in a "
-        "micro-benchmark on an H200, session 28); exported graphs hold Conv + Relu either way",
+        "refiner_depthwise=rows-half (default): compiled GPU refiners run each block's 5 x 5 depth-wise "
+        "convolution, bias and ReLU as one Triton pass that reads each input row once, its products and sums in "
+        "fp16 in fp16 runs (fp32 in bf16 and fp32 runs): 36.9 against 38.1 ms a pair with 'rows' (fp32 sums), "
+        "one process on an H200, session 28, the warp as far from strict fp32 as eager fp16's; 'cudnn': cuDNN's "
+        "convolution and an Inductor bias + ReLU pass (45.8 against 43.7 ms with 'rows', session 19); exported "
+        "graphs hold Conv + Relu either way",
         "coarse_graphs=true (default): torch runs on a GPU replay the split coarse regions (DINOv2; proj.16 + GP + decoder + anchor soft-argmax) "
         "as CUDA graphs after two calls of one input shape (same kernels, less CPU time); false keeps them eager",
         "outputs warp (B x H x 2W x 4) and certainty (B x H x 2W) as upstream's symmetric match; "
