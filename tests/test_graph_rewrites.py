@@ -1185,6 +1185,40 @@ def test_compiled_folded_refiner_runs_its_depthwise_blocks_through_the_row_kerne
         assert sum("depthwise_conv2d" in c for c in calls) == (9 if rows else 0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the row kernel inside torch.export)")
+def test_packages_keep_the_row_kernel_with_its_fp16_sums() -> None:
+    """An fp16 package of a folded refiner with depthwise_half (the default refiner_depthwise=rows-half)
+    holds nine depth-wise ops asked for fp16 sums, and computes the eager fp16 refiner's outputs to 1e-2."""
+    from matchrt.package import export_program
+    from matchrt.types import GraphSpec
+
+    torch.manual_seed(7)
+    refiner = folded_copy(_random_refiner(21, 3, 1)).cuda().eval()
+    refiner.depthwise_rows, refiner.depthwise_half = True, True
+
+    class Region(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.refiner = refiner
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor, flow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.refiner(a, b, flow, 1.5)
+
+    a, b = torch.randn(2, 21, 30, 26, device="cuda"), torch.randn(2, 21, 30, 26, device="cuda")
+    flow = torch.rand(2, 2, 30, 26, device="cuda") * 1.6 - 0.8
+    program = export_program(GraphSpec("main", Region(), (a, b, flow), ["a", "b", "flow"], ["delta", "certainty"]),
+                             "fp16", torch.device("cuda"))
+    calls = [n for gm in program.graph_module.modules() if isinstance(gm, torch.fx.GraphModule)
+             for n in gm.graph.nodes if n.op == "call_function" and "depthwise_conv2d" in str(n.target)]
+    assert len(calls) == 9 and all(n.args[-1] is True or n.kwargs.get("half_sums") is True for n in calls), calls
+    with torch.no_grad():
+        got = program.module()(a, b, flow)
+        with torch.autocast("cuda", dtype=torch.float16):
+            want = refiner(a, b, flow, 1.5)
+    for g, r in zip(got, want):
+        assert float((g.float() - r.float()).abs().max() / r.float().abs().max()) <= 1e-2
+
+
 def test_refiner_depthwise_option_picks_the_kernel_and_refuses_other_values() -> None:
     """-O refiner_depthwise: 'rows', 'rows-half' (default) and 'cudnn' set the configured refiners' kernel,
     the model's own refiners keep the class default; another value is an error naming the choices."""
