@@ -101,7 +101,7 @@ def test_the_kernel_runs_only_where_no_gradient_is_wanted(monkeypatch) -> None:
     module = DepthwiseConv2d.like(conv, relu=True)
     calls: list[torch.dtype] = []
 
-    def stand_in(x, weight, bias, stride, padding, relu, dtype):
+    def stand_in(x, weight, bias, stride, padding, relu, dtype, half_sums=False):
         calls.append(dtype)
         return _reference(x, conv, relu).to(dtype)
 
